@@ -1,0 +1,1 @@
+"""Bundled diffusers configs (JSON, no weights) for loading single-file checkpoints offline."""
