@@ -1,0 +1,203 @@
+"""What to generate: one `GenerationRequest`, checked, with the model's defaults filled in."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from atelier.errors import UserError
+from atelier.generate.metadata import MAX_IMAGE_SIDE
+
+MAX_SEED = 2**32 - 1  # A1111's seed range; a random seed is drawn from it
+
+
+@dataclass
+class GenerationRequest:
+    """Everything that decides the pixels of a txt2img or img2img generation.
+
+    Fields left as None are filled by `resolve_request`: steps, CFG scale and sampler from the model's
+    recommended defaults, the size from the model's native resolution (or the init image's), the seed
+    at random. Image k of the request is made from seed + k, whatever the batch size.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int | None = None
+    sampler: str | None = None  # a name `atelier.samplers` knows, e.g. "DPM++ 2M"
+    schedule: str | None = None  # schedule type, e.g. "Karras"; None: the sampler's own
+    cfg_scale: float | None = None
+    guidance_rescale: float = 0.0  # Lin et al. 2023 (sec. 3.4), 0 = off
+    pag_scale: float = 0.0  # perturbed-attention guidance, 0 = off
+    clip_skip: int | None = None  # A1111 convention: 1 = last layer, 2 = the one before, ...
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    n_images: int = 1
+    batch_size: int = 1  # images per pipeline call (memory), never changes the pixels
+    init_image: Any = None  # PIL image: img2img when set
+    strength: float = 0.75  # img2img denoising strength
+    emphasis: str = "Original"
+    wildcard_dir: str | Path | None = None
+    model_name: str | None = None  # recorded in the metadata
+    model_hash: str | None = None  # recorded in the metadata
+    extra_parameters: dict = field(default_factory=dict)  # more infotext fields to record
+
+    @property
+    def is_img2img(self) -> bool:
+        return self.init_image is not None
+
+    def seeds(self) -> list[int]:
+        if self.seed is None:
+            raise ValueError("resolve the request first: the seed is not set")
+        return [self.seed + k for k in range(self.n_images)]
+
+
+def size_step(pipe) -> int:
+    """Width and height must be multiples of this: 8 (diffusers' check) and the VAE's downscale."""
+    vae_scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    step = 8
+    while step % vae_scale:
+        step *= 2
+    return step
+
+
+def native_size(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8) or 8)
+
+
+def check_size(width: int, height: int, step: int, names=("width", "height")) -> None:
+    for name, value in zip(names, (width, height)):
+        if value <= 0 or value % step:
+            raise UserError(f"{name} {value} must be a positive multiple of {step} for this model")
+        if value > MAX_IMAGE_SIDE:
+            raise UserError(f"{name} {value} is larger than the limit of {MAX_IMAGE_SIDE}")
+
+
+def validate_request(request: GenerationRequest) -> None:
+    """Refuse values no model accepts, with a message naming the field."""
+    if not isinstance(request.prompt, str):
+        raise UserError("the prompt must be text")
+    if request.steps is not None and request.steps < 1:
+        raise UserError(f"steps must be at least 1, not {request.steps}")
+    if request.cfg_scale is not None and request.cfg_scale < 0:
+        raise UserError(f"CFG scale must be 0 or more, not {request.cfg_scale}")
+    if not 0.0 <= request.guidance_rescale <= 1.0:
+        raise UserError(f"guidance rescale must be between 0 and 1, not {request.guidance_rescale}")
+    if request.pag_scale < 0:
+        raise UserError(f"PAG scale must be 0 or more, not {request.pag_scale}")
+    if request.clip_skip is not None and request.clip_skip < 1:
+        raise UserError(f"clip skip counts from 1 (no skipping), not {request.clip_skip}")
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value is not None:
+            check_size(value, value, 8, names=(name, name))  # the model's own step: resolve_request
+    if request.n_images < 1:
+        raise UserError(f"the number of images must be at least 1, not {request.n_images}")
+    if request.batch_size < 1:
+        raise UserError(f"the batch size must be at least 1, not {request.batch_size}")
+    if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+        raise UserError(f"seed must be between 0 and {MAX_SEED}, not {request.seed}")
+    from atelier.prompts.chunks import check_emphasis
+
+    check_emphasis(request.emphasis)
+    if request.is_img2img:
+        if not 0.0 < request.strength <= 1.0:
+            raise UserError(f"denoising strength must be in (0, 1], not {request.strength}")
+        if request.steps is not None and int(request.steps * request.strength) < 1:
+            raise UserError(
+                f"{request.steps} steps at denoising strength {request.strength} leave no step to run; "
+                "raise --steps or --strength"
+            )
+    if request.wildcard_dir is not None and not Path(request.wildcard_dir).is_dir():
+        raise UserError(f"wildcard folder not found: {request.wildcard_dir}")
+
+
+def resolve_request(pipe, request: GenerationRequest) -> GenerationRequest:
+    """A copy of `request` with every None that has a default filled in, checked against the model."""
+    from atelier.models import detect_family
+
+    validate_request(request)
+    family = detect_family(pipe)
+    steps = request.steps if request.steps is not None else family.steps
+    cfg = request.cfg_scale if request.cfg_scale is not None else family.guidance_scale
+    sampler, schedule = request.sampler, request.schedule
+    if sampler is None:
+        from atelier.samplers import from_a1111_fields
+
+        # The family names its sampler A1111-style ("DPM++ 2M Karras"), perhaps with a schedule type.
+        sampler, default_schedule = from_a1111_fields(family.sampler, getattr(family, "schedule", None))
+        schedule = schedule if schedule is not None else default_schedule
+
+    step = size_step(pipe)
+    width, height = request.width, request.height
+    if request.is_img2img:
+        # Without a size, img2img keeps the init image's size, rounded down to what the model takes.
+        init_w, init_h = request.init_image.size
+        width = width or max(step, init_w // step * step)
+        height = height or max(step, init_h // step * step)
+    else:
+        width = width or native_size(pipe)
+        height = height or native_size(pipe)
+    check_size(width, height, step)
+
+    seed = request.seed if request.seed is not None else random.randrange(MAX_SEED - request.n_images)
+    if seed + request.n_images - 1 > MAX_SEED:
+        raise UserError(f"seed {seed} + {request.n_images} images runs past the largest seed {MAX_SEED}")
+    model_name = request.model_name or _model_name(pipe)
+    resolved = replace(
+        request, steps=steps, cfg_scale=float(cfg), sampler=sampler, schedule=schedule,
+        width=width, height=height, seed=seed, model_name=model_name,
+    )
+    validate_request(resolved)
+    return resolved
+
+
+def _model_name(pipe) -> str | None:
+    name = getattr(pipe, "atelier_source", None) or getattr(pipe, "name_or_path", None)
+    if not name:
+        return None
+    path = Path(str(name))
+    return path.stem if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin") else path.name if path.exists() else str(name)
+
+
+def request_from_parameters(params: dict[str, str], *, source: str = "the image") -> dict:
+    """GenerationRequest keyword arguments from a parsed infotext (`parse_parameters`), so that the
+    same model, seed and settings make the same picture again. Keys missing from the infotext are
+    left out (the model's defaults apply)."""
+    from atelier.samplers import from_a1111_fields
+
+    def convert(key, kind):
+        try:
+            return kind(params[key])
+        except (TypeError, ValueError):
+            raise UserError(f"{source}: cannot read {key}: {params[key]!r}") from None
+
+    out: dict = {"prompt": params.get("Prompt", ""), "negative_prompt": params.get("Negative prompt", "")}
+    numbers = {
+        "Steps": ("steps", int),
+        "CFG scale": ("cfg_scale", float),
+        "Seed": ("seed", int),
+        "Clip skip": ("clip_skip", int),
+        "Denoising strength": ("strength", float),
+        "CFG Rescale phi": ("guidance_rescale", float),
+        "PAG scale": ("pag_scale", float),
+    }
+    for key, (name, kind) in numbers.items():
+        if key in params:
+            out[name] = convert(key, kind)
+    if "Size" in params:
+        try:
+            width, height = (int(v) for v in params["Size"].lower().split("x"))
+        except ValueError:
+            raise UserError(f"{source}: cannot read Size: {params['Size']!r}") from None
+        out.update(width=width, height=height)
+    if params.get("Sampler"):
+        out["sampler"], out["schedule"] = from_a1111_fields(params["Sampler"], params.get("Schedule type"))
+    if params.get("Emphasis"):
+        out["emphasis"] = params["Emphasis"]
+    for key, name in (("Model", "model_name"), ("Model hash", "model_hash")):
+        if params.get(key):
+            out[name] = params[key]
+    return out
