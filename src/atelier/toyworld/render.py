@@ -43,9 +43,11 @@ def coverage(obj: ToyObject) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Fraction of each pixel of the object's box region that the object covers."""
     x0, y0, x1, y1 = box_pixels(obj)
     cx, cy = obj.centre
+    # Sample offsets nudged off the grid by different amounts in x and y, so that no sample falls
+    # exactly on an edge of the shapes (axis-aligned or 45°), which would bias the coverage.
     offs = (np.arange(SUPERSAMPLE) + 0.5) / SUPERSAMPLE - 0.5
-    xs = (np.arange(x0, x1 + 1)[:, None] + offs[None, :]).reshape(-1) - cx
-    ys = (np.arange(y0, y1 + 1)[:, None] + offs[None, :]).reshape(-1) - cy
+    xs = (np.arange(x0, x1 + 1)[:, None] + offs[None, :] + 0.25 / SUPERSAMPLE).reshape(-1) - cx
+    ys = (np.arange(y0, y1 + 1)[:, None] + offs[None, :] + 0.125 / SUPERSAMPLE).reshape(-1) - cy
     hit = inside(obj.shape, xs[None, :], ys[:, None], obj.px / 2)
     h, w = y1 - y0 + 1, x1 - x0 + 1
     cov = hit.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE).mean(axis=(1, 3))

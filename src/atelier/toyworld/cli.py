@@ -1,0 +1,132 @@
+"""`atelier toyworld render|judge|edits`."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+from atelier.errors import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("toyworld", help="the toy world: render scenes, judge images, make edit cases",
+                              description="The toy world (shared/toyworld.md): render scenes, judge images, make edit cases.")
+    sub = p.add_subparsers(dest="toyworld_command", metavar="ACTION")
+    sub.required = True
+
+    r = sub.add_parser("render", help="render a caption (or a seeded random scene) to a PNG")
+    r.add_argument("caption", nargs="?", help='e.g. "a large red circle at the top left"; omit for a random scene')
+    r.add_argument("--seed", type=int, default=0, help="seed of the random scene (and its jitter)")
+    r.add_argument("--objects", type=int, choices=(1, 2, 3), help="number of objects of the random scene")
+    r.add_argument("--reserved", action="store_true", help="random scenes may use the reserved shapes and colour")
+    r.add_argument("--out", required=True, help="output PNG")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.set_defaults(func=run_render)
+
+    j = sub.add_parser("judge", help="list the objects an image shows; with --caption, the verdict")
+    j.add_argument("image")
+    j.add_argument("--caption", help="the caption the image should match")
+    j.add_argument("--json", action="store_true", help="print the result as JSON")
+    j.set_defaults(func=run_judge)
+
+    e = sub.add_parser("edits", help="write seeded edit cases: source images, masks and a cases.jsonl")
+    e.add_argument("--n", type=int, default=250, help="number of cases (default 250)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--kinds", default="color,shape,size,add,remove", help="comma-separated edit types")
+    e.add_argument("--outdir", required=True)
+    e.add_argument("--json", action="store_true", help="print the cases as JSON")
+    e.set_defaults(func=run_edits)
+
+
+def run_render(args) -> int:
+    from atelier.generate.metadata import save_png
+
+    from .render import render_pil
+    from .scene import BASE_COLOURS, BASE_SHAPES, COLOURS, SHAPES, parse_caption, sample_scene
+
+    if args.caption:
+        scene = parse_caption(args.caption)
+        rng = random.Random(args.seed)
+        # the caption fixes the objects; the seed gives each its jitter, as sampled scenes have
+        scene = type(scene)(tuple(o.__class__(**{**o.__dict__, "dx": rng.randint(-1, 1), "dy": rng.randint(-1, 1)}) for o in scene.objects))
+        caption = args.caption
+    else:
+        rng = random.Random(args.seed)
+        shapes, colours = (SHAPES, tuple(COLOURS)) if args.reserved else (BASE_SHAPES, tuple(BASE_COLOURS))
+        scene = sample_scene(rng, args.objects, shapes, colours)
+        caption = scene.caption(rng)
+    out = save_png(render_pil(scene), args.out, caption)
+    if args.json:
+        from atelier.cli import print_json
+
+        print_json({"out": str(out), "caption": caption, "objects": [o.__dict__ for o in scene.objects]})
+    else:
+        print(f"{out}: {caption}")
+    return 0
+
+
+def run_judge(args) -> int:
+    from atelier.generate.metadata import open_image
+
+    from .judge import detect, judge
+
+    image = np.asarray(open_image(args.image).convert("RGB"))
+    if image.shape[:2] != (64, 64):
+        raise UserError(f"the judge reads 64x64 toy-world images; {args.image} is {image.shape[1]}x{image.shape[0]}")
+    if args.caption:
+        verdict = judge(image, args.caption)
+        result = verdict.to_dict()
+        text = [f"match: {verdict.match}", f"objects right (cells aside): {verdict.objects_right}",
+                f"cells right: {verdict.cells_right:.2f}"]
+    else:
+        found = detect(image)
+        result = {"detected": [d.__dict__ for d in found]}
+        text = []
+    if args.json:
+        from atelier.cli import print_json
+
+        print_json(result)
+    else:
+        for d in result["detected"]:
+            d = d if isinstance(d, dict) else d.__dict__
+            print(f"{d['size']} {d['colour']} {d['shape']} in cell '{d['cell']}' (area {d['area']:.0f})")
+        print("\n".join(text))
+    return 0
+
+
+def run_edits(args) -> int:
+    from atelier.generate.metadata import save_png
+
+    from .edits import EDIT_TYPES, edit_cases
+    from .render import render_pil
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in EDIT_TYPES]
+    if unknown or not kinds:
+        raise UserError(f"unknown edit type(s) {unknown}; choose from {', '.join(EDIT_TYPES)}")
+    if args.n < 1:
+        raise UserError("--n must be at least 1")
+    out = Path(args.outdir)
+    cases = edit_cases(args.n, args.seed, kinds)
+    lines = []
+    from PIL import Image
+
+    for i, case in enumerate(cases):
+        name = f"{i:05d}"
+        save_png(render_pil(case.source), out / "source" / f"{name}.png", case.source_caption)
+        save_png(render_pil(case.target), out / "target" / f"{name}.png", case.target_caption)
+        save_png(Image.fromarray(case.mask().astype(np.uint8) * 255), out / "mask" / f"{name}.png", "edit mask")
+        lines.append({"image": f"source/{name}.png", "source": case.source_caption, "target": case.target_caption,
+                      "out": f"{name}.png", "kind": case.kind, "expected": f"target/{name}.png", "mask": f"mask/{name}.png",
+                      "scene": case.to_dict()})
+    (out / "cases.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    if args.json:
+        from atelier.cli import print_json
+
+        print_json({"outdir": str(out), "cases": len(lines)})
+    else:
+        print(f"wrote {len(lines)} edit cases to {out / 'cases.jsonl'}")
+    return 0

@@ -1,0 +1,1 @@
+"""Training: the toy-world models (and, later, LoRA / DreamBooth / the inverter)."""

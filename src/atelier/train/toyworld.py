@@ -1,0 +1,635 @@
+"""Training the built-in toy-world models on this CPU: `toyworld` and `toyworld-turbo`.
+
+Four stages, each resumable from its last checkpoint (kill it, run the same command again):
+1. vae     AutoencoderKL 64×64×3 → 16×16×4, trained on random crops, then on full scenes.
+2. text    CLIPTextModel over atelier's word tokenizer, pretrained with an auxiliary head: the token
+           that ends each object phrase must name that object's shape, colour, size and cell. This
+           is what makes position words usable by the UNet (trained jointly from scratch, they
+           were ignored). Frozen afterwards.
+3. unet    UNet2DConditionModel, v-prediction, cross-attention at latent/2 and latent/4, caption
+           dropout for classifier-free guidance, min-SNR loss weighting, EMA weights.
+4. turbo   the 1–4 step model: the UNet initialised from `unet`, trained at the trailing timesteps
+           to give in one step what the teacher gives with guidance (its guided x0) and what the
+           data is (real x0) — guidance distillation on real data, with guidance off at use.
+Then `export` writes both as diffusers folders (fp16 safetensors) with an `atelier.json` of defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from atelier.toyworld.render import render
+from atelier.toyworld.scene import BASE_COLOURS, BASE_SHAPES, CELLS, SIZES, sample_scene, vocabulary
+from atelier.train.checkpoint import load_state, save_state
+
+MAX_TOKENS = 32
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+    mid_block_add_attention=False,
+)
+TEXT_CONFIG = dict(
+    hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+    max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu", projection_dim=128,
+)
+UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64, 128),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16,
+)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1,
+)
+TURBO_TIMESTEPS = (999, 749, 499, 249)
+
+
+@dataclass
+class ToyTrainConfig:
+    out_dir: str = "runs/toyworld"
+    seed: int = 0
+    threads: int = 2
+    # vae
+    vae_steps: int = 2400
+    vae_full_steps: int = 300  # the last steps on full 64×64 scenes instead of 32×32 crops
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    # text encoder
+    text_steps: int = 1500
+    text_batch: int = 128
+    text_lr: float = 1e-3
+    # unet
+    unet_steps: int = 6000
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    guidance: float = 3.0  # default CFG of `toyworld`, also the teacher's guidance in distillation
+    # turbo
+    turbo_steps: int = 2000
+    turbo_batch: int = 32
+    turbo_lr: float = 1e-4
+    turbo_teacher_weight: float = 0.5
+    turbo_random_t: float = 0.25  # share of samples at uniform random t (keeps img2img strengths)
+    checkpoint_every: int = 200
+    eval_every: int = 500
+    n_objects_weights: tuple = (0.34, 0.33, 0.33)
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- data
+
+def scene_batch(seed: int, batch: int, weights=(1 / 3, 1 / 3, 1 / 3)):
+    """Seeded scenes of base shapes and colours, their renders in [-1, 1] and captions."""
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng, rng.choices((1, 2, 3), weights)[0], BASE_SHAPES, tuple(BASE_COLOURS)) for _ in range(batch)]
+    captions = [s.caption(rng) for s in scenes]
+    images = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    return scenes, captions, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def step_seed(cfg: ToyTrainConfig, stage: str, step: int) -> int:
+    return (cfg.seed * 1_000_003 + sum(map(ord, stage)) * 7919 + step) % (2**31)
+
+
+# ---------------------------------------------------------------- components
+
+def make_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    from atelier.models.tokenizers import write_word_tokenizer
+
+    write_word_tokenizer(vocabulary(), folder, model_max_length=MAX_TOKENS)
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def make_text_encoder(tokenizer, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG,
+    )
+    return CLIPTextModel(config)
+
+
+def tokenize(tokenizer, captions):
+    return tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+
+
+# ---------------------------------------------------------------- shared loop pieces
+
+class Stage:
+    """A resumable loop: holds the checkpoint path, loss log and the plot."""
+
+    def __init__(self, cfg: ToyTrainConfig, name: str, total: int):
+        self.cfg, self.name, self.total = cfg, name, total
+        self.dir = Path(cfg.out_dir) / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt = self.dir / "checkpoint.safetensors"
+        self.losses: list[float] = []
+        self.log: list[dict] = []
+        self.step = 0
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / "done.json").exists()
+
+    def resume(self, modules: dict, optimizer) -> None:
+        state = load_state(self.ckpt)
+        if state is None:
+            return
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+        optimizer.load_state_dict(state["optimizer"])
+        self.step, self.losses, self.log = state["step"], list(state["losses"]), list(state.get("log", []))
+        print(f"[{self.name}] resumed at step {self.step}")
+
+    def save(self, modules: dict, optimizer) -> None:
+        state = {key: m.state_dict() for key, m in modules.items()}
+        state.update(optimizer=optimizer.state_dict(), step=self.step, losses=self.losses, log=self.log)
+        save_state(self.ckpt, state)
+        self.plot()
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not self.losses:
+            return
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(self.losses, lw=0.5, alpha=0.4, label="loss")
+        k = max(1, len(self.losses) // 50)
+        smooth = np.convolve(self.losses, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(len(smooth)) + k - 1, smooth, lw=1.5, label=f"mean of {k}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(f"toyworld {self.name}")
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.dir / ".loss.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(self.dir / "loss.png")
+
+    def finish(self, summary: dict) -> None:
+        self.plot()
+        (self.dir / "done.json").write_text(json.dumps({"steps": self.step, **summary}, indent=2))
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ---------------------------------------------------------------- stage 1: VAE
+
+def train_vae(cfg: ToyTrainConfig):
+    from diffusers import AutoencoderKL
+
+    stage = Stage(cfg, "vae", cfg.vae_steps)
+    final = stage.dir / "final"
+    if stage.done:
+        return AutoencoderKL.from_pretrained(final)
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    stage.resume({"vae": vae}, opt)
+    vae.train()
+    bar = tqdm(total=cfg.vae_steps, initial=stage.step, desc="vae", dynamic_ncols=True)
+    while stage.step < cfg.vae_steps:
+        seed = step_seed(cfg, "vae", stage.step)
+        _, _, x = scene_batch(seed, cfg.vae_batch, cfg.n_objects_weights)
+        if stage.step < cfg.vae_steps - cfg.vae_full_steps:
+            g = torch.Generator().manual_seed(seed)
+            i, j = (int(v) * 4 for v in torch.randint(0, 9, (2,), generator=g))
+            x = x[:, :, i : i + 32, j : j + 32]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(stage.step, cfg.vae_steps, cfg.vae_lr)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator=torch.Generator().manual_seed(seed))
+        recon = vae.decode(z).sample
+        # L1 for sharp edges, MSE for colour precision, a whisper of KL to keep latents tame.
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        stage.losses.append(float(loss))
+        stage.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(stage.losses[-20:]):.4f}")
+        if stage.step % cfg.checkpoint_every == 0 or stage.step == cfg.vae_steps:
+            stage.save({"vae": vae}, opt)
+        if stage.step % cfg.eval_every == 0 or stage.step == cfg.vae_steps:
+            acc = vae_round_trip_accuracy(vae, n=96, seed=10_000)
+            stage.log.append({"step": stage.step, "round_trip_judged_right": acc})
+            tqdm.write(f"[vae] step {stage.step}: round trip judged right {acc:.3f}")
+    bar.close()
+    vae.eval()
+    # Scale latents to unit variance, as SD's scaling_factor does.
+    with torch.no_grad():
+        _, _, x = scene_batch(123_456, 256)
+        std = float(vae.encode(x).latent_dist.mean.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(final)
+    acc = vae_round_trip_accuracy(vae, n=500, seed=20_000)
+    stage.finish({"latent_std": std, "round_trip_judged_right": acc})
+    return vae
+
+
+@torch.no_grad()
+def vae_round_trip_accuracy(vae, n: int, seed: int) -> float:
+    from atelier.toyworld.judge import judge
+
+    was_training = vae.training
+    vae.eval()
+    right = 0
+    for start in range(0, n, 32):
+        scenes, _, x = scene_batch(seed + start, min(32, n - start))
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        imgs = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        right += sum(judge(img, s).match for img, s in zip(imgs, scenes))
+    vae.train(was_training)
+    return right / n
+
+
+# ---------------------------------------------------------------- stage 2: text encoder
+
+def phrase_targets(tokenizer, caption: str, scene_objects) -> list[tuple[int, tuple[int, int, int, int]]]:
+    """(token position, (shape, colour, size, cell) class ids) of each object phrase's last token."""
+    ids = tokenizer(caption, add_special_tokens=True).input_ids
+    phrases = [p for p in caption.replace(" and ", ", ").split(", ")]
+    by_phrase = {o.phrase(): o for o in scene_objects}
+    pos, out = 1, []
+    for p in phrases:
+        n = len(tokenizer(p, add_special_tokens=False).input_ids)
+        pos += n
+        o = by_phrase[p]
+        out.append((pos - 1, (BASE_SHAPES.index(o.shape), list(BASE_COLOURS).index(o.colour), list(SIZES).index(o.size), list(CELLS).index(o.cell))))
+        pos += 1  # the "," or "and" that follows
+    assert pos - 1 <= len(ids)
+    return out
+
+
+class PhraseProbe(torch.nn.Module):
+    """Linear heads reading an object's attributes off the token that ends its phrase."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(
+            torch.nn.Linear(hidden, n) for n in (len(BASE_SHAPES), len(BASE_COLOURS), len(SIZES), len(CELLS))
+        )
+
+    def forward(self, h):
+        return [head(h) for head in self.heads]
+
+
+def train_text_encoder(cfg: ToyTrainConfig, tokenizer):
+    from transformers import CLIPTextModel
+
+    stage = Stage(cfg, "text", cfg.text_steps)
+    final = stage.dir / "final"
+    if stage.done:
+        return CLIPTextModel.from_pretrained(final)
+    te = make_text_encoder(tokenizer, cfg.seed)
+    probe = PhraseProbe(te.config.hidden_size)
+    opt = torch.optim.AdamW(list(te.parameters()) + list(probe.parameters()), lr=cfg.text_lr, weight_decay=0.01)
+    stage.resume({"text_encoder": te, "probe": probe}, opt)
+    te.train()
+    bar = tqdm(total=cfg.text_steps, initial=stage.step, desc="text", dynamic_ncols=True)
+    while stage.step < cfg.text_steps:
+        rng = random.Random(step_seed(cfg, "text", stage.step))
+        scenes = [sample_scene(rng, rng.randint(1, 3), BASE_SHAPES, tuple(BASE_COLOURS)) for _ in range(cfg.text_batch)]
+        captions = [s.caption(rng) for s in scenes]
+        ids = tokenize(tokenizer, captions)
+        h = te(ids).last_hidden_state
+        rows, cols, labels = [], [], []
+        for b, (cap, s) in enumerate(zip(captions, scenes)):
+            for pos, lab in phrase_targets(tokenizer, cap, s.objects):
+                rows.append(b)
+                cols.append(pos)
+                labels.append(lab)
+        logits = probe(h[torch.tensor(rows), torch.tensor(cols)])
+        labels = torch.tensor(labels)
+        loss = sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(stage.step, cfg.text_steps, cfg.text_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stage.losses.append(float(loss))
+        stage.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(stage.losses[-20:]):.4f}")
+        if stage.step % cfg.checkpoint_every == 0 or stage.step == cfg.text_steps:
+            stage.save({"text_encoder": te, "probe": probe}, opt)
+    bar.close()
+    te.eval()
+    te.save_pretrained(final)
+    stage.finish({"final_loss": float(np.mean(stage.losses[-50:]))})
+    return te
+
+
+# ---------------------------------------------------------------- stage 3: UNet
+
+def v_target(scheduler, x0, noise, t):
+    ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+
+def x0_from_v(scheduler, xt, v, t):
+    ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return ab.sqrt() * xt - (1 - ab).sqrt() * v
+
+
+class LatentSource:
+    """Encodes seeded scene batches with the frozen VAE (scaled latents) and captions with the frozen
+    text encoder, dropping captions for classifier-free guidance."""
+
+    def __init__(self, cfg, vae, te, tokenizer):
+        self.cfg, self.vae, self.te, self.tok = cfg, vae, te, tokenizer
+        with torch.no_grad():
+            self.empty = te(tokenize(tokenizer, [""])).last_hidden_state
+
+    @torch.no_grad()
+    def batch(self, seed: int, size: int, dropout: float):
+        scenes, captions, x = scene_batch(seed, size, self.cfg.n_objects_weights)
+        rng = random.Random(seed + 1)
+        captions = ["" if rng.random() < dropout else c for c in captions]
+        z = self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
+        cond = self.te(tokenize(self.tok, captions)).last_hidden_state
+        return z, cond, captions
+
+
+def train_unet(cfg: ToyTrainConfig, vae, te, tokenizer):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    stage = Stage(cfg, "unet", cfg.unet_steps)
+    final = stage.dir / "final"
+    if stage.done:
+        return UNet2DConditionModel.from_pretrained(final)
+    torch.manual_seed(cfg.seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    ema_holder = _EmaHolder(ema)
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    source = LatentSource(cfg, vae, te, tokenizer)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    stage.resume({"unet": unet, "ema": ema_holder}, opt)
+    snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
+    unet.train()
+    bar = tqdm(total=cfg.unet_steps, initial=stage.step, desc="unet", dynamic_ncols=True)
+    while stage.step < cfg.unet_steps:
+        seed = step_seed(cfg, "unet", stage.step)
+        z, cond, _ = source.batch(seed, cfg.unet_batch, cfg.caption_dropout)
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), generator=g)
+        xt = scheduler.add_noise(z, noise, t)
+        pred = unet(xt, t, cond).sample
+        # min-SNR-γ weighting for v-prediction (Hang et al. 2023): min(snr, γ) / (snr + 1)
+        w = (torch.clamp(snr[t], max=cfg.min_snr_gamma) / (snr[t] + 1)).view(-1, 1, 1, 1)
+        loss = (w * (pred - v_target(scheduler, z, noise, t)) ** 2).mean()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(stage.step, cfg.unet_steps, cfg.unet_lr, warmup=200)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.step(unet.parameters())
+        stage.losses.append(float(loss))
+        stage.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(stage.losses[-50:]):.4f}")
+        if stage.step % cfg.checkpoint_every == 0 or stage.step == cfg.unet_steps:
+            stage.save({"unet": unet, "ema": ema_holder}, opt)
+        if stage.step % cfg.eval_every == 0 or stage.step == cfg.unet_steps:
+            eval_unet = _ema_copy(unet, ema)
+            res = quick_eval(eval_unet, vae, te, tokenizer, steps=20, guidance=cfg.guidance, turbo=False)
+            stage.log.append({"step": stage.step, **res})
+            tqdm.write(f"[unet] step {stage.step}: {res}")
+    bar.close()
+    unet = _ema_copy(unet, ema)
+    unet.save_pretrained(final)
+    stage.finish({"final_loss": float(np.mean(stage.losses[-100:])), "log": stage.log})
+    return unet
+
+
+class _EmaHolder(torch.nn.Module):
+    """Lets the EMA's shadow parameters ride in the same checkpoint as the model."""
+
+    def __init__(self, ema):
+        super().__init__()
+        self.ema = ema
+
+    def state_dict(self, *args, **kwargs):
+        sd = self.ema.state_dict()
+        return {"shadow": list(sd["shadow_params"]), "step": sd["optimization_step"]}
+
+    def load_state_dict(self, state, strict=True):
+        for p, s in zip(self.ema.shadow_params, state["shadow"]):
+            p.data.copy_(s)
+        self.ema.optimization_step = int(state["step"])
+
+
+def _ema_copy(unet, ema):
+    import copy
+
+    model = copy.deepcopy(unet)
+    ema.copy_to(model.parameters())
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------- quick evaluation
+
+EVAL_CAPTIONS_SEED = 777
+
+
+@torch.no_grad()
+def quick_eval(unet, vae, te, tokenizer, *, steps: int, guidance: float, turbo: bool, n: int = 36, seed: int = 0) -> dict:
+    """Judge `n` images of held-out captions (one third each with 1, 2, 3 objects)."""
+    from atelier.toyworld.judge import judge
+
+    images, scenes = sample_images(unet, vae, te, tokenizer, n=n, steps=steps, guidance=guidance, turbo=turbo, seed=seed)
+    verdicts = [judge(img, s) for img, s in zip(images, scenes)]
+    return {
+        "objects_right": round(float(np.mean([v.objects_right for v in verdicts])), 3),
+        "match": round(float(np.mean([v.match for v in verdicts])), 3),
+        "cells_right": round(float(np.mean([p["cell"] for v in verdicts for p in v.per_object])), 3),
+    }
+
+
+def held_out_scenes(n: int, seed: int = EVAL_CAPTIONS_SEED):
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng, 1 + (i * 3) // n, BASE_SHAPES, tuple(BASE_COLOURS)) for i in range(n)]
+    return scenes, [s.caption(rng) for s in scenes]
+
+
+@torch.no_grad()
+def sample_images(unet, vae, te, tokenizer, *, n, steps, guidance, turbo, seed=0):
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    scenes, captions = held_out_scenes(n)
+    if turbo:
+        sched = EulerDiscreteScheduler(**{**SCHEDULER_CONFIG, "timestep_spacing": "trailing", "steps_offset": 0})
+    else:
+        sched = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
+    sched.set_timesteps(steps)
+    cond = te(tokenize(tokenizer, captions)).last_hidden_state
+    uncond = te(tokenize(tokenizer, [""] * n)).last_hidden_state
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn((n, 4, 16, 16), generator=g) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(lat, t)
+        if guidance > 1:
+            out = unet(torch.cat([inp, inp]), t, torch.cat([uncond, cond])).sample
+            u, c = out.chunk(2)
+            out = u + guidance * (c - u)
+        else:
+            out = unet(inp, t, cond).sample
+        lat = sched.step(out, t, lat).prev_sample
+    x = vae.decode(lat / vae.config.scaling_factor).sample
+    imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return list(imgs), scenes
+
+
+# ---------------------------------------------------------------- stage 4: turbo
+
+def train_turbo(cfg: ToyTrainConfig, vae, te, tokenizer, teacher):
+    import copy
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    stage = Stage(cfg, "turbo", cfg.turbo_steps)
+    final = stage.dir / "final"
+    if stage.done:
+        return UNet2DConditionModel.from_pretrained(final)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    teacher.eval().requires_grad_(False)
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    source = LatentSource(cfg, vae, te, tokenizer)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.turbo_lr, weight_decay=0.0)
+    stage.resume({"unet": student}, opt)
+    fixed = torch.tensor(TURBO_TIMESTEPS)
+    bar = tqdm(total=cfg.turbo_steps, initial=stage.step, desc="turbo", dynamic_ncols=True)
+    while stage.step < cfg.turbo_steps:
+        seed = step_seed(cfg, "turbo", stage.step)
+        z, cond, captions = source.batch(seed, cfg.turbo_batch, 0.05)
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(z.shape, generator=g)
+        b = z.shape[0]
+        t = fixed[torch.randint(0, len(fixed), (b,), generator=g)]
+        rand = torch.rand(b, generator=g) < cfg.turbo_random_t
+        t = torch.where(rand, torch.randint(0, 1000, (b,), generator=g), t)
+        xt = scheduler.add_noise(z, noise, t)
+        with torch.no_grad():
+            out = teacher(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([source.empty.expand(b, -1, -1), cond])).sample
+            u, c = out.chunk(2)
+            has_caption = torch.tensor([bool(cap) for cap in captions]).view(-1, 1, 1, 1)
+            v_teacher = torch.where(has_caption, u + cfg.guidance * (c - u), c)
+            x0_teacher = x0_from_v(scheduler, xt, v_teacher, t)
+        x0_student = x0_from_v(scheduler, xt, student(xt, t, cond).sample, t)
+        loss = F.mse_loss(x0_student, z) + cfg.turbo_teacher_weight * F.mse_loss(x0_student, x0_teacher)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(stage.step, cfg.turbo_steps, cfg.turbo_lr, warmup=50)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        stage.losses.append(float(loss))
+        stage.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(stage.losses[-50:]):.4f}")
+        if stage.step % cfg.checkpoint_every == 0 or stage.step == cfg.turbo_steps:
+            stage.save({"unet": student}, opt)
+        if stage.step % cfg.eval_every == 0 or stage.step == cfg.turbo_steps:
+            student.eval()
+            res = {f"{k}@{s}": v for s in (1, 4) for k, v in quick_eval(student, vae, te, tokenizer, steps=s, guidance=1.0, turbo=True).items()}
+            student.train()
+            stage.log.append({"step": stage.step, **res})
+            tqdm.write(f"[turbo] step {stage.step}: {res}")
+    bar.close()
+    student.eval()
+    student.save_pretrained(final)
+    stage.finish({"final_loss": float(np.mean(stage.losses[-100:])), "log": stage.log})
+    return student
+
+
+# ---------------------------------------------------------------- export
+
+def export_pipelines(cfg: ToyTrainConfig, vae, te, tokenizer, unet, turbo, weights_dir: Path) -> dict:
+    """Write `toyworld` and `toyworld-turbo` as diffusers folders, weights in fp16 safetensors."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    paths = {}
+    specs = {
+        "toyworld": (unet, DPMSolverMultistepScheduler(**SCHEDULER_CONFIG),
+                     {"sampler": "DPM++ 2M", "schedule": "Automatic", "steps": 20, "guidance_scale": cfg.guidance}),
+        "toyworld-turbo": (turbo, EulerDiscreteScheduler(**{**SCHEDULER_CONFIG, "timestep_spacing": "trailing", "steps_offset": 0}),
+                           {"sampler": "Euler", "schedule": "Automatic", "steps": 1, "guidance_scale": 0.0, "turbo": True}),
+    }
+    for name, (model, sched, defaults) in specs.items():
+        if model is None:
+            continue
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=te, tokenizer=tokenizer, unet=model, scheduler=sched,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        out = Path(weights_dir) / name
+        tmp = out.with_name(f".{name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        pipe.to(torch.float32)
+        meta = {"name": name, "family": "toyworld", "defaults": defaults, "trained_with": asdict(cfg),
+                "resolution": 64, "description": "atelier's toy-world model (shared/toyworld.md), trained on CPU"}
+        (tmp / "atelier.json").write_text(json.dumps(meta, indent=2, default=str))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.replace(out)
+        paths[name] = str(out)
+    return paths
+
+
+def default_weights_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "toyworld" / "weights"
+
+
+def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo"), weights_dir: Path | None = None) -> dict:
+    torch.set_num_threads(cfg.threads)
+    started = time.time()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    tokenizer = make_tokenizer(out / "tokenizer")
+    vae = train_vae(cfg).eval().requires_grad_(False)
+    te = train_text_encoder(cfg, tokenizer).eval().requires_grad_(False) if "text" in stages or "unet" in stages else None
+    unet = train_unet(cfg, vae, te, tokenizer).eval().requires_grad_(False) if "unet" in stages else None
+    turbo = train_turbo(cfg, vae, te, tokenizer, unet) if "turbo" in stages else None
+    paths = export_pipelines(cfg, vae, te, tokenizer, unet, turbo, weights_dir or default_weights_dir()) if unet is not None else {}
+    summary = {"wall_time_s": round(time.time() - started, 1), "exported": paths}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
