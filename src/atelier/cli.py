@@ -14,6 +14,7 @@ from atelier.errors import UserError
 # Packages whose `cli.register(subparsers)` adds sub-commands, in --help order.
 COMMAND_MODULES = [
     "atelier.generate.cli",
+    "atelier.prompts.cli",
     "atelier.samplers.cli",
     "atelier.toyworld.cli",
     "atelier.train.cli",
