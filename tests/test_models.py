@@ -254,8 +254,9 @@ def test_bundled_configs_describe_the_real_models(name, unet_params, text_params
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
-def test_single_file_without_tokenizer_source_says_what_is_missing(tiny, store, monkeypatch):
+def test_single_file_without_tokenizer_source_says_what_is_missing(tiny, store, monkeypatch, tmp_path):
     monkeypatch.setattr(loader, "clip_bpe_path", lambda: None)
+    monkeypatch.setenv("ATELIER_CACHE", str(tmp_path / "empty-cache"))  # no bundled config materialized yet
     with pytest.raises(UserError, match=r"CLIP tokenizer files \(vocab.json, merges.txt\) are missing.*config=<a local diffusers folder") as err:
         load_pipeline(built(tiny, store, "sd1")["file"])  # no config: needs the bundled sd1 config
     assert "\n" not in str(err.value)

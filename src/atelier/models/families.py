@@ -73,6 +73,9 @@ def read_defaults_file(folder) -> dict:
         raise UserError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object")
+    nested = data.get("defaults")
+    if isinstance(nested, dict):  # atelier's own exports nest them: {"defaults": {"steps": ..., ...}}
+        data = {**data, **nested}
     return data
 
 
