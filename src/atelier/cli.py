@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from atelier.errors import UserError
@@ -45,6 +46,10 @@ def print_json(obj) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library chatter (torchvision fallbacks, config deprecations) is not the user's business on the
+    # command line; set these variables to "warning" or "info" to see it.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -5,27 +5,32 @@
     parse_attention    (emphasis), [de-emphasis], (word:1.3), escapes and BREAK
     build_conditioning chunked, weighted CLIP embeddings for every step, plus the diffusers
                        step callback that swaps them while sampling
+
+Names are imported on first use, so that `atelier --help` does not pay for torch and diffusers.
 """
 
-from atelier.prompts.attention import parse_attention
-from atelier.prompts.chunks import EMPHASIS_MODES, PromptChunk, tokenize_chunks
-from atelier.prompts.conditioning import PromptEditCallback, StepConditioning, build_conditioning
-from atelier.prompts.encode import diffusers_clip_skip
-from atelier.prompts.schedule import prompt_schedule, text_at_step, texts_per_step
-from atelier.prompts.wildcards import expand_prompt, expand_prompts
+import importlib
 
-__all__ = [
-    "EMPHASIS_MODES",
-    "PromptChunk",
-    "PromptEditCallback",
-    "StepConditioning",
-    "build_conditioning",
-    "diffusers_clip_skip",
-    "expand_prompt",
-    "expand_prompts",
-    "parse_attention",
-    "prompt_schedule",
-    "text_at_step",
-    "texts_per_step",
-    "tokenize_chunks",
-]
+_EXPORTS = {
+    "EMPHASIS_MODES": "atelier.prompts.chunks",
+    "PromptChunk": "atelier.prompts.chunks",
+    "PromptEditCallback": "atelier.prompts.conditioning",
+    "StepConditioning": "atelier.prompts.conditioning",
+    "build_conditioning": "atelier.prompts.conditioning",
+    "diffusers_clip_skip": "atelier.prompts.encode",
+    "expand_prompt": "atelier.prompts.wildcards",
+    "expand_prompts": "atelier.prompts.wildcards",
+    "parse_attention": "atelier.prompts.attention",
+    "prompt_schedule": "atelier.prompts.schedule",
+    "text_at_step": "atelier.prompts.schedule",
+    "texts_per_step": "atelier.prompts.schedule",
+    "tokenize_chunks": "atelier.prompts.chunks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -3,23 +3,29 @@ types, built on a model's own scheduler config with every option verified.
 
     from atelier.samplers import make_scheduler
     pipe.scheduler = make_scheduler("DPM++ 2M", pipe.scheduler.config, schedule="karras")
+
+Names are imported on first use, so that `atelier --help` does not pay for torch and diffusers.
 """
 
-from atelier.samplers.a1111 import a1111_fields, from_a1111_fields
-from atelier.samplers.build import make_scheduler
-from atelier.samplers.dpmpp_2s_ancestral import DPMSolverPlusPlus2SAncestralScheduler
-from atelier.samplers.registry import SAMPLERS, SamplerChoice, SamplerSpec, list_samplers, resolve
-from atelier.samplers.schedules import SCHEDULE_OPTIONS
+import importlib
 
-__all__ = [
-    "DPMSolverPlusPlus2SAncestralScheduler",
-    "SAMPLERS",
-    "SCHEDULE_OPTIONS",
-    "SamplerChoice",
-    "SamplerSpec",
-    "a1111_fields",
-    "from_a1111_fields",
-    "list_samplers",
-    "make_scheduler",
-    "resolve",
-]
+_EXPORTS = {
+    "DPMSolverPlusPlus2SAncestralScheduler": "atelier.samplers.dpmpp_2s_ancestral",
+    "SAMPLERS": "atelier.samplers.registry",
+    "SCHEDULE_OPTIONS": "atelier.samplers.schedules",
+    "SamplerChoice": "atelier.samplers.registry",
+    "SamplerSpec": "atelier.samplers.registry",
+    "a1111_fields": "atelier.samplers.a1111",
+    "from_a1111_fields": "atelier.samplers.a1111",
+    "list_samplers": "atelier.samplers.registry",
+    "make_scheduler": "atelier.samplers.build",
+    "resolve": "atelier.samplers.registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from atelier.samplers.registry import list_samplers, resolve, schedule_options
-from atelier.samplers.schedules import SCHEDULE_OPTIONS
 
 
 def register(subparsers) -> None:
@@ -27,6 +25,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from atelier.cli import print_json
+    from atelier.samplers.registry import list_samplers, resolve, schedule_options
+    from atelier.samplers.schedules import SCHEDULE_OPTIONS
 
     if args.name is None:
         if args.schedule:
@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(entries: list[dict]) -> str:
+    from atelier.samplers.schedules import SCHEDULE_OPTIONS
+
     rows = [("sampler", "aliases", "diffusers class", "schedules")]
     for e in entries:
         aliases = ", ".join(e["aliases"] + e["a1111_legacy_names"])

@@ -8,9 +8,10 @@ Four stages, each resumable from its last checkpoint (kill it, run the same comm
            were ignored). Frozen afterwards.
 3. unet    UNet2DConditionModel, v-prediction, cross-attention at latent/2 and latent/4, caption
            dropout for classifier-free guidance, min-SNR loss weighting, EMA weights.
-4. turbo   the 1–4 step model: the UNet initialised from `unet`, trained at the trailing timesteps
-           to give in one step what the teacher gives with guidance (its guided x0) and what the
-           data is (real x0) — guidance distillation on real data, with guidance off at use.
+4. turbo   the 1–4 step model: the UNet initialised from `unet`, trained with guidance off at use.
+           At t = 999 it learns where the guided teacher's 20-step trajectory from that noise ends
+           (pairs precomputed once); at the other trailing timesteps (and random ones, for img2img)
+           it learns the real x0 and the guided teacher's x0 there.
 Then `export` writes both as diffusers folders (fp16 safetensors) with an `atelier.json` of defaults.
 """
 
@@ -88,8 +89,12 @@ class ToyTrainConfig:
     turbo_lr: float = 1e-4
     turbo_teacher_weight: float = 0.5
     turbo_random_t: float = 0.25  # share of samples at uniform random t (keeps img2img strengths)
+    turbo_pairs: int = 4096  # teacher ODE trajectories (noise -> guided 20-step sample) for the 1-step map
+    turbo_pair_share: float = 0.5  # share of each batch drawn from those pairs, at t = 999
     checkpoint_every: int = 200
     eval_every: int = 500
+    eval_images: int = 36  # judged generations per periodic evaluation
+    eval_scenes: int = 500  # rendered scenes in the final VAE round-trip check
     n_objects_weights: tuple = (0.34, 0.33, 0.33)
     extra: dict = field(default_factory=dict)
 
@@ -148,6 +153,12 @@ class Stage:
         self.losses: list[float] = []
         self.log: list[dict] = []
         self.step = 0
+        self.seconds_before = 0.0  # wall time of earlier runs of this stage (before a resume)
+        self.started = time.time()
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.time() - self.started
 
     @property
     def done(self) -> bool:
@@ -161,11 +172,13 @@ class Stage:
             module.load_state_dict(state[key])
         optimizer.load_state_dict(state["optimizer"])
         self.step, self.losses, self.log = state["step"], list(state["losses"]), list(state.get("log", []))
+        self.seconds_before, self.started = float(state.get("seconds", 0.0)), time.time()
         print(f"[{self.name}] resumed at step {self.step}")
 
     def save(self, modules: dict, optimizer) -> None:
         state = {key: m.state_dict() for key, m in modules.items()}
-        state.update(optimizer=optimizer.state_dict(), step=self.step, losses=self.losses, log=self.log)
+        state.update(optimizer=optimizer.state_dict(), step=self.step, losses=self.losses, log=self.log,
+                     seconds=self.seconds)
         save_state(self.ckpt, state)
         self.plot()
 
@@ -194,7 +207,10 @@ class Stage:
 
     def finish(self, summary: dict) -> None:
         self.plot()
-        (self.dir / "done.json").write_text(json.dumps({"steps": self.step, **summary}, indent=2))
+        done = {"steps": self.step, "wall_time_s": round(self.seconds, 1), **summary}
+        tmp = self.dir / ".done.json"
+        tmp.write_text(json.dumps(done, indent=2))
+        tmp.replace(self.dir / "done.json")
 
 
 def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
@@ -244,7 +260,7 @@ def train_vae(cfg: ToyTrainConfig):
         if stage.step % cfg.checkpoint_every == 0 or stage.step == cfg.vae_steps:
             stage.save({"vae": vae}, opt)
         if stage.step % cfg.eval_every == 0 or stage.step == cfg.vae_steps:
-            acc = vae_round_trip_accuracy(vae, n=96, seed=10_000)
+            acc = vae_round_trip_accuracy(vae, n=min(96, cfg.eval_scenes), seed=10_000)
             stage.log.append({"step": stage.step, "round_trip_judged_right": acc})
             tqdm.write(f"[vae] step {stage.step}: round trip judged right {acc:.3f}")
     bar.close()
@@ -255,7 +271,7 @@ def train_vae(cfg: ToyTrainConfig):
         std = float(vae.encode(x).latent_dist.mean.std())
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(final)
-    acc = vae_round_trip_accuracy(vae, n=500, seed=20_000)
+    acc = vae_round_trip_accuracy(vae, n=cfg.eval_scenes, seed=20_000)
     stage.finish({"latent_std": std, "round_trip_judged_right": acc})
     return vae
 
@@ -429,7 +445,7 @@ def train_unet(cfg: ToyTrainConfig, vae, te, tokenizer):
             stage.save({"unet": unet, "ema": ema_holder}, opt)
         if stage.step % cfg.eval_every == 0 or stage.step == cfg.unet_steps:
             eval_unet = _ema_copy(unet, ema)
-            res = quick_eval(eval_unet, vae, te, tokenizer, steps=20, guidance=cfg.guidance, turbo=False)
+            res = quick_eval(eval_unet, vae, te, tokenizer, steps=20, guidance=cfg.guidance, turbo=False, n=cfg.eval_images)
             stage.log.append({"step": stage.step, **res})
             tqdm.write(f"[unet] step {stage.step}: {res}")
     bar.close()
@@ -499,26 +515,72 @@ def sample_images(unet, vae, te, tokenizer, *, n, steps, guidance, turbo, seed=0
         sched = EulerDiscreteScheduler(**{**SCHEDULER_CONFIG, "timestep_spacing": "trailing", "steps_offset": 0})
     else:
         sched = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
-    sched.set_timesteps(steps)
     cond = te(tokenize(tokenizer, captions)).last_hidden_state
     uncond = te(tokenize(tokenizer, [""] * n)).last_hidden_state
     g = torch.Generator().manual_seed(seed)
-    lat = torch.randn((n, 4, 16, 16), generator=g) * sched.init_noise_sigma
-    for t in sched.timesteps:
-        inp = sched.scale_model_input(lat, t)
-        if guidance > 1:
-            out = unet(torch.cat([inp, inp]), t, torch.cat([uncond, cond])).sample
-            u, c = out.chunk(2)
-            out = u + guidance * (c - u)
-        else:
-            out = unet(inp, t, cond).sample
-        lat = sched.step(out, t, lat).prev_sample
+    lat = sample_latents(unet, sched, torch.randn((n, 4, 16, 16), generator=g), cond, uncond, steps=steps, guidance=guidance)
     x = vae.decode(lat / vae.config.scaling_factor).sample
     imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return list(imgs), scenes
 
 
+@torch.no_grad()
+def sample_latents(unet, sched, noise, cond, uncond, *, steps: int, guidance: float):
+    """Run `sched` for `steps` from unit `noise` with classifier-free guidance (off when ≤ 1)."""
+    sched.set_timesteps(steps)
+    lat = noise * sched.init_noise_sigma
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(lat, t)
+        if guidance > 1:
+            out = unet(torch.cat([inp, inp]), t, torch.cat([uncond.expand_as(cond), cond])).sample
+            u, c = out.chunk(2)
+            out = u + guidance * (c - u)
+        else:
+            out = unet(inp, t, cond).sample
+        lat = sched.step(out, t, lat).prev_sample
+    return lat
+
+
 # ---------------------------------------------------------------- stage 4: turbo
+
+PAIR_CHUNK = 64
+
+
+@torch.no_grad()
+def teacher_pairs(cfg: ToyTrainConfig, teacher, source: "LatentSource", path: Path) -> dict:
+    """(noise, caption ids, teacher sample) triples: where the guided teacher's 20-step DPM++ 2M
+    trajectory from that noise ends. Regressing the 1-step map onto them (Luhman & Luhman 2021,
+    "knowledge distillation" of the sampler) gives a sharp sample at t = 999; regressing onto real
+    data or onto the teacher's one-step guided x0 there gives the mean colour, or an over-saturated
+    one. Generated in chunks and saved as they go, so a killed run resumes here too."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from atelier.train.checkpoint import load_state, save_state
+
+    state = load_state(path) or {"noise": [], "ids": [], "z": []}
+    done = sum(len(x) for x in state["noise"])
+    bar = tqdm(total=cfg.turbo_pairs, initial=done, desc="turbo pairs", dynamic_ncols=True)
+    sched = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
+    while done < cfg.turbo_pairs:
+        k = done // PAIR_CHUNK
+        seed = step_seed(cfg, "pairs", k)
+        _, captions, _ = scene_batch(seed, PAIR_CHUNK, cfg.n_objects_weights)
+        rng = random.Random(seed + 1)
+        captions = ["" if rng.random() < 0.05 else c for c in captions]
+        ids = tokenize(source.tok, captions)
+        noise = torch.randn((PAIR_CHUNK, 4, 16, 16), generator=torch.Generator().manual_seed(seed))
+        cond = source.te(ids).last_hidden_state
+        z = sample_latents(teacher, sched, noise, cond, source.empty, steps=20, guidance=cfg.guidance)
+        state["noise"].append(noise)
+        state["ids"].append(ids)
+        state["z"].append(z)
+        done += PAIR_CHUNK
+        bar.update(PAIR_CHUNK)
+        if (k + 1) % 8 == 0 or done >= cfg.turbo_pairs:
+            save_state(path, state)
+    bar.close()
+    return {key: torch.cat(list(value))[: cfg.turbo_pairs] for key, value in state.items()}
+
 
 def train_turbo(cfg: ToyTrainConfig, vae, te, tokenizer, teacher):
     import copy
@@ -535,12 +597,16 @@ def train_turbo(cfg: ToyTrainConfig, vae, te, tokenizer, teacher):
     source = LatentSource(cfg, vae, te, tokenizer)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.turbo_lr, weight_decay=0.0)
     stage.resume({"unet": student}, opt)
-    fixed = torch.tensor(TURBO_TIMESTEPS)
+    pairs = teacher_pairs(cfg, teacher, source, stage.dir / "pairs.safetensors") if cfg.turbo_pairs else None
+    n_pairs = int(round(cfg.turbo_batch * cfg.turbo_pair_share)) if pairs is not None else 0
+    fixed = torch.tensor(TURBO_TIMESTEPS[1:] if n_pairs else TURBO_TIMESTEPS)  # t = 999 belongs to the pairs
     bar = tqdm(total=cfg.turbo_steps, initial=stage.step, desc="turbo", dynamic_ncols=True)
     while stage.step < cfg.turbo_steps:
         seed = step_seed(cfg, "turbo", stage.step)
-        z, cond, captions = source.batch(seed, cfg.turbo_batch, 0.05)
         g = torch.Generator().manual_seed(seed)
+        # Real data at t < 999 (what img2img and the later steps of 2-4 step sampling see): the data
+        # itself plus the guided teacher's x0 at the same point.
+        z, cond, captions = source.batch(seed, cfg.turbo_batch - n_pairs, 0.05)
         noise = torch.randn(z.shape, generator=g)
         b = z.shape[0]
         t = fixed[torch.randint(0, len(fixed), (b,), generator=g)]
@@ -555,6 +621,14 @@ def train_turbo(cfg: ToyTrainConfig, vae, te, tokenizer, teacher):
             x0_teacher = x0_from_v(scheduler, xt, v_teacher, t)
         x0_student = x0_from_v(scheduler, xt, student(xt, t, cond).sample, t)
         loss = F.mse_loss(x0_student, z) + cfg.turbo_teacher_weight * F.mse_loss(x0_student, x0_teacher)
+        if n_pairs:
+            # The 1-step map: from pure noise at t = 999 to where the teacher's trajectory ends.
+            pick = torch.randint(0, len(pairs["z"]), (n_pairs,), generator=g)
+            t_max = torch.full((n_pairs,), TURBO_TIMESTEPS[0])
+            with torch.no_grad():
+                pair_cond = source.te(pairs["ids"][pick]).last_hidden_state
+            x0_pair = x0_from_v(scheduler, pairs["noise"][pick], student(pairs["noise"][pick], t_max, pair_cond).sample, t_max)
+            loss = (b * loss + n_pairs * (1 + cfg.turbo_teacher_weight) * F.mse_loss(x0_pair, pairs["z"][pick])) / cfg.turbo_batch
         for group in opt.param_groups:
             group["lr"] = lr_at(stage.step, cfg.turbo_steps, cfg.turbo_lr, warmup=50)
         opt.zero_grad(set_to_none=True)
@@ -569,7 +643,7 @@ def train_turbo(cfg: ToyTrainConfig, vae, te, tokenizer, teacher):
             stage.save({"unet": student}, opt)
         if stage.step % cfg.eval_every == 0 or stage.step == cfg.turbo_steps:
             student.eval()
-            res = {f"{k}@{s}": v for s in (1, 4) for k, v in quick_eval(student, vae, te, tokenizer, steps=s, guidance=1.0, turbo=True).items()}
+            res = {f"{k}@{s}": v for s in (1, 4) for k, v in quick_eval(student, vae, te, tokenizer, steps=s, guidance=1.0, turbo=True, n=cfg.eval_images).items()}
             student.train()
             stage.log.append({"step": stage.step, **res})
             tqdm.write(f"[turbo] step {stage.step}: {res}")
@@ -605,7 +679,8 @@ def export_pipelines(cfg: ToyTrainConfig, vae, te, tokenizer, unet, turbo, weigh
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
         pipe.to(torch.float32)
-        meta = {"name": name, "family": "toyworld", "defaults": defaults, "trained_with": asdict(cfg),
+        trained_with = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
+        meta = {"name": name, "family": "toyworld", "defaults": defaults, "trained_with": trained_with,
                 "resolution": 64, "description": "atelier's toy-world model (shared/toyworld.md), trained on CPU"}
         (tmp / "atelier.json").write_text(json.dumps(meta, indent=2, default=str))
         shutil.rmtree(out, ignore_errors=True)
@@ -630,6 +705,11 @@ def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo"), weig
     unet = train_unet(cfg, vae, te, tokenizer).eval().requires_grad_(False) if "unet" in stages else None
     turbo = train_turbo(cfg, vae, te, tokenizer, unet) if "turbo" in stages else None
     paths = export_pipelines(cfg, vae, te, tokenizer, unet, turbo, weights_dir or default_weights_dir()) if unet is not None else {}
-    summary = {"wall_time_s": round(time.time() - started, 1), "exported": paths}
+    stage_times = {}
+    for name in ("vae", "text", "unet", "turbo"):
+        done = out / name / "done.json"
+        if done.is_file():
+            stage_times[name] = json.loads(done.read_text()).get("wall_time_s")
+    summary = {"wall_time_s": round(time.time() - started, 1), "stage_times_s": stage_times, "exported": paths}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

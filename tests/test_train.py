@@ -1,0 +1,84 @@
+"""`atelier train toyworld`: a miniature run that is killed mid-stage, resumes, and exports models the
+loader reads with their defaults."""
+
+import json
+
+import pytest
+
+from atelier.cli import main
+from atelier.models import detect_family, load_pipeline
+from atelier.train import toyworld as trainer
+
+TINY = [
+    "--vae-steps", "3", "--text-steps", "2", "--unet-steps", "4", "--turbo-steps", "2",
+    "--set", "checkpoint_every=2", "--set", "eval_every=1000", "--set", "eval_images=3",
+    "--set", "eval_scenes=4", "--set", "turbo_pairs=64", "--set", "vae_full_steps=1",
+    "--set", "vae_batch=4", "--set", "text_batch=8", "--set", "unet_batch=4", "--set", "turbo_batch=4",
+    "--threads", "1",
+]
+
+
+def test_killed_run_resumes_and_exports_loadable_models(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "toyworld", "--out-dir", str(out), *TINY]
+
+    real_save = trainer.Stage.save
+
+    def save_then_die(stage, modules, optimizer):
+        real_save(stage, modules, optimizer)
+        if stage.name == "unet" and stage.step == 2:
+            raise KeyboardInterrupt  # as if killed right after the step-2 checkpoint
+
+    monkeypatch.setattr(trainer.Stage, "save", save_then_die)
+    assert main(argv) == 130
+    assert (out / "vae" / "done.json").is_file() and not (out / "unet" / "done.json").exists()
+    assert (out / "unet" / "checkpoint.safetensors").is_file() and (out / "unet" / "loss.png").is_file()
+
+    monkeypatch.setattr(trainer.Stage, "save", real_save)
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "[unet] resumed at step 2" in printed.out + printed.err
+    done = json.loads((out / "unet" / "done.json").read_text())
+    assert done["steps"] == 4 and done["wall_time_s"] > 0
+    state = trainer.load_state(out / "unet" / "checkpoint.safetensors")
+    assert len(state["losses"]) == 4  # two steps before the kill, two after, none repeated
+
+    toy = load_pipeline(out / "weights" / "toyworld")
+    family = detect_family(toy)
+    assert (family.sampler, family.steps, family.guidance_scale, family.is_turbo) == ("DPM++ 2M", 20, 3.0, False)
+    turbo = load_pipeline(out / "weights" / "toyworld-turbo")
+    family = detect_family(turbo)
+    assert (family.sampler, family.steps, family.guidance_scale, family.is_turbo) == ("Euler", 1, 0.0, True)
+    meta = json.loads((out / "weights" / "toyworld" / "atelier.json").read_text())
+    assert meta["trained_with"]["unet_steps"] == 4 and "out_dir" not in meta["trained_with"]
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"seed": 7, "unet_steps": 6000}))
+    assert main(["train", "toyworld", "--out-dir", str(out), "--seed", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (seed: 7 -> 0" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "unet_lr"], "expected FIELD=VALUE"),
+    (["--set", "unet_learning_rate=1"], "expected FIELD=VALUE"),
+    (["--set", "unet_lr=fast"], "is not a valid float"),
+    (["--stages", "vae,decoder"], "unknown stage(s) decoder"),
+    (["--unet-steps", "0"], "must be at least 1"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, message):
+    assert main(["train", "toyworld", "--out-dir", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # nothing written for a rejected command
+
+
+def test_show_config_prints_the_overridden_settings(tmp_path, capsys):
+    assert main(["train", "toyworld", "--out-dir", str(tmp_path), "--set", "unet_lr=3e-4", "--unet-steps", "10",
+                 "--show-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["unet_lr"] == 3e-4 and cfg["unet_steps"] == 10 and cfg["seed"] == 0
