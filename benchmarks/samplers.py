@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from scheduler_configs import SD15  # noqa: E402
 
 from atelier.samplers import SAMPLERS, make_scheduler  # noqa: E402
+from _results import write_section  # noqa: E402
 from atelier.samplers.analytic import DEFAULT_MIXTURE, MixtureModel, ode_error, run_sampler  # noqa: E402
 
 
@@ -154,13 +155,12 @@ def main(argv=None) -> None:
         command = "nice -n 19 env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/samplers.py " + " ".join(
             argv if argv is not None else sys.argv[1:]
         )
-        args.results.write_text(
-            "# Samplers benchmark (atelier.samplers)\n\n"
-            f"Command (from the repository root):\n\n    {command.strip()}\n\n"
+        write_section(
+            args.results, "Samplers (atelier.samplers)", "\n".join(lines), command.strip(),
             "Columns: model calls for a 20-step run; scheduler CPU time per model call (scale_model_input + step) "
             "and that time divided by one tiny-UNet call; set_timesteps CPU time; RMS error against the exact "
             "probability-flow ODE solution on the analytic Gaussian mixture at 5/10/20/40 steps (stochastic "
-            "samplers: max error of the recovered mixture weights).\n\n```\n" + "\n".join(lines) + "\n```\n"
+            "samplers: max error of the recovered mixture weights).",
         )
 
 

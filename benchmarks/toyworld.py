@@ -27,6 +27,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from _results import write_section
 from atelier.generate import GenerationRequest, generate
 from atelier.models import load_pipeline
 from atelier.toyworld.judge import ATTRIBUTES, judge
@@ -117,13 +118,15 @@ def main(argv=None) -> int:
     parser.add_argument("--per-count", type=int, default=100, help="captions per object count (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="image seed of the first caption (default 0)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--toyworld", default="toyworld", help="model to measure as toyworld (name or folder)")
+    parser.add_argument("--turbo", default="toyworld-turbo", help="model to measure as toyworld-turbo (name or folder)")
     parser.add_argument("--results", help="also write the report into this markdown file's toy-world section")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     cases = held_out_scenes(args.per_count)
-    toy = load_pipeline("toyworld")
-    turbo = load_pipeline("toyworld-turbo")
+    toy = load_pipeline(args.toyworld)
+    turbo = load_pipeline(args.turbo)
     settings = [
         ("toyworld (defaults: DPM++ 2M, 20, CFG 3)", toy, {}),
         ("toyworld-turbo 1 step (Euler, CFG 0)", turbo, {}),
@@ -140,21 +143,6 @@ def main(argv=None) -> int:
         write_section(args.results, "Toy-world models", report,
                       "HF_HUB_OFFLINE=1 python benchmarks/toyworld.py --results benchmarks/RESULTS.md")
     return 0
-
-
-def write_section(path: str, title: str, body: str, command: str) -> None:
-    """Replace (or append) the `## title` section of a markdown results file."""
-    from pathlib import Path
-
-    file = Path(path)
-    text = file.read_text(encoding="utf-8") if file.exists() else "# Benchmark results\n"
-    section = f"## {title}\n\nCommand (repository root):\n\n    {command}\n\n```\n{body}\n```\n"
-    parts = text.split("\n## ")
-    kept = [parts[0].rstrip("\n") + "\n"] + [p for p in parts[1:] if not p.startswith(title + "\n")]
-    out = "\n## ".join(kept).rstrip("\n") + "\n\n" + section
-    tmp = file.with_suffix(".tmp")
-    tmp.write_text(out, encoding="utf-8")
-    tmp.replace(file)
 
 
 if __name__ == "__main__":

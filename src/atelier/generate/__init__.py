@@ -11,7 +11,7 @@ Names are imported on first use, so that `atelier --help` (which imports this pa
 does not pay for torch and diffusers.
 """
 
-import importlib
+from atelier._lazy import lazy_exports
 
 _EXPORTS = {
     "format_parameters": "atelier.generate.metadata",
@@ -27,10 +27,4 @@ _EXPORTS = {
     "generate": "atelier.generate.run",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'atelier.generate' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

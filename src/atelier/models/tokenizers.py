@@ -44,8 +44,6 @@ def write_word_tokenizer(words, out_dir, *, model_max_length: int = 77, pad_toke
     Merges of longer words come first so that a short word's first merge can never split a longer
     word differently; the result is checked with the real CLIPTokenizer before returning.
     """
-    from transformers import CLIPTokenizer
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     words = sorted({w.lower() for w in words if w.strip()}, key=lambda w: (-len(w), w))
@@ -65,25 +63,7 @@ def write_word_tokenizer(words, out_dir, *, model_max_length: int = 77, pad_toke
             vocab_list.append(a + b)
     vocab_list += [BOS, EOS]
     vocab = {tok: i for i, tok in enumerate(vocab_list)}
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8"
-    )
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": model_max_length,
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "unk_token": EOS,
-        "pad_token": pad_token,
-        "do_lower_case": True,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (out / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}, indent=2),
-        encoding="utf-8",
-    )
-    tok = CLIPTokenizer.from_pretrained(os.fspath(out))
+    tok = _write_clip_files(out, vocab, merges, model_max_length, pad_token)
     split = [w for w in words if len(tok(w, add_special_tokens=False).input_ids) != 1]
     if split:
         raise RuntimeError(f"word tokenizer: these words do not come out as one token: {split[:10]}")
@@ -124,8 +104,6 @@ def write_clip_tokenizer(out_dir, bpe_path=None, *, model_max_length: int = 77, 
     """
     import gzip
 
-    from transformers import CLIPTokenizer
-
     from atelier.errors import UserError
 
     bpe = Path(bpe_path) if bpe_path is not None else open_clip_bpe_path()
@@ -145,6 +123,16 @@ def write_clip_tokenizer(out_dir, bpe_path=None, *, model_max_length: int = 77, 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tok = _write_clip_files(out, vocab, merges, model_max_length, pad_token)
+    if len(tok) != len(vocab_list):
+        raise RuntimeError(f"CLIP tokenizer: expected {len(vocab_list)} tokens, loaded {len(tok)}")
+    return out
+
+
+def _write_clip_files(out: Path, vocab: dict, merges: list, model_max_length: int, pad_token: str):
+    """Write a CLIPTokenizer folder (vocab.json, merges.txt, configs) and load it back."""
+    from transformers import CLIPTokenizer
+
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out / "merges.txt").write_text(
         "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8"
@@ -163,7 +151,4 @@ def write_clip_tokenizer(out_dir, bpe_path=None, *, model_max_length: int = 77, 
         json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}, indent=2),
         encoding="utf-8",
     )
-    tok = CLIPTokenizer.from_pretrained(os.fspath(out))
-    if len(tok) != len(vocab_list):
-        raise RuntimeError(f"CLIP tokenizer: expected {len(vocab_list)} tokens, loaded {len(tok)}")
-    return out
+    return CLIPTokenizer.from_pretrained(os.fspath(out))

@@ -9,7 +9,7 @@
 Names are imported on first use, so that `atelier --help` does not pay for torch and diffusers.
 """
 
-import importlib
+from atelier._lazy import lazy_exports
 
 _EXPORTS = {
     "EMPHASIS_MODES": "atelier.prompts.chunks",
@@ -27,10 +27,4 @@ _EXPORTS = {
     "tokenize_chunks": "atelier.prompts.chunks",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -7,7 +7,7 @@ types, built on a model's own scheduler config with every option verified.
 Names are imported on first use, so that `atelier --help` does not pay for torch and diffusers.
 """
 
-import importlib
+from atelier._lazy import lazy_exports
 
 _EXPORTS = {
     "DPMSolverPlusPlus2SAncestralScheduler": "atelier.samplers.dpmpp_2s_ancestral",
@@ -22,10 +22,4 @@ _EXPORTS = {
     "resolve": "atelier.samplers.registry",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

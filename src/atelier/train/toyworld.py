@@ -205,12 +205,32 @@ class Stage:
         plt.close(fig)
         tmp.replace(self.dir / "loss.png")
 
+    def advance(self, loss, modules: dict, optimizer, bar, window: int = 50) -> bool:
+        """Book one optimizer step: loss log, progress bar, periodic checkpoint. True when it is
+        time for a periodic evaluation (and at the last step)."""
+        self.losses.append(float(loss))
+        self.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(self.losses[-window:]):.4f}")
+        last = self.step == self.total
+        if self.step % self.cfg.checkpoint_every == 0 or last:
+            self.save(modules, optimizer)
+        return self.step % self.cfg.eval_every == 0 or last
+
     def finish(self, summary: dict) -> None:
         self.plot()
         done = {"steps": self.step, "wall_time_s": round(self.seconds, 1), **summary}
         tmp = self.dir / ".done.json"
         tmp.write_text(json.dumps(done, indent=2))
         tmp.replace(self.dir / "done.json")
+
+
+def optimize(optimizer, loss, params=None, clip: float | None = 1.0) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
 
 
 def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
@@ -249,17 +269,8 @@ def train_vae(cfg: ToyTrainConfig):
         recon = vae.decode(z).sample
         # L1 for sharp edges, MSE for colour precision, a whisper of KL to keep latents tame.
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        stage.losses.append(float(loss))
-        stage.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(stage.losses[-20:]):.4f}")
-        if stage.step % cfg.checkpoint_every == 0 or stage.step == cfg.vae_steps:
-            stage.save({"vae": vae}, opt)
-        if stage.step % cfg.eval_every == 0 or stage.step == cfg.vae_steps:
+        optimize(opt, loss, vae.parameters())
+        if stage.advance(loss, {"vae": vae}, opt, bar, window=20):
             acc = vae_round_trip_accuracy(vae, n=min(96, cfg.eval_scenes), seed=10_000)
             stage.log.append({"step": stage.step, "round_trip_judged_right": acc})
             tqdm.write(f"[vae] step {stage.step}: round trip judged right {acc:.3f}")
@@ -353,15 +364,8 @@ def train_text_encoder(cfg: ToyTrainConfig, tokenizer):
         loss = sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits))
         for group in opt.param_groups:
             group["lr"] = lr_at(stage.step, cfg.text_steps, cfg.text_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        stage.losses.append(float(loss))
-        stage.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(stage.losses[-20:]):.4f}")
-        if stage.step % cfg.checkpoint_every == 0 or stage.step == cfg.text_steps:
-            stage.save({"text_encoder": te, "probe": probe}, opt)
+        optimize(opt, loss, clip=None)
+        stage.advance(loss, {"text_encoder": te, "probe": probe}, opt, bar, window=20)
     bar.close()
     te.eval()
     te.save_pretrained(final)
@@ -432,18 +436,9 @@ def train_unet(cfg: ToyTrainConfig, vae, te, tokenizer):
         loss = (w * (pred - v_target(scheduler, z, noise, t)) ** 2).mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(stage.step, cfg.unet_steps, cfg.unet_lr, warmup=200)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        optimize(opt, loss, unet.parameters())
         ema.step(unet.parameters())
-        stage.losses.append(float(loss))
-        stage.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(stage.losses[-50:]):.4f}")
-        if stage.step % cfg.checkpoint_every == 0 or stage.step == cfg.unet_steps:
-            stage.save({"unet": unet, "ema": ema_holder}, opt)
-        if stage.step % cfg.eval_every == 0 or stage.step == cfg.unet_steps:
+        if stage.advance(loss, {"unet": unet, "ema": ema_holder}, opt, bar):
             eval_unet = _ema_copy(unet, ema)
             res = quick_eval(eval_unet, vae, te, tokenizer, steps=20, guidance=cfg.guidance, turbo=False, n=cfg.eval_images)
             stage.log.append({"step": stage.step, **res})
@@ -631,17 +626,8 @@ def train_turbo(cfg: ToyTrainConfig, vae, te, tokenizer, teacher):
             loss = (b * loss + n_pairs * (1 + cfg.turbo_teacher_weight) * F.mse_loss(x0_pair, pairs["z"][pick])) / cfg.turbo_batch
         for group in opt.param_groups:
             group["lr"] = lr_at(stage.step, cfg.turbo_steps, cfg.turbo_lr, warmup=50)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        stage.losses.append(float(loss))
-        stage.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(stage.losses[-50:]):.4f}")
-        if stage.step % cfg.checkpoint_every == 0 or stage.step == cfg.turbo_steps:
-            stage.save({"unet": student}, opt)
-        if stage.step % cfg.eval_every == 0 or stage.step == cfg.turbo_steps:
+        optimize(opt, loss, student.parameters())
+        if stage.advance(loss, {"unet": student}, opt, bar):
             student.eval()
             res = {f"{k}@{s}": v for s in (1, 4) for k, v in quick_eval(student, vae, te, tokenizer, steps=s, guidance=1.0, turbo=True, n=cfg.eval_images).items()}
             student.train()

@@ -1,0 +1,55 @@
+"""Regression check of the shipped toy-world models: a small fixed set of held-out captions, judged.
+(The full measurement, 300 captions, is benchmarks/toyworld.py.)"""
+
+import random
+
+import numpy as np
+import pytest
+
+from atelier.generate import GenerationRequest, generate
+from atelier.models import detect_family, load_pipeline, resolve_model_path
+from atelier.toyworld.judge import judge
+from atelier.toyworld.scene import sample_scene
+
+CAPTIONS_SEED = 4_000_000_000  # far from the trainer's seeds
+
+
+def scenes():
+    rng = random.Random(CAPTIONS_SEED)
+    return [sample_scene(rng, n) for n in (1, 2, 3) for _ in range(4)]
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {name: load_pipeline(name) for name in ("toyworld", "toyworld-turbo")}
+
+
+def test_builtin_models_are_small_safetensors_with_their_defaults(pipes):
+    total = 0
+    for name in pipes:
+        folder = resolve_model_path(name)
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
+        total += sum(p.stat().st_size for p in files)
+    assert total < 60e6
+    toy, turbo = detect_family(pipes["toyworld"]), detect_family(pipes["toyworld-turbo"])
+    assert (toy.sampler, toy.steps, toy.guidance_scale, toy.prediction_type) == ("DPM++ 2M", 20, 3.0, "v_prediction")
+    assert (turbo.sampler, turbo.steps, turbo.guidance_scale, turbo.is_turbo) == ("Euler", 1, 0.0, True)
+
+
+# Of these 12 (4 each with 1, 2, 3 objects) the shipped models get 10, 9 and 12 fully right; the
+# thresholds leave one image of slack for floating-point differences between machines.
+@pytest.mark.parametrize("model, steps, need_objects, need_scene", [
+    ("toyworld", None, 9, 9),  # defaults: DPM++ 2M, 20 steps, CFG 3
+    ("toyworld-turbo", None, 8, 8),  # defaults: 1 step, guidance off
+    ("toyworld-turbo", 4, 11, 11),
+])
+def test_generated_scenes_are_judged_right(pipes, model, steps, need_objects, need_scene):
+    objects = scene = 0
+    for k, s in enumerate(scenes()):
+        rng = random.Random(k)
+        image = generate(pipes[model], GenerationRequest(s.caption(rng), steps=steps, seed=k), progress=False)[0].image
+        verdict = judge(np.asarray(image), s)
+        objects += verdict.objects_right
+        scene += verdict.match
+    assert objects >= need_objects and scene >= need_scene, (objects, scene)
