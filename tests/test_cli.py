@@ -204,3 +204,46 @@ def test_user_errors_in_a_real_process(argv, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("atelier: error: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# models, --config, --lora
+
+
+def test_models_lists_builtins_and_describes_a_folder(model, capsys):
+    code, out, _ = run(["models", "--json"], capsys)
+    listing = json.loads(out)
+    assert code == 0 and {m["name"] for m in listing["builtin"]} >= {"toyworld", "toyworld-turbo"}
+    assert "sd1" in listing["bundled_configs"]
+    code, out, _ = run(["models", model, "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["family"] == "sd1" and info["format"] == "diffusers folder"
+    code, out, _ = run(["models", "toyworld-turbo", "--json"], capsys)
+    info = json.loads(out)
+    assert (info["is_turbo"], info["steps"], info["guidance_scale"]) == (True, 1, 0.0)
+
+
+def test_single_file_with_config_and_lora_from_the_command_line(model, tmp_path, capsys):
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from atelier.testing import save_single_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    single = save_single_file(pipe, tmp_path / "tiny.safetensors")
+    torch.manual_seed(5)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                              weight_name="style.safetensors")
+    lora = tmp_path / "style.safetensors"
+    common = ["generate", "a cat", "--seed", "3", *FAST]
+    assert run([*common, "--model", model, "--out", tmp_path / "folder.png"], capsys)[0] == 0
+    assert run([*common, "--model", single, "--config", model, "--out", tmp_path / "file.png"], capsys)[0] == 0
+    assert np.abs(pixels(tmp_path / "folder.png") - pixels(tmp_path / "file.png")).max() <= 2
+    assert run([*common, "--model", model, "--lora", f"{lora}:0.8", "--out", tmp_path / "lora.png"], capsys)[0] == 0
+    assert np.abs(pixels(tmp_path / "folder.png") - pixels(tmp_path / "lora.png")).max() > 10
+    code, _, err = run([*common, "--model", model, "--lora", tmp_path / "missing.safetensors", "--out", tmp_path / "x.png"], capsys)
+    assert code == 2 and "missing.safetensors" in err and err.count("\n") == 1

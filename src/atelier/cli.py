@@ -15,6 +15,7 @@ from atelier.errors import UserError
 # Packages whose `cli.register(subparsers)` adds sub-commands, in --help order.
 COMMAND_MODULES = [
     "atelier.generate.cli",
+    "atelier.models.cli",
     "atelier.prompts.cli",
     "atelier.samplers.cli",
     "atelier.toyworld.cli",

@@ -89,6 +89,12 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="take every setting from IMAGE's parameters (options given here override them)")
     p.add_argument("--device", metavar="D", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", metavar="T", help="weights dtype: fp32, fp16 or bf16 (default: fp16 on GPUs, fp32 on CPU)")
+    p.add_argument("--config", metavar="C",
+                   help="for a single-file checkpoint: its base model's diffusers folder, or a bundled config "
+                        "(sd1, sd2, sd2-base, sd-turbo, sdxl, sdxl-turbo; see `atelier models`)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA .safetensors (kohya or diffusers format) at SCALE (default 1); repeatable; "
+                        "an LCM-LoRA switches to the LCM sampler")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.ckpt/.bin) weights")
     p.add_argument("--no-safety-checker", action="store_true", help="do not run the model's safety checker")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -299,6 +305,17 @@ def _run(args, base: dict, prompts: list[str], init_image) -> int:
     return 0
 
 
+def _lora_args(values: list[str]) -> list[tuple[str, float]]:
+    out = []
+    for value in values:
+        path, sep, scale = value.rpartition(":")
+        try:
+            out.append((path, float(scale)) if sep and path else (value, 1.0))
+        except ValueError:
+            out.append((value, 1.0))  # a colon that is part of the path
+    return out
+
+
 def _load(args, source: str, *, from_image: bool):
     from atelier.models import load_pipeline
 
@@ -316,6 +333,8 @@ def _load(args, source: str, *, from_image: bool):
             dtype=args.dtype,
             allow_pickle=args.allow_pickle,
             safety_checker=not args.no_safety_checker,
+            config=getattr(args, "config", None),
+            lora=_lora_args(getattr(args, "lora", [])) or None,
         )
     except UserError as exc:
         if from_image:
