@@ -592,6 +592,46 @@ def apply_lora(pipe, path, scale: float = 1.0, *, lcm: bool | None = None, adapt
     return name
 
 
+# ----------------------------------------------------------------------------- tiny autoencoders
+
+TINY_AUTOENCODERS = {"toyworld-taesd": "TAESD-style tiny autoencoder for the toy-world models"}
+
+
+def load_tiny_autoencoder(source, *, device=None, dtype=None):
+    """An AutoencoderTiny (TAESD, madebyollin/taesd or taesdxl) from a folder, a hub id (online or
+    cached) or the built-in "toyworld-taesd": StreamDiffusion's fast VAE for the stream."""
+    from diffusers import AutoencoderTiny
+
+    device, dtype = pick_device_dtype(device, dtype)
+    if isinstance(source, str) and source in TINY_AUTOENCODERS:
+        folder = BUILTIN_DIR / source
+        if not (folder / "config.json").is_file():
+            raise UserError(f"built-in tiny autoencoder '{source}' is not trained yet: run `atelier train toyworld --stages taesd`")
+    elif isinstance(source, (str, Path)) and os.path.isdir(os.path.expanduser(os.fspath(source))):
+        folder = Path(os.path.expanduser(os.fspath(source)))
+    elif isinstance(source, str) and _HUB_ID.match(source):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, "config.json", cache_dir=os.fspath(hf_cache_dir()))
+        if not isinstance(found, str):
+            if hub_offline():
+                raise _not_cached(source)
+            folder = source
+        else:
+            folder = Path(found).parent
+    else:
+        raise UserError(f"tiny autoencoder {source!r}: not a folder, a hub id or one of {', '.join(TINY_AUTOENCODERS)}")
+    if isinstance(folder, Path):
+        files = [p.name for p in folder.iterdir()]
+        if not any(f.endswith(".safetensors") for f in files):
+            raise UserError(f"{folder} has no .safetensors weights for a tiny autoencoder")
+    try:
+        tiny = AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a tiny autoencoder from {folder}: {_first_line(exc)}") from None
+    return tiny.to(device).eval()
+
+
 # ----------------------------------------------------------------------------- img2img
 
 
@@ -617,6 +657,7 @@ __all__ = [
     "is_lcm_lora",
     "list_builtin_models",
     "load_pipeline",
+    "load_tiny_autoencoder",
     "pick_device_dtype",
     "resolve_model_path",
     "to_img2img",

@@ -1,0 +1,507 @@
+"""StreamEngine: StreamDiffusion's pipeline on any loaded SD 1.x / 2.x / SDXL / Turbo / LCM pipeline.
+
+One UNet call per frame covers every denoising stage ("stream batch"): the new frame enters at the
+first stage while the frames before it move one stage on. On top of StreamDiffusion it fixes what
+its users keep reporting: every setting updates live without re-preparing (prompt and negative
+prompt with A1111 weights, blending, guidance, delta, seed, strength / t_index list, CFG type); the
+buffer is filled from the first frame itself, so no brown warm-up frames reach the user; residual
+CFG keeps each frame's residual noise with that frame.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+
+import torch
+
+from atelier.errors import UserError
+from atelier.stream.frames import from_tensor, to_tensor
+from atelier.stream.similarity import SimilarityFilter
+from atelier.stream.stream_math import (
+    next_residual_noise,
+    renoise,
+    stage_coefficients,
+    strength_to_t_indices,
+    x0_and_eps,
+    x0_from_eps,
+)
+
+CFG_TYPES = ("none", "full", "self", "initialize")
+MAX_STAGES = 8
+MAX_PROMPT_CHARS = 4000
+_EMBED_CACHE_SIZE = 32
+
+
+def default_settings(pipe) -> dict:
+    """Live settings a new stream starts from. Turbo and LCM models: two stages over the last 70 % of
+    a 50-step schedule (on toyworld-turbo one stage follows the prompt in 38 % of toy-world edits, two
+    in 85 %, three in 95 %); multi-step models: four stages over the last 60 %."""
+    from atelier.models.families import detect_family
+
+    family = detect_family(pipe)
+    few_step = family.is_turbo or family.is_lcm
+    steps = 50
+    strength = 0.7 if few_step else 0.6
+    stages = 2 if few_step else 4
+    return {
+        "prompt": "",
+        "negative_prompt": "",
+        "blend_prompt": "",
+        "blend": 0.0,
+        "guidance_scale": 1.2,
+        "delta": 1.0,
+        "cfg_type": "none",
+        "seed": 2,
+        "num_inference_steps": steps,
+        "strength": strength,
+        "t_index_list": strength_to_t_indices(strength, steps, stages),
+        "similarity_filter": False,
+        "similarity_threshold": 0.98,
+    }
+
+
+class StreamEngine:
+    """engine = StreamEngine(pipe, t_index_list=[15, 32]); engine.prepare("a prompt"); out = engine(frame)
+
+    t_index_list: denoising stages as indices into a `num_inference_steps` schedule of the model's
+      own scheduler (default: from the model family, see `default_settings`).
+    cfg_type: "none"; "full" (a negative-prompt pass per stage); "self" (RCFG: the residual noise is
+      the negative); "initialize" (RCFG with one real negative pass at the first stage).
+    frame_buffer_size: frames per call. use_denoising_batch: one UNet call for all stages.
+    similarity_filter / similarity_threshold / max_skip_frames: StreamDiffusion's frame skipping.
+    vae: a replacement autoencoder, e.g. a tiny one (AutoencoderTiny, a folder, a hub id, or
+      "toyworld-taesd"), sharing the model's latent space.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        t_index_list: list[int] | None = None,
+        cfg_type: str = "none",
+        frame_buffer_size: int = 1,
+        use_denoising_batch: bool = True,
+        width: int | None = None,
+        height: int | None = None,
+        similarity_filter: bool = False,
+        similarity_threshold: float = 0.98,
+        max_skip_frames: int = 10,
+        vae=None,
+    ):
+        from atelier.generate.request import check_size, native_size, size_step
+        from atelier.prompts.conditioning import encoder_slots, is_sdxl_pipeline
+
+        if not isinstance(frame_buffer_size, int) or not 1 <= frame_buffer_size <= MAX_STAGES:
+            raise UserError(f"frame_buffer_size must be a whole number from 1 to {MAX_STAGES}, got {frame_buffer_size!r}")
+        self.pipe = pipe
+        self.unet = pipe.unet
+        if isinstance(vae, (str, os.PathLike)):
+            from atelier.models import load_tiny_autoencoder
+
+            vae = load_tiny_autoencoder(vae, device=pipe.unet.device, dtype=pipe.unet.dtype)
+        self.vae = vae if vae is not None else pipe.vae
+        self.tiny_vae = type(self.vae).__name__ == "AutoencoderTiny"
+        self.frame_buffer_size = frame_buffer_size
+        self.use_denoising_batch = use_denoising_batch
+        self.width = width or native_size(pipe)
+        self.height = height or native_size(pipe)
+        check_size(self.width, self.height, size_step(pipe))
+        scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+        self.latent_shape = (self.unet.config.in_channels, self.height // scale, self.width // scale)
+        self.device = getattr(pipe, "_execution_device", None) or self.unet.device
+        self.dtype = self.unet.dtype
+        self.sdxl = is_sdxl_pipeline(pipe)
+        self.slots = encoder_slots(pipe)
+        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        # A private scheduler: sessions sharing one pipeline must not move each other's timesteps.
+        self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        self.is_lcm_scheduler = type(self.scheduler).__name__ == "LCMScheduler"
+
+        self._settings = default_settings(pipe)
+        self._settings.update(cfg_type=cfg_type, similarity_filter=similarity_filter, similarity_threshold=similarity_threshold)
+        if t_index_list is not None:
+            self._settings["t_index_list"] = list(t_index_list)
+        self._settings = self._validated(self._settings, {})
+        self._max_skip_frames = max_skip_frames
+        self._embed_cache: OrderedDict = OrderedDict()
+        self._empty_hidden = None
+        self._buffer = None  # (latents, residuals) of the frames in flight, stages 1..n-1
+        self._prepared = False
+        self._last_output = None
+        self._last_settings = None
+        self.profile = False
+        self.timings = {"vae_encode": 0.0, "unet": 0.0, "vae_decode": 0.0}
+        self.stats = {"frames": 0, "skipped": 0}
+
+    # ------------------------------------------------------------------ settings
+
+    @classmethod
+    def settings_schema(cls, pipe) -> dict:
+        """What each live setting accepts, with this model's defaults: the contract of `update()`."""
+        from atelier.generate.request import native_size
+
+        d = default_settings(pipe)
+        size = native_size(pipe)
+        return {
+            "prompt": {"type": "string", "default": d["prompt"], "maxLength": MAX_PROMPT_CHARS, "description": "A1111 syntax: (word:1.3), [word], BREAK"},
+            "negative_prompt": {"type": "string", "default": "", "maxLength": MAX_PROMPT_CHARS, "description": "used by cfg_type full and initialize"},
+            "blend_prompt": {"type": "string", "default": "", "maxLength": MAX_PROMPT_CHARS, "description": "a second prompt mixed into the first"},
+            "blend": {"type": "number", "minimum": 0.0, "maximum": 1.0, "default": 0.0, "description": "share of the blend prompt"},
+            "guidance_scale": {"type": "number", "minimum": 0.0, "maximum": 30.0, "default": d["guidance_scale"], "description": "CFG scale; active above 1 when cfg_type is not none"},
+            "delta": {"type": "number", "minimum": 0.0, "maximum": 5.0, "default": d["delta"], "description": "RCFG: scale of the virtual negative noise"},
+            "cfg_type": {"type": "string", "enum": list(CFG_TYPES), "default": d["cfg_type"], "description": "none | full | self (RCFG) | initialize (RCFG, onetime negative)"},
+            "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1, "default": d["seed"], "description": "fixed noise"},
+            "strength": {"type": "number", "minimum": 0.02, "maximum": 1.0, "default": d["strength"], "description": "how far the frame is noised; sets t_index_list"},
+            "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": 1000, "default": d["num_inference_steps"], "description": "the schedule t_index_list indexes"},
+            "t_index_list": {"type": "array", "items": {"type": "integer"}, "maxItems": MAX_STAGES, "default": d["t_index_list"], "description": "denoising stages, increasing indices into the schedule"},
+            "similarity_filter": {"type": "boolean", "default": False, "description": "skip frames that barely changed"},
+            "similarity_threshold": {"type": "number", "minimum": 0.5, "maximum": 0.999, "default": 0.98, "description": "cosine similarity above which frames may be skipped"},
+            "width": {"type": "integer", "readOnly": True, "default": size},
+            "height": {"type": "integer", "readOnly": True, "default": size},
+            "ip_adapter": {"type": "boolean", "readOnly": True, "default": getattr(pipe, "image_encoder", None) is not None,
+                           "description": "whether the model has an image encoder for image prompts"},
+        }
+
+    def settings(self) -> dict:
+        out = dict(self._settings)
+        out.update(width=self.width, height=self.height, frame_buffer_size=self.frame_buffer_size)
+        return out
+
+    def _validated(self, current: dict, changes: dict) -> dict:
+        """`current` with `changes` applied, or a UserError naming the first bad value."""
+        unknown = sorted(set(changes) - set(current))
+        if unknown:
+            raise UserError(f"unknown stream setting(s) {unknown}; known: {sorted(current)}")
+        new = dict(current)
+        new.update(changes)
+        for key in ("prompt", "negative_prompt", "blend_prompt"):
+            if new[key] is None:
+                new[key] = ""
+            if not isinstance(new[key], str):
+                raise UserError(f"{key} must be text, got {type(new[key]).__name__}")
+            if len(new[key]) > MAX_PROMPT_CHARS:
+                raise UserError(f"{key} is {len(new[key])} characters; the limit is {MAX_PROMPT_CHARS}")
+        for key, low, high in (("blend", 0.0, 1.0), ("guidance_scale", 0.0, 30.0), ("delta", 0.0, 5.0),
+                               ("similarity_threshold", 0.5, 0.999)):
+            new[key] = _number(key, new[key], low, high)
+        if new["cfg_type"] not in CFG_TYPES:
+            raise UserError(f"cfg_type must be one of {', '.join(CFG_TYPES)}, got {new['cfg_type']!r}")
+        new["seed"] = _whole(new["seed"], "seed", 0, 2**32 - 1)
+        new["num_inference_steps"] = _whole(new["num_inference_steps"], "num_inference_steps", 1, 1000)
+        if not isinstance(new["similarity_filter"], bool):
+            raise UserError(f"similarity_filter must be true or false, got {new['similarity_filter']!r}")
+        steps = new["num_inference_steps"]
+        if "strength" in changes and "t_index_list" not in changes:
+            new["strength"] = _number("strength", new["strength"], 0.0, 1.0)
+            if new["strength"] <= 0:
+                raise UserError("strength must be above 0")
+            new["t_index_list"] = strength_to_t_indices(new["strength"], steps, len(current["t_index_list"]))
+        indices = new["t_index_list"]
+        if not isinstance(indices, (list, tuple)) or not 1 <= len(indices) <= MAX_STAGES:
+            raise UserError(f"t_index_list must be a list of 1 to {MAX_STAGES} schedule indices, got {indices!r}")
+        indices = [_whole(i, "t_index_list entry", 0, steps - 1) for i in indices]
+        if any(b <= a for a, b in zip(indices, indices[1:])):
+            raise UserError(f"t_index_list must increase strictly, got {indices}")
+        new["t_index_list"] = indices
+        if "strength" not in changes or "t_index_list" in changes:
+            new["strength"] = round(1.0 - indices[0] / steps, 4)
+        return new
+
+    def update(self, **changes) -> dict:
+        """Change live settings; nothing changes when any value is bad. Returns the new settings."""
+        if not changes:
+            return self.settings()
+        new = self._validated(self._settings, changes)
+        old, self._settings = self._settings, new
+        if not self._prepared:
+            return self.settings()
+        if any(old[k] != new[k] for k in ("seed", "num_inference_steps", "t_index_list")):
+            self._prepare_schedule()
+        if any(old[k] != new[k] for k in ("prompt", "negative_prompt", "blend_prompt", "blend")):
+            self._prepare_embeddings()
+        if old["similarity_threshold"] != new["similarity_threshold"] or old["similarity_filter"] != new["similarity_filter"]:
+            self._make_filter()
+        return self.settings()
+
+    def prepare(self, prompt: str = "", negative_prompt: str = "", num_inference_steps: int | None = None,
+                guidance_scale: float | None = None, delta: float | None = None, seed: int | None = None,
+                strength: float | None = None, **more) -> None:
+        """Set the prompt and everything else, encode it, draw the fixed noise, empty the buffer."""
+        given = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                     guidance_scale=guidance_scale, delta=delta, seed=seed, strength=strength, **more)
+        changes = {k: v for k, v in given.items() if v is not None}
+        if "num_inference_steps" in changes and "t_index_list" not in changes and "strength" not in changes:
+            changes["strength"] = self._settings["strength"]
+        self._settings = self._validated(self._settings, changes)
+        self._prepare_schedule()
+        self._prepare_embeddings()
+        self._make_filter()
+        self._prepared = True
+
+    # ------------------------------------------------------------------ preparation
+
+    def _prepare_schedule(self) -> None:
+        s = self._settings
+        try:
+            self.scheduler.set_timesteps(s["num_inference_steps"], device="cpu")
+        except ValueError as exc:
+            raise UserError(f"num_inference_steps {s['num_inference_steps']}: {exc}") from None
+        schedule = self.scheduler.timesteps
+        if s["t_index_list"][-1] >= len(schedule):
+            raise UserError(f"t_index_list {s['t_index_list']} reaches past the {len(schedule)}-step schedule")
+        self.timesteps = [int(round(float(schedule[i]))) for i in s["t_index_list"]]
+        alpha, beta = stage_coefficients(self.scheduler.alphas_cumprod, self.timesteps)
+        self._alpha = alpha.to(self.device, self.dtype)
+        self._beta = beta.to(self.device, self.dtype)
+        self._t = torch.tensor(self.timesteps, device=self.device)
+        if self.is_lcm_scheduler:
+            scalings = [self.scheduler.get_scalings_for_boundary_condition_discrete(t) for t in self.timesteps]
+            self._c_skip = torch.tensor([c[0] for c in scalings], device=self.device, dtype=self.dtype)
+            self._c_out = torch.tensor([c[1] for c in scalings], device=self.device, dtype=self.dtype)
+        stages = len(self.timesteps)
+        generator = torch.Generator("cpu").manual_seed(s["seed"])
+        shape = (stages * self.frame_buffer_size, *self.latent_shape)
+        self._noise = torch.randn(shape, generator=generator).to(self.device, self.dtype)
+        self._buffer = None
+
+    def _encode_text(self, text: str, negative: bool = False):
+        from atelier.prompts.conditioning import encode_prompt
+
+        key = (text, negative)
+        if key not in self._embed_cache:
+            with torch.no_grad():
+                enc = encode_prompt(self.slots, text, 1, zero_if_empty=negative and self.sdxl)
+            pooled = None if enc.pooled is None else enc.pooled[enc.step_text[0]]
+            self._embed_cache[key] = (enc.hidden[enc.step_text[0]], pooled)
+            while len(self._embed_cache) > _EMBED_CACHE_SIZE:
+                self._embed_cache.popitem(last=False)
+        self._embed_cache.move_to_end(key)
+        return self._embed_cache[key]
+
+    def _pad(self, hidden: torch.Tensor, tokens: int) -> torch.Tensor:
+        from atelier.prompts.conditioning import empty_prompt_hidden
+
+        if hidden.shape[0] == tokens:
+            return hidden
+        if self._empty_hidden is None:
+            with torch.no_grad():
+                self._empty_hidden = empty_prompt_hidden(self.slots)
+        repeats = (tokens - hidden.shape[0]) // self._empty_hidden.shape[0]
+        return torch.cat([hidden, self._empty_hidden.to(hidden).repeat(repeats, 1)])
+
+    def _prepare_embeddings(self) -> None:
+        s = self._settings
+        positive, pooled = self._encode_text(s["prompt"])
+        if s["blend_prompt"] and s["blend"] > 0:
+            other, other_pooled = self._encode_text(s["blend_prompt"])
+            tokens = max(positive.shape[0], other.shape[0])
+            positive = torch.lerp(self._pad(positive, tokens), self._pad(other, tokens), s["blend"])
+            if pooled is not None:
+                pooled = torch.lerp(pooled, other_pooled, s["blend"])
+        negative, negative_pooled = self._encode_text(s["negative_prompt"], negative=True)
+        tokens = max(positive.shape[0], negative.shape[0])
+        self._cond = self._pad(positive, tokens).to(self.device, self.dtype)
+        self._uncond = self._pad(negative, tokens).to(self.device, self.dtype)
+        self._cond_pooled = None if pooled is None else pooled.to(self.device, self.dtype)
+        self._uncond_pooled = None if negative_pooled is None else negative_pooled.to(self.device, self.dtype)
+        if self.sdxl:
+            self._time_ids = torch.tensor([[self.height, self.width, 0, 0, self.height, self.width]], device=self.device, dtype=self.dtype)
+
+    def _make_filter(self) -> None:
+        s = self._settings
+        self._filter = SimilarityFilter(s["similarity_threshold"], self._max_skip_frames, seed=s["seed"]) if s["similarity_filter"] else None
+
+    # ------------------------------------------------------------------ model calls
+
+    @contextmanager
+    def _timed(self, name: str):
+        if not self.profile:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[name] += time.perf_counter() - start
+
+    def _unet(self, latents, stages, conditional: torch.Tensor) -> torch.Tensor:
+        """The UNet on a batch whose items sit at `stages`; `conditional` says which item gets the prompt
+        (True) or the negative prompt (False)."""
+        hidden = torch.where(conditional[:, None, None], self._cond, self._uncond)
+        kwargs = {}
+        if self.sdxl:
+            pooled = torch.where(conditional[:, None], self._cond_pooled, self._uncond_pooled)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self._time_ids.expand(len(latents), -1)}
+        with self._timed("unet"):
+            return self.unet(latents, self._t[stages], encoder_hidden_states=hidden, return_dict=False, **kwargs)[0]
+
+    def _denoise(self, x_t: torch.Tensor, stages: torch.Tensor, residual: torch.Tensor):
+        """One stage for every item: (x0, eps, residual) where eps is the guided noise and residual is
+        the virtual negative each item actually used (initialize replaces stage 0's with the real one)."""
+        s = self._settings
+        alpha, beta = self._alpha[stages].view(-1, 1, 1, 1), self._beta[stages].view(-1, 1, 1, 1)
+        cfg = s["cfg_type"] if s["guidance_scale"] > 1.0 else "none"
+        g = s["guidance_scale"]
+        yes = torch.ones(len(x_t), dtype=torch.bool, device=self.device)
+        if cfg == "full":
+            out = self._unet(torch.cat([x_t, x_t]), torch.cat([stages, stages]), torch.cat([~yes, yes]))
+            x0_u, eps_u = x0_and_eps(out[: len(x_t)], x_t, alpha, beta, self.prediction_type)
+            x0_c, eps_c = x0_and_eps(out[len(x_t):], x_t, alpha, beta, self.prediction_type)
+        else:
+            first = (stages == 0).nonzero().flatten() if cfg == "initialize" else stages[:0]
+            items = torch.cat([x_t[first], x_t])
+            out = self._unet(items, torch.cat([stages[first], stages]), torch.cat([~yes[first], yes]))
+            x0_c, eps_c = x0_and_eps(out[len(first):], x_t, alpha, beta, self.prediction_type)
+            if cfg == "none":
+                x0, eps = self._boundary(x0_c, x_t, stages), eps_c
+                return x0, eps, residual
+            residual = residual.clone()
+            if len(first):
+                _, residual[first] = x0_and_eps(out[: len(first)], x_t[first], alpha[first], beta[first], self.prediction_type)
+            eps_u = s["delta"] * residual
+            x0_u = x0_from_eps(x_t, eps_u, alpha, beta)
+        eps = eps_u + g * (eps_c - eps_u)
+        x0 = x0_u + g * (x0_c - x0_u)  # the same guidance, in x0 space (better conditioned at high noise)
+        return self._boundary(x0, x_t, stages), eps, residual
+
+    def _boundary(self, x0, x_t, stages):
+        if not self.is_lcm_scheduler:
+            return x0
+        return self._c_out[stages].view(-1, 1, 1, 1) * x0 + self._c_skip[stages].view(-1, 1, 1, 1) * x_t
+
+    def _next(self, x0, eps, residual, stages):
+        """Move items from `stages` to the stage after: their x_t and residual noise there."""
+        frames = self.frame_buffer_size
+        nxt = stages + 1
+        offsets = torch.arange(len(stages), device=self.device) % frames
+        noise = self._noise[nxt * frames + offsets]
+        a, b = self._alpha[stages].view(-1, 1, 1, 1), self._beta[stages].view(-1, 1, 1, 1)
+        a2, b2 = self._alpha[nxt].view(-1, 1, 1, 1), self._beta[nxt].view(-1, 1, 1, 1)
+        return renoise(x0, noise, a2, b2), next_residual_noise(residual, eps, noise, a, b, a2, b2)
+
+    def _stream_step(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Enter frames at stage 0 (x_t there); return the clean latents of the frames that leave."""
+        frames, stages = self.frame_buffer_size, len(self.timesteps)
+        residual = self._noise[:frames]
+        if not self.use_denoising_batch or stages == 1 or self._buffer is None:
+            # Frame by frame. Also the warm-up: the buffer is filled with this frame at every later
+            # stage, as if the stream had been showing it all along — no garbage frames.
+            fill = []
+            stage = torch.zeros(frames, dtype=torch.long, device=self.device)
+            for i in range(stages):
+                x0, eps, residual = self._denoise(x_t, stage, residual)
+                if i + 1 < stages:
+                    x_t, residual = self._next(x0, eps, residual, stage)
+                    stage = stage + 1
+                    fill.append((x_t, residual))
+            if self.use_denoising_batch and stages > 1:
+                self._buffer = (torch.cat([f[0] for f in fill]), torch.cat([f[1] for f in fill]))
+            return x0
+        buffer_x, buffer_r = self._buffer
+        stage = torch.arange(stages, device=self.device).repeat_interleave(frames)
+        x0, eps, residual = self._denoise(torch.cat([x_t, buffer_x]), stage, torch.cat([residual, buffer_r]))
+        self._buffer = self._next(x0[:-frames], eps[:-frames], residual[:-frames], stage[:-frames])
+        return x0[-frames:]
+
+    # ------------------------------------------------------------------ frames
+
+    def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, self.vae.dtype)
+        with self._timed("vae_encode"):
+            if self.tiny_vae:
+                latents = self.vae.encode(images).latents
+            else:
+                latents = self.vae.encode(images).latent_dist.mode()
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.vae.dtype)
+        with self._timed("vae_decode"):
+            return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+
+    @torch.no_grad()
+    def __call__(self, image=None):
+        """img2img on `image` (a frame or `frame_buffer_size` frames); txt2img when `image` is None."""
+        if not self._prepared:
+            raise UserError("call prepare(prompt, ...) before sending frames")
+        frames = self.frame_buffer_size
+        if image is None:
+            return self.txt2img()
+        pixels, kind = to_tensor(image, self.width, self.height)
+        if len(pixels) != frames:
+            raise UserError(f"this stream takes {frames} frame(s) per call, got {len(pixels)}")
+        if self._filter is not None and self._last_output is not None and self._filter.should_skip(pixels):
+            self.stats["skipped"] += 1
+            return from_tensor(self._last_output, kind)
+        if self._filter is not None and self._last_output is None:
+            self._filter.should_skip(pixels)  # remember the first frame
+        latents = self._encode_images(pixels)
+        x_t = renoise(latents, self._noise[:frames], self._alpha[0], self._beta[0])
+        out = self._decode_latents(self._stream_step(x_t)).float().cpu()
+        return self._finish(out, kind)
+
+    @torch.no_grad()
+    def txt2img(self, batch_size: int | None = None):
+        """Images from the fixed noise alone (stage 0 starts from pure noise)."""
+        if not self._prepared:
+            raise UserError("call prepare(prompt, ...) before generating")
+        from atelier.stream.frames import FrameKind
+
+        x_t = self._noise[: self.frame_buffer_size]
+        out = self._decode_latents(self._stream_step(x_t)).float().cpu()
+        return self._finish(out, FrameKind("pil_list" if self.frame_buffer_size > 1 else "pil", self.frame_buffer_size > 1))
+
+    def _finish(self, images: torch.Tensor, kind):
+        self._last_output = images
+        self._last_settings = dict(self._settings)
+        self.stats["frames"] += 1
+        return from_tensor(images, kind)
+
+    def reset(self) -> None:
+        """Forget the frames in flight (the next frame warms the buffer up again)."""
+        self._buffer = None
+        self._last_output = None
+        if getattr(self, "_filter", None) is not None:
+            self._filter.reset()
+
+    def infotext(self) -> str:
+        """A1111 "parameters" text for the last frame returned."""
+        from atelier.generate.metadata import format_parameters
+        from atelier.generate.request import _model_name
+
+        s = self._last_settings or self._settings
+        cfg = s["cfg_type"] if s["guidance_scale"] > 1.0 else "none"
+        fields = {
+            "Steps": len(s["t_index_list"]),
+            "Sampler": "LCM" if self.is_lcm_scheduler else "Stream",
+            "CFG scale": s["guidance_scale"] if cfg != "none" else 1,
+            "Seed": s["seed"],
+            "Size": f"{self.width}x{self.height}",
+            "Model": _model_name(self.pipe),
+            "Denoising strength": s["strength"],
+            "Stream t_index": "[" + " ".join(map(str, s["t_index_list"])) + f"] of {s['num_inference_steps']}",
+            "RCFG": cfg if cfg in ("self", "initialize") else None,
+            "RCFG delta": s["delta"] if cfg in ("self", "initialize") else None,
+            "Prompt blend": f"{s['blend']}: {s['blend_prompt']}" if s["blend_prompt"] and s["blend"] > 0 else None,
+        }
+        return format_parameters(s["prompt"], s["negative_prompt"], {k: v for k, v in fields.items() if v is not None})
+
+
+def _number(name: str, value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise UserError(f"{name} must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise UserError(f"{name} must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+def _whole(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+        raise UserError(f"{name} must be a whole number, got {value!r}")
+    if not low <= int(value) <= high:
+        raise UserError(f"{name} must be from {low} to {high}, got {value}")
+    return int(value)
