@@ -1,0 +1,162 @@
+"""Where an edit should happen, estimated by the model itself.
+
+    noise difference   DiffEdit (Couairon et al., ICLR 2023): |eps(x_t, target) - eps(x_t, source)|
+                       averaged over noise draws; high where the two prompts disagree
+    cross-attention    Prompt-to-Prompt's LocalBlend: attention of the changed words' tokens, read
+                       through an attention processor (no forked UNet)
+Both are soft maps in [0, 1] at latent resolution; `binary_mask` thresholds and dilates them.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+import torch.nn.functional as F
+
+FUNCTION_WORDS = {"a", "an", "the", "and", "at", "in", "on", "of", "with", ",", "."}
+
+
+class CrossAttentionStore:
+    """Sums cross-attention probabilities per batch item and token, over layers and calls, at the
+    layers whose query grid has `resolutions` (latent sizes, e.g. latent/4 and latent/2)."""
+
+    def __init__(self, resolutions: tuple[int, ...]):
+        self.resolutions = set(resolutions)
+        self.maps: dict[int, torch.Tensor] = {}  # side -> (B, side * side, tokens)
+        self.calls = 0
+        self._saved = None
+
+    def install(self, unet) -> None:
+        self._saved = dict(unet.attn_processors)
+        unet.set_attn_processor({name: (_StoringProcessor(self) if name.endswith("attn2.processor") else proc)
+                                 for name, proc in self._saved.items()})
+
+    def remove(self, unet) -> None:
+        if self._saved is not None:
+            unet.set_attn_processor(self._saved)
+            self._saved = None
+
+    def record(self, probs: torch.Tensor, batch: int) -> None:
+        side = int(round(probs.shape[1] ** 0.5))
+        if side * side != probs.shape[1] or side not in self.resolutions:
+            return
+        per_item = probs.reshape(batch, -1, *probs.shape[1:]).mean(1).float()
+        self.maps[side] = self.maps.get(side, 0) + per_item.detach()
+        self.calls += 1
+
+    def token_map(self, item: int, positions: list[int], side: int) -> torch.Tensor:
+        """(side, side) mean attention of `positions` for batch item `item`, upsampled from every
+        recorded resolution and averaged."""
+        out = torch.zeros(side, side)
+        for res, m in self.maps.items():
+            grid = m[item][:, positions].mean(-1).reshape(1, 1, res, res)
+            out += F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)[0, 0].cpu()
+        return out / max(1, len(self.maps))
+
+
+class _StoringProcessor:
+    """diffusers' AttnProcessor (explicit softmax, so the probabilities exist), recording them."""
+
+    def __init__(self, store: CrossAttentionStore):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        if encoder_hidden_states is not None:
+            self.store.record(probs, batch)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def changed_token_positions(tokenizer, source: str, target: str) -> tuple[list[int], list[int]]:
+    """Token positions (BOS = 0) of the words that differ: in the source prompt (replaced or
+    deleted) and in the target prompt (replaced or inserted); function words are left out."""
+    ids_s = tokenizer(source, truncation=True).input_ids
+    ids_t = tokenizer(target, truncation=True).input_ids
+    skip = {tokenizer.convert_tokens_to_ids(w) for w in FUNCTION_WORDS} | {tokenizer.convert_tokens_to_ids(w + "</w>") for w in FUNCTION_WORDS}
+    src, tgt = [], []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ids_s, ids_t, autojunk=False).get_opcodes():
+        if op in ("replace", "delete"):
+            src += [i for i in range(i1, i2) if ids_s[i] not in skip]
+        if op in ("replace", "insert"):
+            tgt += [j for j in range(j1, j2) if ids_t[j] not in skip]
+    return src, tgt
+
+
+def normalised(soft: torch.Tensor) -> torch.Tensor:
+    soft = soft - soft.min()
+    return soft / soft.max().clamp(min=1e-8)
+
+
+@torch.no_grad()
+def estimate_masks(den, x0: torch.Tensor, source: str, target: str, *, t: int = 500, samples: int = 4,
+                   seed: int = 0, attention: bool = True) -> dict[str, torch.Tensor]:
+    """Soft (h, w) maps in [0, 1]: "noise" (DiffEdit) and, when asked, "attention" (the changed
+    words' cross-attention: source words under the source prompt, target words under the target)."""
+    hidden, pooled = den.conditioning([source, target])
+    side = x0.shape[-1]
+    store = None
+    if attention:
+        store = CrossAttentionStore(resolutions=(side // 4, side // 2))
+        store.install(den.unet)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    diff = torch.zeros(side, side)
+    try:
+        a, b = den.coefficients(t)
+        for _ in range(samples):
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            x_t = (a * x0 + b * noise).expand(2, -1, -1, -1)
+            _, eps = den.x0_eps(x_t, t, hidden, pooled)
+            diff += (eps[1] - eps[0]).abs().mean(0).float().cpu()
+    finally:
+        if store is not None:
+            store.remove(den.unet)
+    maps = {"noise": normalised(F.avg_pool2d(diff[None, None], 3, 1, 1)[0, 0])}
+    if store is not None:
+        src_pos, tgt_pos = changed_token_positions(den.pipe.tokenizer, source, target)
+        parts = []
+        if src_pos:
+            parts.append(normalised(store.token_map(0, src_pos, side)))
+        if tgt_pos:
+            parts.append(normalised(store.token_map(1, tgt_pos, side)))
+        maps["attention"] = torch.stack(parts).amax(0) if parts else torch.zeros(side, side)
+    return maps
+
+
+def binary_mask(soft: torch.Tensor, threshold: float, dilate: int = 1) -> torch.Tensor:
+    """Threshold a soft map, then grow it by `dilate` cells: (h, w) float in {0, 1}."""
+    mask = (soft >= threshold).float()[None, None]
+    if dilate > 0:
+        mask = F.max_pool2d(mask, 2 * dilate + 1, 1, dilate)
+    return mask[0, 0]
+
+
+def pixel_mask(mask: torch.Tensor, height: int, width: int, feather: int = 1) -> torch.Tensor:
+    """A latent-resolution mask at image size, edges softened over `feather` pixels."""
+    up = F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest")
+    if feather > 0:
+        up = F.avg_pool2d(F.max_pool2d(up, 2 * feather + 1, 1, feather), 2 * feather + 1, 1, feather)
+    return up[0, 0].clamp(0, 1)

@@ -1,0 +1,231 @@
+"""Text-guided local editing: source prompt + target prompt -> an image where only the region the
+prompts disagree about changes.
+
+    ddpm      edit-friendly DDPM inversion (exact reconstruction by construction), replayed under the
+              target prompt with CFG; the mask keeps the inverted latents outside it (LEDITS++-like)
+    diffedit  DiffEdit: DDIM inversion under the source prompt, DDIM sampling under the target,
+              latents outside the mask taken from the inversion
+    turbo     TurboEdit-style for few-step models: DDPM noise maps over 2-4 trailing timesteps,
+              pseudo-guidance (target vs source prediction instead of target vs empty). On
+              toyworld-turbo a scale of 1 (the target prediction alone) from t = 999 works best:
+              96 % of 25 toy edits, against 28 % at 2 and 20 % at 3
+    img2img   plain img2img with the target prompt: StreamDiffusion's behaviour, a baseline
+Masks: "noise" (DiffEdit's noise difference), "attention" (changed words' cross-attention) or "both"
+(their intersection, as LEDITS++ intersects its two masks). Outside the mask the source pixels are
+pasted back, so the background is exactly the input.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from atelier.edit.denoiser import Denoiser
+from atelier.edit.inversion import ddim_invert, ddim_step, ddpm_noise_maps, ddpm_step, edit_timesteps
+from atelier.edit.masks import binary_mask, estimate_masks, pixel_mask
+from atelier.errors import UserError
+
+METHOD_NAMES = ("ddpm", "diffedit", "turbo", "img2img")
+MASK_SOURCES = ("noise", "attention", "both", "none")
+
+
+@dataclass
+class EditSettings:
+    method: str = "auto"
+    steps: int | None = None  # default: 25, or 4 for turbo
+    strength: float | None = None  # share of the schedule re-run; default per method
+    guidance_scale: float | None = None  # default: the model's CFG (turbo: pseudo-guidance 1, i.e. none)
+    mask_from: str = "noise"
+    mask_threshold: float = 0.5
+    mask_dilate: int = 1
+    mask_t: int = 500  # timestep at which the mask is estimated
+    mask_samples: int = 4
+    paste_back: bool = True
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class EditResult:
+    image: Image.Image
+    mask: Image.Image | None
+    settings: EditSettings
+    seconds: float
+
+    def parameters(self, source: str, target: str, model: str | None) -> str:
+        """A1111-style infotext: the target as the prompt, the edit's settings after it."""
+        from atelier.generate.metadata import format_parameters
+
+        s = self.settings
+        fields = {"Steps": s.steps, "Sampler": f"edit {s.method}", "CFG scale": s.guidance_scale, "Seed": s.seed,
+                  "Size": f"{self.image.width}x{self.image.height}", "Model": model, "Denoising strength": s.strength,
+                  "Edit source": source, "Edit mask": f"{s.mask_from} >= {s.mask_threshold}" if s.method != "img2img" else None}
+        return format_parameters(target, "", fields)
+
+
+def resolve_settings(pipe, settings: EditSettings) -> EditSettings:
+    """Fill the defaults the method and model family call for; refuse impossible values."""
+    from atelier.models.families import detect_family
+
+    family = detect_family(pipe)
+    few_step = family.is_turbo or family.is_lcm
+    method = settings.method
+    if method == "auto":
+        method = "turbo" if few_step else "ddpm"
+    if method not in METHOD_NAMES:
+        raise UserError(f"unknown edit method {settings.method!r}; choose from auto, {', '.join(METHOD_NAMES)}")
+    if settings.mask_from not in MASK_SOURCES:
+        raise UserError(f"--mask-from must be one of {', '.join(MASK_SOURCES)}, got {settings.mask_from!r}")
+    steps = settings.steps or (4 if method == "turbo" or (method == "img2img" and few_step) else 25)
+    strength = settings.strength if settings.strength is not None else {"turbo": 1.0, "img2img": 0.6}.get(method, 0.8)
+    guidance = settings.guidance_scale
+    if guidance is None and method == "img2img":
+        guidance = family.guidance_scale
+    elif guidance is None:
+        guidance = 1.0 if method == "turbo" else (family.guidance_scale if family.guidance_scale > 1 else 7.5)
+    if not 1 <= steps <= 1000:
+        raise UserError(f"steps must be from 1 to 1000, got {steps}")
+    if not 0 < strength <= 1:
+        raise UserError(f"strength must be in (0, 1], got {strength}")
+    if not 0 <= settings.mask_threshold <= 1:
+        raise UserError(f"mask threshold must be in [0, 1], got {settings.mask_threshold}")
+    if not 0 <= guidance <= 50:
+        raise UserError(f"guidance scale must be in [0, 50], got {guidance}")
+    return replace(settings, method=method, steps=steps, strength=strength, guidance_scale=guidance)
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+
+
+def _image(pixels: torch.Tensor) -> Image.Image:
+    return Image.fromarray(((pixels[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy())
+
+
+class Editor:
+    """Holds one pipeline (loaded once) and edits images with any method."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.den = Denoiser(pipe)
+        self._img2img = None
+
+    def check_image(self, image: Image.Image) -> Image.Image:
+        from atelier.generate.request import size_step
+
+        step = size_step(self.pipe)
+        image = image.convert("RGB")
+        if image.width % step or image.height % step:
+            raise UserError(f"image size {image.width}x{image.height} must be a multiple of {step} for this model")
+        return image
+
+    @torch.no_grad()
+    def edit(self, image: Image.Image, source: str, target: str, settings: EditSettings | None = None) -> EditResult:
+        s = resolve_settings(self.pipe, settings or EditSettings())
+        for name, text in (("source", source), ("target", target)):
+            if not isinstance(text, str) or not text.strip():
+                raise UserError(f"the {name} prompt is empty")
+        image = self.check_image(image)
+        started = time.perf_counter()
+        if s.method == "img2img":
+            return EditResult(self._run_img2img(image, target, s), None, s, time.perf_counter() - started)
+        pixels = _pixels(image)
+        x0 = self.den.encode_image(pixels)
+        latent_mask = self.mask(x0, source, target, s)
+        generator = torch.Generator("cpu").manual_seed(s.seed)
+        run = {"ddpm": self._ddpm, "turbo": self._ddpm, "diffedit": self._diffedit}[s.method]
+        latents = run(x0, source, target, s, latent_mask, generator)
+        edited = self.den.decode_latents(latents).cpu()
+        mask_image = None
+        if latent_mask is not None:
+            soft = pixel_mask(latent_mask.cpu(), image.height, image.width)
+            mask_image = Image.fromarray((soft.numpy() * 255).round().astype(np.uint8), "L")
+            if s.paste_back:
+                edited = soft * edited + (1 - soft) * pixels
+        return EditResult(_image(edited), mask_image, s, time.perf_counter() - started)
+
+    def mask(self, x0: torch.Tensor, source: str, target: str, s: EditSettings) -> torch.Tensor | None:
+        if s.mask_from == "none":
+            return None
+        maps = estimate_masks(self.den, x0, source, target, t=s.mask_t, samples=s.mask_samples, seed=s.seed,
+                              attention=s.mask_from in ("attention", "both"))
+        if s.mask_from == "both":
+            mask = binary_mask(maps["noise"], s.mask_threshold, 0) * binary_mask(maps["attention"], s.mask_threshold, 0)
+            mask = binary_mask(mask, 0.5, s.mask_dilate)
+        else:
+            mask = binary_mask(maps[s.mask_from], s.mask_threshold, s.mask_dilate)
+        return mask.to(x0.device, x0.dtype)
+
+    def _guided(self, hidden, pooled, s: EditSettings, pseudo: bool):
+        """eps functions for the source prompt and the target prompt, as the method guides them."""
+        den, g = self.den, s.guidance_scale
+
+        def predict(x, t, rows):
+            h = hidden[rows]
+            p = None if pooled is None else pooled[rows]
+            return den.x0_eps(x.expand(len(rows), -1, -1, -1), t, h, p)[1]
+
+        def source_eps(x, t):
+            if pseudo:
+                return predict(x, t, [1])
+            u, c = predict(x, t, [0, 1]).chunk(2)
+            return u + g * (c - u)
+
+        def target_eps(x, t):
+            base, c = predict(x, t, [1 if pseudo else 0, 2]).chunk(2)
+            return base + g * (c - base)
+
+        return source_eps, target_eps
+
+    def _schedule(self, s: EditSettings) -> list[int]:
+        ts = edit_timesteps(self.pipe, s.steps)
+        start = s.steps - max(1, round(s.steps * s.strength))
+        return ts[start:]
+
+    def _ddpm(self, x0, source, target, s, mask, generator):
+        hidden, pooled = self.den.conditioning(["", source, target], negative=[True, False, False])
+        source_eps, target_eps = self._guided(hidden, pooled, s, pseudo=s.method == "turbo")
+        ts = self._schedule(s)
+        xs, zs = ddpm_noise_maps(self.den, x0, ts, source_eps, generator)
+        x = xs[0]
+        for i, t in enumerate(ts):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            x = ddpm_step(self.den, x, target_eps(x, t), t, t_prev, zs[i])
+            if mask is not None:
+                x = mask * x + (1 - mask) * xs[i + 1]
+        return x
+
+    def _diffedit(self, x0, source, target, s, mask, generator):
+        hidden, pooled = self.den.conditioning(["", source, target], negative=[True, False, False])
+        _, target_eps = self._guided(hidden, pooled, s, pseudo=False)
+        ts = self._schedule(s)
+
+        def source_cond(x, t):  # inversion without guidance, as DDIM inversion is only stable there
+            return self.den.x0_eps(x, t, hidden[1:2], None if pooled is None else pooled[1:2])[1]
+
+        xs = ddim_invert(self.den, x0, ts, source_cond)
+        x = xs[0]
+        for i, t in enumerate(ts):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            x = ddim_step(self.den, x, target_eps(x, t), t, t_prev)
+            if mask is not None:
+                x = mask * x + (1 - mask) * xs[i + 1]
+        return x
+
+    def _run_img2img(self, image, target, s):
+        from atelier.models import to_img2img
+
+        if self._img2img is None:
+            self._img2img = to_img2img(self.pipe)
+            self._img2img.set_progress_bar_config(disable=True)
+        generator = torch.Generator("cpu").manual_seed(s.seed)
+        return self._img2img(target, image=image, strength=s.strength, guidance_scale=s.guidance_scale,
+                             num_inference_steps=s.steps, generator=generator).images[0]
+
+
+def settings_dict(settings: EditSettings) -> dict:
+    return asdict(settings)
