@@ -14,10 +14,13 @@ from atelier.errors import UserError
 
 # Packages whose `cli.register(subparsers)` adds sub-commands, in --help order.
 COMMAND_MODULES = [
+    "atelier.edit.cli",
+    "atelier.evaluate.cli",
     "atelier.generate.cli",
     "atelier.models.cli",
     "atelier.prompts.cli",
     "atelier.samplers.cli",
+    "atelier.server.cli",
     "atelier.toyworld.cli",
     "atelier.train.cli",
 ]
