@@ -72,9 +72,7 @@ def methods_for(model: str, pipe, editor: Editor):
     return {
         "ddpm (noise mask)": ours(method="ddpm"),
         "ddpm (attention mask)": ours(method="ddpm", mask_from="attention"),
-        "ddpm (both masks)": ours(method="ddpm", mask_from="both"),
         "diffedit (ddim, noise mask)": ours(method="diffedit"),
-        "img2img strength 0.4": ours(method="img2img", strength=0.4),
         "img2img strength 0.6": ours(method="img2img", strength=0.6),
         "img2img strength 0.8": ours(method="img2img", strength=0.8),
         "diffusers LEDITS++": leditspp_runner(pipe),

@@ -46,7 +46,7 @@ class Denoiser:
         self._cache.move_to_end(key)
         return self._cache[key]
 
-    def _pad(self, hidden: torch.Tensor, tokens: int) -> torch.Tensor:
+    def pad(self, hidden: torch.Tensor, tokens: int) -> torch.Tensor:
         from atelier.prompts.conditioning import empty_prompt_hidden
 
         if hidden.shape[0] == tokens:
@@ -61,7 +61,7 @@ class Denoiser:
         negative = negative or [False] * len(prompts)
         encoded = [self.encode(p, n) for p, n in zip(prompts, negative)]
         tokens = max(h.shape[0] for h, _ in encoded)
-        hidden = torch.stack([self._pad(h, tokens) for h, _ in encoded])
+        hidden = torch.stack([self.pad(h, tokens) for h, _ in encoded])
         pooled = torch.stack([p for _, p in encoded]) if self.sdxl else None
         return hidden, pooled
 

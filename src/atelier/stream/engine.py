@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
@@ -91,7 +90,8 @@ class StreamEngine:
         vae=None,
     ):
         from atelier.generate.request import check_size, native_size, size_step
-        from atelier.prompts.conditioning import encoder_slots, is_sdxl_pipeline
+        from atelier.edit.denoiser import Denoiser
+        from atelier.prompts.conditioning import is_sdxl_pipeline
 
         if not isinstance(frame_buffer_size, int) or not 1 <= frame_buffer_size <= MAX_STAGES:
             raise UserError(f"frame_buffer_size must be a whole number from 1 to {MAX_STAGES}, got {frame_buffer_size!r}")
@@ -113,7 +113,6 @@ class StreamEngine:
         self.device = getattr(pipe, "_execution_device", None) or self.unet.device
         self.dtype = self.unet.dtype
         self.sdxl = is_sdxl_pipeline(pipe)
-        self.slots = encoder_slots(pipe)
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
         # A private scheduler: sessions sharing one pipeline must not move each other's timesteps.
         self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -125,8 +124,7 @@ class StreamEngine:
             self._settings["t_index_list"] = list(t_index_list)
         self._settings = self._validated(self._settings, {})
         self._max_skip_frames = max_skip_frames
-        self._embed_cache: OrderedDict = OrderedDict()
-        self._empty_hidden = None
+        self._text = Denoiser(pipe, cache_size=_EMBED_CACHE_SIZE)  # prompt encoding, cached
         self._buffer = None  # (latents, residuals) of the frames in flight, stages 1..n-1
         self._prepared = False
         self._last_output = None
@@ -266,44 +264,19 @@ class StreamEngine:
         self._noise = torch.randn(shape, generator=generator).to(self.device, self.dtype)
         self._buffer = None
 
-    def _encode_text(self, text: str, negative: bool = False):
-        from atelier.prompts.conditioning import encode_prompt
-
-        key = (text, negative)
-        if key not in self._embed_cache:
-            with torch.no_grad():
-                enc = encode_prompt(self.slots, text, 1, zero_if_empty=negative and self.sdxl)
-            pooled = None if enc.pooled is None else enc.pooled[enc.step_text[0]]
-            self._embed_cache[key] = (enc.hidden[enc.step_text[0]], pooled)
-            while len(self._embed_cache) > _EMBED_CACHE_SIZE:
-                self._embed_cache.popitem(last=False)
-        self._embed_cache.move_to_end(key)
-        return self._embed_cache[key]
-
-    def _pad(self, hidden: torch.Tensor, tokens: int) -> torch.Tensor:
-        from atelier.prompts.conditioning import empty_prompt_hidden
-
-        if hidden.shape[0] == tokens:
-            return hidden
-        if self._empty_hidden is None:
-            with torch.no_grad():
-                self._empty_hidden = empty_prompt_hidden(self.slots)
-        repeats = (tokens - hidden.shape[0]) // self._empty_hidden.shape[0]
-        return torch.cat([hidden, self._empty_hidden.to(hidden).repeat(repeats, 1)])
-
     def _prepare_embeddings(self) -> None:
         s = self._settings
-        positive, pooled = self._encode_text(s["prompt"])
+        positive, pooled = self._text.encode(s["prompt"])
         if s["blend_prompt"] and s["blend"] > 0:
-            other, other_pooled = self._encode_text(s["blend_prompt"])
+            other, other_pooled = self._text.encode(s["blend_prompt"])
             tokens = max(positive.shape[0], other.shape[0])
-            positive = torch.lerp(self._pad(positive, tokens), self._pad(other, tokens), s["blend"])
+            positive = torch.lerp(self._text.pad(positive, tokens), self._text.pad(other, tokens), s["blend"])
             if pooled is not None:
                 pooled = torch.lerp(pooled, other_pooled, s["blend"])
-        negative, negative_pooled = self._encode_text(s["negative_prompt"], negative=True)
+        negative, negative_pooled = self._text.encode(s["negative_prompt"], negative=True)
         tokens = max(positive.shape[0], negative.shape[0])
-        self._cond = self._pad(positive, tokens).to(self.device, self.dtype)
-        self._uncond = self._pad(negative, tokens).to(self.device, self.dtype)
+        self._cond = self._text.pad(positive, tokens).to(self.device, self.dtype)
+        self._uncond = self._text.pad(negative, tokens).to(self.device, self.dtype)
         self._cond_pooled = None if pooled is None else pooled.to(self.device, self.dtype)
         self._uncond_pooled = None if negative_pooled is None else negative_pooled.to(self.device, self.dtype)
         if self.sdxl:
