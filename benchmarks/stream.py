@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=60, help="frames per method per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tiny-vae", default="toyworld-taesd", help="also run the engine with this tiny autoencoder ('' for none)")
     parser.add_argument("--results", help="write the table into this markdown file's 'Stream' section")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -78,11 +79,16 @@ def main(argv=None) -> int:
         t_index = [round(15 + i * (35 / stages)) for i in range(stages)]
         batch = StreamEngine(pipe, t_index_list=t_index)
         single = StreamEngine(pipe, t_index_list=t_index, use_denoising_batch=False)
-        for engine in (batch, single):
-            engine.prepare(PROMPT)
+        engines = [batch, single]
         baseline, unet_calls = img2img_runner(pipe, stages)
         assert unet_calls == stages, (unet_calls, stages)
         methods = {"diffusers img2img": baseline, "engine, frame by frame": single, "engine, stream batch": batch}
+        if args.tiny_vae:
+            tiny = StreamEngine(pipe, t_index_list=t_index, vae=args.tiny_vae)
+            engines.append(tiny)
+            methods[f"stream batch + {args.tiny_vae}"] = tiny
+        for engine in engines:
+            engine.prepare(PROMPT)
         times = {name: [] for name in methods}
         for frame in frames[:3]:  # warm up every path
             for run in methods.values():
@@ -113,6 +119,9 @@ def main(argv=None) -> int:
         lines.append(f"{stages:>6}  {t_index:<14} {name:<24} {fps:9.1f} {ratio:10.2f} {overhead:>9}")
     lines.append("")
     lines.append("overhead: engine time per frame not spent in its VAE encode, UNet and VAE decode calls")
+    if args.tiny_vae:
+        lines.append(f"{args.tiny_vae}: the tiny autoencoder replaces the VAE for encode and decode (its judged round trip is in "
+                     "docs/toyworld-training.md)")
     table = "\n".join(lines)
     print(table)
     if args.results:

@@ -124,6 +124,7 @@ def main() -> int:
     parser.add_argument("--settings-every", type=int, default=50, help="frames between prompt/seed changes (default 50)")
     parser.add_argument("--reconnect-every", type=int, default=1000,
                         help="frames a session streams before its client reconnects (default 1000)")
+    parser.add_argument("--results", help="write the readings into this markdown file's 'Stream soak' section")
     args = parser.parse_args()
     if args.frames < 1 or args.sessions < 1:
         parser.error("--frames and --sessions must be at least 1")
@@ -152,8 +153,18 @@ def main() -> int:
     final = soak.readings[-1][1]
     warm = soak.warm_rss or soak.readings[0][1]
     peak = max(r for _, r in soak.readings)
-    print(f"RSS after warm-up {warm:.1f} MiB, final {final:.1f} MiB, peak {peak:.1f} MiB; "
-          f"growth ratio {final / warm:.3f}")
+    summary = (f"RSS after warm-up {warm:.1f} MiB, final {final:.1f} MiB, peak {peak:.1f} MiB; "
+               f"growth ratio {final / warm:.3f}")
+    print(summary)
+    if args.results:
+        from _results import write_section
+
+        body = [f"model {args.model}, {args.sessions} sessions, {args.frames} frames through a real server "
+                f"(settings change every {args.settings_every}, reconnect every {args.reconnect_every})", ""]
+        body += [f"after {frames:>6} frames: RSS {rss:7.1f} MiB" for frames, rss in soak.readings]
+        body += ["", summary]
+        write_section(args.results, "Stream soak (atelier serve)", "\n".join(body),
+                      f"HF_HUB_OFFLINE=1 python benchmarks/stream_soak.py --frames {args.frames} --results benchmarks/RESULTS.md")
     return 0
 
 

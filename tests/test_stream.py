@@ -296,3 +296,32 @@ def test_lcm_scheduler_and_tiny_autoencoder():
     out = engine(Image.new("RGB", (engine.width, engine.height), (120, 30, 200)))
     assert out.size == (engine.width, engine.height)
     assert engine.settings()["num_inference_steps"] == 4
+
+
+def test_tiny_autoencoder_sources(tmp_path, monkeypatch):
+    from diffusers import AutoencoderTiny
+
+    from atelier.models import load_tiny_autoencoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(UserError, match="not a folder"):
+        load_tiny_autoencoder("no such thing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .safetensors"):
+        load_tiny_autoencoder(tmp_path / "empty")
+    with pytest.raises(UserError, match="not in the Hugging Face cache"):
+        load_tiny_autoencoder("madebyollin/taesd")
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
+    assert isinstance(load_tiny_autoencoder(tmp_path / "taesd"), AutoencoderTiny)
+
+
+def test_stream_through_the_toyworld_tiny_autoencoder(turbo):
+    caption = "a large red circle at the top left"
+    target = "a large blue circle at the top left"
+    engine = StreamEngine(turbo, vae="toyworld-taesd")
+    assert engine.tiny_vae
+    engine.prepare(target)
+    frame = render_pil(parse_caption(caption))
+    assert judge([engine(frame) for _ in range(2)][-1], target).match

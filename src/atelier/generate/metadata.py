@@ -16,12 +16,11 @@ is no library for it, so it is written out by hand.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
+from atelier._io import atomic_open
 from atelier.errors import UserError
 
 PARAMETERS_KEY = "parameters"  # the PNG text chunk A1111 writes and reads
@@ -158,24 +157,13 @@ def save_png(image, path, parameters: str, extra_text: dict[str, str] | None = N
     """
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
     for key, value in (extra_text or {}).items():
         info.add_text(key, value)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_open(path, "wb") as f:
+        image.save(f, format="PNG", pnginfo=info)
+    return Path(path)
 
 
 def model_hash(path, cache_file=None) -> str:
@@ -204,11 +192,8 @@ def model_hash(path, cache_file=None) -> str:
                 digest.update(block)
         cache[key] = digest.hexdigest()[:10]
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".model_hashes.", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with atomic_open(cache_file, "w", encoding="utf-8") as f:
                 _json.dump(cache, f, indent=1)
-            os.replace(tmp, cache_file)
         except OSError:
             pass  # an unwritable cache only costs time
     return cache[key]
