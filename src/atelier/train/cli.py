@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from atelier.errors import UserError
 
-STAGES = ("vae", "text", "unet", "turbo")
+STAGES = ("vae", "text", "unet", "turbo", "taesd")
+# What each stage needs trained (or resumed) first.
+NEEDS = {"vae": (), "text": (), "unet": ("vae", "text"), "turbo": ("vae", "text", "unet"), "taesd": ("vae",)}
 # Fields that may differ between the run that wrote a checkpoint and the one resuming it.
 _RESUME_FREE = {"out_dir", "threads", "checkpoint_every", "eval_every"}
 
@@ -33,15 +36,16 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     t.add_argument("--stages", default=",".join(STAGES),
-                   help="comma-separated stages to run up to (default vae,text,unet,turbo); "
-                        "earlier stages a later one needs are trained or resumed anyway")
-    for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps"):
+                   help="comma-separated stages (default vae,text,unet,turbo,taesd); the stages they "
+                        "need are trained or resumed too (unet needs vae and text; turbo needs unet; taesd needs vae)")
+    for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps"):
         t.add_argument("--" + name.replace("_", "-"), type=int, help=f"override {name}")
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any training setting, e.g. --set unet_lr=3e-4 (see --show-config)")
     t.add_argument("--show-config", action="store_true", help="print the settings that would be used and exit")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
     t.set_defaults(func=run_toyworld)
+    register_inverter(sub)
 
 
 def _parse_value(text: str, current):
@@ -66,7 +70,7 @@ def build_config(args):
 
     cfg = ToyTrainConfig(out_dir=args.out_dir, seed=args.seed, threads=args.threads)
     known = {f.name for f in fields(ToyTrainConfig)}
-    for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps"):
+    for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps"):
         if getattr(args, name) is not None:
             if getattr(args, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -121,13 +125,121 @@ def run_toyworld(args) -> int:
 
     from atelier.train.toyworld import train_all
 
-    # A stage needs every earlier one: train (or resume) up to the last requested.
-    wanted = STAGES[: max(STAGES.index(s) for s in stages) + 1]
+    # Train (or resume) the requested stages and what they need.
+    wanted = tuple(s for s in STAGES if s in stages or any(s in NEEDS[r] for r in stages))
     summary = train_all(cfg, stages=wanted, weights_dir=weights_dir)
     if args.json:
         print_json(summary)
     else:
         print(f"trained in {summary['wall_time_s'] / 60:.1f} min; stage times (s): {summary.get('stage_times_s', {})}")
         for name, path in summary["exported"].items():
+            if name.endswith("-taesd"):
+                print(f"{name}: {path}   (a tiny autoencoder: StreamEngine(pipe, vae=\"{path}\"))")
+                continue
             print(f"{name}: {path}   (atelier generate --model {path} \"a large red circle in the center\")")
+    return 0
+
+
+# ---------------------------------------------------------------- the inverter (SwiftEdit)
+
+def register_inverter(sub) -> None:
+    """`atelier train inverter` (option names as SwiftEdit's training script) and
+    `atelier train prepare-inverter-data`."""
+    i = sub.add_parser(
+        "inverter", help="train a SwiftEdit inversion network for a one-step model (resumable)",
+        description=(
+            "Train the inverter F of SwiftEdit (CVPR 2025) so that the one-step generator G re-creates an image "
+            "from F's noise: G(F(x0, c), c) ~ x0; `atelier edit --method one-step` then edits with one generator "
+            "call. --stage 1 learns on images G makes itself (noise and latent known); --stage 2 on real images "
+            "(--train_data_manifest, else rendered toy scenes) with a perceptual loss and the teacher's noise "
+            "regulariser; stage 2 starts from OUTPUT_DIR/stage1/final. Checkpoints: OUTPUT_DIR/stage{1,2}/"
+            "checkpoint.safetensors; run the same command again to resume. Works under `accelerate launch`."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    i.add_argument("--pretrained_model_name_or_path", default="toyworld-turbo",
+                   help="model whose VAE, text encoder, tokenizer and scheduler are used")
+    i.add_argument("--pretrained_teacher_denoise", default="toyworld", help="multi-step teacher (stage 2 regulariser)")
+    i.add_argument("--pretrained_sb_generator", default="toyworld-turbo", help="the frozen one-step generator G")
+    i.add_argument("--pretrained_inverter", help="start from this inverter folder (stage 2 default: OUTPUT_DIR/stage1/final)")
+    i.add_argument("--image_encoder_path", help="IP-Adapter image encoder (SwiftEdit's image branch): not supported")
+    i.add_argument("--ip_adapter_weight_name", help="IP-Adapter weights file: not supported")
+    i.add_argument("--output_dir", default="runs/inverter")
+    i.add_argument("--logging_dir", default="logs", help="accelerate's logging folder, inside OUTPUT_DIR")
+    i.add_argument("--stage", type=int, default=1, choices=(1, 2))
+    i.add_argument("--learning_rate", type=float, default=1e-4)
+    i.add_argument("--train_batch_size", type=int, default=16)
+    i.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    i.add_argument("--max_train_steps", type=int, default=1000)
+    i.add_argument("--checkpointing_steps", type=int, default=100)
+    i.add_argument("--validation_steps", type=int, default=200, help="inversion PSNR on held-out images every N steps")
+    i.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    i.add_argument("--train_data_manifest", help="JSONL of {\"image\": PATH, \"caption\": TEXT} (see prepare-inverter-data)")
+    i.add_argument("--resolution", type=int, help="image size (default: the generator's)")
+    i.add_argument("--lpips_weights", nargs="+", default=[], metavar="FILE",
+                   help="LPIPS VGG weights for stage 2's perceptual loss (else latent MSE + pixel L1 + MSE)")
+    i.add_argument("--regularizer_weight", type=float, default=1.0, help="stage 2: weight of the teacher regulariser")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--threads", type=int, help="torch CPU threads")
+    i.add_argument("--export_dir", help="also write the final inverter here as an fp16 safetensors UNet folder")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.set_defaults(func=run_inverter)
+
+    d = sub.add_parser(
+        "prepare-inverter-data", help="write a JSONL manifest of a folder of images for `train inverter`",
+        description="List every image under --images (recursively) in a JSONL manifest; with --captions, the "
+                    "text of a same-name .txt file is each image's caption.",
+    )
+    d.add_argument("--images", required=True, metavar="DIR")
+    d.add_argument("--captions", action="store_true", help="read same-name .txt captions")
+    d.add_argument("--out", default="manifest.jsonl", metavar="FILE.jsonl")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=run_prepare_inverter_data)
+
+
+def inverter_config(args):
+    from atelier.train.inverter import InverterConfig
+
+    if args.image_encoder_path or args.ip_adapter_weight_name:
+        raise UserError("IP-Adapter (--image_encoder_path / --ip_adapter_weight_name) is not supported: the "
+                        "inverter and generator here are conditioned on text only, and these models have no "
+                        "image encoder; leave both options out")
+    for name in ("learning_rate", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                 "checkpointing_steps", "validation_steps"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive")
+    if args.resolution is not None and args.resolution % 8:
+        raise UserError("--resolution must be a multiple of 8")
+    keys = {f.name for f in fields(InverterConfig)}
+    return InverterConfig(**{k: v for k, v in vars(args).items() if k in keys and v is not None})
+
+
+def run_inverter(args) -> int:
+    from atelier.cli import print_json
+
+    cfg = inverter_config(args)
+    from atelier.train.inverter import export_inverter, train_inverter
+
+    summary = train_inverter(cfg)
+    if args.export_dir:
+        summary["exported"] = export_inverter(summary["final"], args.export_dir)
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"stage {cfg.stage}: inverter in {summary['final']}; inversion PSNR {summary.get('inversion_psnr')} dB; "
+              f"{summary.get('wall_time_s', 0) / 60:.1f} min")
+        if summary.get("exported"):
+            print(f"exported: {summary['exported']}   (atelier edit --method one-step --inverter {summary['exported']} ...)")
+    return 0
+
+
+def run_prepare_inverter_data(args) -> int:
+    from atelier.cli import print_json
+    from atelier.train.inverter import prepare_manifest
+
+    summary = prepare_manifest(args.images, args.out, captions=args.captions)
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"{summary['manifest']}: {summary['images']} images, {summary['captioned']} with captions")
     return 0

@@ -54,6 +54,12 @@ UNET_CONFIG = dict(
     mid_block_type="UNetMidBlock2DCrossAttn",
     cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16,
 )
+# A TAESD-style tiny autoencoder over the same latent space (StreamDiffusion's fast VAE): plain
+# conv blocks, no attention, no normalisation; latents are the diffusion model's (scaled) latents.
+TAESD_CONFIG = dict(
+    encoder_block_out_channels=(16, 16, 16), decoder_block_out_channels=(24, 24, 24),
+    num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1), latent_channels=4, scaling_factor=1.0,
+)
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1,
@@ -91,6 +97,10 @@ class ToyTrainConfig:
     turbo_random_t: float = 0.25  # share of samples at uniform random t (keeps img2img strengths)
     turbo_pairs: int = 4096  # teacher ODE trajectories (noise -> guided 20-step sample) for the 1-step map
     turbo_pair_share: float = 0.5  # share of each batch drawn from those pairs, at t = 999
+    # tiny autoencoder (distilled from the VAE)
+    taesd_steps: int = 1500
+    taesd_batch: int = 32
+    taesd_lr: float = 1e-3
     checkpoint_every: int = 200
     eval_every: int = 500
     eval_images: int = 36  # judged generations per periodic evaluation
@@ -640,6 +650,74 @@ def train_turbo(cfg: ToyTrainConfig, vae, te, tokenizer, teacher):
     return student
 
 
+# ---------------------------------------------------------------- tiny autoencoder
+
+def train_taesd(cfg: ToyTrainConfig, vae):
+    """Distil an AutoencoderTiny from the VAE, as TAESD is distilled from SD's: the encoder regresses
+    the VAE's scaled latent means, the decoder rebuilds the scene from them."""
+    from diffusers import AutoencoderTiny
+
+    stage = Stage(cfg, "taesd", cfg.taesd_steps)
+    final = stage.dir / "final"
+    if stage.done:
+        return AutoencoderTiny.from_pretrained(final)
+    torch.manual_seed(cfg.seed + 5)
+    tiny = AutoencoderTiny(**TAESD_CONFIG)
+    opt = torch.optim.AdamW(tiny.parameters(), lr=cfg.taesd_lr, weight_decay=0.0)
+    stage.resume({"taesd": tiny}, opt)
+    tiny.train()
+    scale = vae.config.scaling_factor
+    bar = tqdm(total=cfg.taesd_steps, initial=stage.step, desc="taesd", dynamic_ncols=True)
+    while stage.step < cfg.taesd_steps:
+        _, _, x = scene_batch(step_seed(cfg, "taesd", stage.step), cfg.taesd_batch, cfg.n_objects_weights)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean * scale
+        for group in opt.param_groups:
+            group["lr"] = lr_at(stage.step, cfg.taesd_steps, cfg.taesd_lr)
+        recon = tiny.decode(z).sample
+        loss = F.mse_loss(tiny.encode(x).latents, z) + F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        optimize(opt, loss, tiny.parameters())
+        if stage.advance(loss, {"taesd": tiny}, opt, bar, window=20):
+            acc = tiny_round_trip_accuracy(tiny, vae, n=min(96, cfg.eval_scenes), seed=10_000)
+            stage.log.append({"step": stage.step, **acc})
+            tqdm.write(f"[taesd] step {stage.step}: judged right {acc}")
+    bar.close()
+    tiny.eval()
+    tiny.save_pretrained(final)
+    stage.finish(tiny_round_trip_accuracy(tiny, vae, n=cfg.eval_scenes, seed=20_000))
+    return tiny
+
+
+@torch.no_grad()
+def tiny_round_trip_accuracy(tiny, vae, n: int, seed: int) -> dict:
+    """Judge accuracy of rendered scenes through the tiny autoencoder, and through VAE encode +
+    tiny decode (the stream's path when only the decoder is swapped)."""
+    from atelier.toyworld.judge import judge
+
+    was_training = tiny.training
+    tiny.eval()
+    right = {"tiny_round_trip": 0, "vae_encode_tiny_decode": 0}
+    for start in range(0, n, 32):
+        scenes, _, x = scene_batch(seed + start, min(32, n - start))
+        z_vae = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        for key, z in (("tiny_round_trip", tiny.encode(x).latents), ("vae_encode_tiny_decode", z_vae)):
+            imgs = ((tiny.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            right[key] += sum(judge(img, scene).match for img, scene in zip(imgs, scenes))
+    tiny.train(was_training)
+    return {k: round(v / n, 4) for k, v in right.items()}
+
+
+def export_taesd(tiny, weights_dir: Path) -> str:
+    out = Path(weights_dir) / "toyworld-taesd"
+    tmp = out.with_name(".toyworld-taesd.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tiny.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    tiny.to(torch.float32)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return str(out)
+
+
 # ---------------------------------------------------------------- export
 
 def export_pipelines(cfg: ToyTrainConfig, vae, te, tokenizer, unet, turbo, weights_dir: Path) -> dict:
@@ -679,7 +757,7 @@ def default_weights_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "toyworld" / "weights"
 
 
-def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo"), weights_dir: Path | None = None) -> dict:
+def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo", "taesd"), weights_dir: Path | None = None) -> dict:
     torch.set_num_threads(cfg.threads)
     started = time.time()
     out = Path(cfg.out_dir)
@@ -691,8 +769,10 @@ def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo"), weig
     unet = train_unet(cfg, vae, te, tokenizer).eval().requires_grad_(False) if "unet" in stages else None
     turbo = train_turbo(cfg, vae, te, tokenizer, unet) if "turbo" in stages else None
     paths = export_pipelines(cfg, vae, te, tokenizer, unet, turbo, weights_dir or default_weights_dir()) if unet is not None else {}
+    if "taesd" in stages:
+        paths["toyworld-taesd"] = export_taesd(train_taesd(cfg, vae), weights_dir or default_weights_dir())
     stage_times = {}
-    for name in ("vae", "text", "unet", "turbo"):
+    for name in ("vae", "text", "unet", "turbo", "taesd"):
         done = out / name / "done.json"
         if done.is_file():
             stage_times[name] = json.loads(done.read_text()).get("wall_time_s")
