@@ -63,6 +63,7 @@ def methods_for(model: str, pipe, editor: Editor):
 
     if model == "toyworld-turbo":
         return {
+            "one-step (inverter)": ours(method="one-step"),  # SwiftEdit with the built-in toyworld-inverter
             "turbo (4 steps, noise mask)": ours(method="turbo"),
             "turbo (4 steps, attention mask)": ours(method="turbo", mask_from="attention"),
             "turbo, no mask (inversion only)": ours(method="turbo", mask_from="none"),
@@ -79,6 +80,36 @@ def methods_for(model: str, pipe, editor: Editor):
     }
 
 
+def speed(args) -> int:
+    """Time per edit of the multi-step methods and the one-step method, interleaved case by case in
+    this one process, so that machine noise hits them alike."""
+    pipes = {m: load_pipeline(m) for m in ("toyworld", "toyworld-turbo")}
+    editors = {m: Editor(p) for m, p in pipes.items()}
+    runs = {"ddpm (toyworld, 25 steps x 0.8)": ("toyworld", "ddpm"), "diffedit (toyworld)": ("toyworld", "diffedit"),
+            "turbo (toyworld-turbo, 4 steps)": ("toyworld-turbo", "turbo"),
+            "one-step (toyworld-turbo + inverter)": ("toyworld-turbo", "one-step")}
+    cases = edit_cases(args.speed, seed=CASE_SEED)
+    totals = dict.fromkeys(runs, 0.0)
+    for i, case in enumerate(cases):
+        image = render_pil(case.source)
+        names = list(runs)[i % len(runs):] + list(runs)[: i % len(runs)]
+        for name in names:
+            model, method = runs[name]
+            started = time.perf_counter()
+            editors[model].edit(image, case.source_caption, case.target_caption, EditSettings(method=method, seed=i))
+            totals[name] += time.perf_counter() - started
+    one = totals["one-step (toyworld-turbo + inverter)"]
+    lines = [f"{args.speed} cases, methods interleaved case by case; torch {torch.__version__}, {args.threads} threads", "",
+             f"{'method':<40} {'s/edit':>7} {'x one-step':>11}", "-" * 60]
+    lines += [f"{name:<40} {t / len(cases):7.3f} {t / one:11.1f}" for name, t in totals.items()]
+    table = "\n".join(lines)
+    print(table)
+    if args.results:
+        write_section(args.results, "Edit speed (atelier.edit)", table,
+                      f"HF_HUB_OFFLINE=1 python benchmarks/edits.py --speed {args.speed} --results benchmarks/RESULTS.md")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=250)
@@ -86,8 +117,11 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="run only methods whose name contains this text")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", help="write the table into this markdown file's 'Edits' section")
+    parser.add_argument("--speed", type=int, metavar="N", help="only time the multi-step and one-step methods on N cases")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.speed:
+        return speed(args)
 
     cases = edit_cases(args.cases, seed=CASE_SEED)
     sources = [render_pil(c.source) for c in cases]
@@ -120,8 +154,9 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.results:
-        write_section(args.results, "Edits (atelier.edit)", table,
-                      "HF_HUB_OFFLINE=1 python benchmarks/edits.py --results benchmarks/RESULTS.md")
+        models = args.models.split(",")
+        write_section(args.results, f"Edits (atelier.edit): {', '.join(models)}", table,
+                      f"HF_HUB_OFFLINE=1 python benchmarks/edits.py --models {args.models} --results benchmarks/RESULTS.md")
     return 0
 
 

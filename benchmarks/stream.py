@@ -89,34 +89,39 @@ def main(argv=None) -> int:
             methods[f"stream batch + {args.tiny_vae}"] = tiny
         for engine in engines:
             engine.prepare(PROMPT)
-        times = {name: [] for name in methods}
+        times = {name: 0.0 for name in methods}
         for frame in frames[:3]:  # warm up every path
             for run in methods.values():
                 run(frame)
         batch.profile = True
-        for _ in range(args.rounds):
-            for name, run in methods.items():
-                start = time.perf_counter()
-                for frame in frames:
-                    run(frame)
-                times[name].append((time.perf_counter() - start) / len(frames))
-        model_time = sum(batch.timings.values()) / (args.rounds * len(frames))
-        base = min(times["diffusers img2img"])
+        batch.timings = dict.fromkeys(batch.timings, 0.0)
+        names = list(methods)
+        calls = 0
+        # Interleaved frame by frame, in rotating order, so that machine noise hits every method alike.
+        for r in range(args.rounds):
+            for i, frame in enumerate(frames):
+                k = (i + r) % len(names)
+                for name in names[k:] + names[:k]:
+                    start = time.perf_counter()
+                    methods[name](frame)
+                    times[name] += time.perf_counter() - start
+                calls += 1
+        base = times["diffusers img2img"]
+        model_share = sum(batch.timings.values()) / times["engine, stream batch"]
         for name in methods:
-            t = min(times[name])
-            overhead = f"{(t - model_time) / t:6.1%}" if name == "engine, stream batch" else ""
-            rows.append((stages, str(t_index), name, 1.0 / t, base / t, overhead))
+            overhead = f"{1 - model_share:6.1%}" if name == "engine, stream batch" else ""
+            rows.append((stages, str(t_index), name, calls / times[name], base / times[name], overhead))
         print(f"done: {stages} stage(s)", file=sys.stderr)
 
     lines = [
-        f"model {args.model}, 64x64, guidance off, {args.frames} frames x {args.rounds} rounds per method (best round); "
+        f"model {args.model}, 64x64, guidance off, {args.frames} frames x {args.rounds} rounds, methods interleaved frame by frame; "
         f"torch {torch.__version__}, {args.threads} threads",
         "",
-        f"{'stages':>6}  {'t_index':<14} {'method':<24} {'frames/s':>9} {'x img2img':>10} {'overhead':>9}",
-        "-" * 78,
+        f"{'stages':>6}  {'t_index':<14} {'method':<32} {'frames/s':>9} {'x img2img':>10} {'overhead':>9}",
+        "-" * 86,
     ]
     for stages, t_index, name, fps, ratio, overhead in rows:
-        lines.append(f"{stages:>6}  {t_index:<14} {name:<24} {fps:9.1f} {ratio:10.2f} {overhead:>9}")
+        lines.append(f"{stages:>6}  {t_index:<14} {name:<32} {fps:9.1f} {ratio:10.2f} {overhead:>9}")
     lines.append("")
     lines.append("overhead: engine time per frame not spent in its VAE encode, UNet and VAE decode calls")
     if args.tiny_vae:

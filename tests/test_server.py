@@ -173,6 +173,7 @@ def test_health_settings_page(server):
     settings = server.get_json("/api/settings")
     assert (settings["width"], settings["height"]) == (64, 64)
     assert settings["ip_adapter"] is False
+    assert settings["one_step_edit"] == "toyworld-inverter"
     for key in ("prompt", "guidance_scale", "delta", "seed", "strength", "blend_prompt", "blend"):
         assert key in settings["settings"], key
     assert settings["settings"]["guidance_scale"]["maximum"] > settings["settings"]["guidance_scale"]["minimum"]

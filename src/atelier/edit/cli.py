@@ -8,7 +8,7 @@ from pathlib import Path
 
 from atelier.errors import UserError
 
-METHOD_CHOICES = ("auto", "ddpm", "diffedit", "turbo", "img2img")
+METHOD_CHOICES = ("auto", "ddpm", "diffedit", "turbo", "img2img", "one-step")
 
 
 def register(subparsers) -> None:
@@ -29,7 +29,13 @@ def register(subparsers) -> None:
     p.add_argument("--cases", metavar="FILE.jsonl", help="edit every case of this file (model loaded once)")
     p.add_argument("--outdir", metavar="DIR", help="where --cases writes its images")
     p.add_argument("--method", default="auto", choices=METHOD_CHOICES,
-                   help="auto: turbo for Turbo/LCM models, ddpm for multi-step models")
+                   help="auto: turbo for Turbo/LCM models, ddpm for multi-step models; one-step: SwiftEdit with "
+                        "a learned inverter (one-step models, see --inverter)")
+    p.add_argument("--inverter", metavar="PATH",
+                   help="one-step: inverter folder from `atelier train inverter` (default: the built-in "
+                        "toyworld-inverter for toyworld-turbo)")
+    p.add_argument("--edit-scale", type=float, default=1.0, help="one-step: cross-attention scale of the target prompt inside the mask")
+    p.add_argument("--keep-scale", type=float, default=1.0, help="one-step: cross-attention scale of the source prompt outside the mask")
     p.add_argument("--model", default="toyworld", help="a diffusers folder, .safetensors file, hub id or built-in name")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="schedule length (default 25; turbo 4)")
@@ -52,7 +58,8 @@ def _settings(args):
 
     return EditSettings(method=args.method, steps=args.steps, strength=args.strength, guidance_scale=args.guidance,
                         mask_from=args.mask_from, mask_threshold=args.mask_threshold, mask_dilate=args.mask_dilate,
-                        paste_back=not args.no_paste_back, seed=args.seed)
+                        paste_back=not args.no_paste_back, seed=args.seed, inverter=args.inverter,
+                        edit_scale=args.edit_scale, keep_scale=args.keep_scale)
 
 
 def read_cases(path: Path) -> list[dict]:
@@ -109,6 +116,8 @@ def run_edit(args) -> int:
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
     resolve_settings(pipe, settings)  # bad options fail before any work
     editor = Editor(pipe)
+    if settings.method == "one-step":
+        editor.one_step(settings.inverter)  # a missing or unfit inverter fails before any work
     outdir = Path(args.outdir) if args.cases else None
     summary = []
     for case in cases:

@@ -24,4 +24,4 @@ def _method(name: str):
     return edit
 
 
-METHODS = {name: _method(name) for name in ("auto", *METHOD_NAMES)}
+METHODS = {name: _method(name) for name in ("auto", *METHOD_NAMES)}  # includes "one-step" (SwiftEdit)

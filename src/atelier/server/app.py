@@ -4,6 +4,8 @@ WebSocket `/ws` (query: `format=jpeg|png`, `quality=1..100`):
   in   binary: a JPEG, PNG or WebP frame (any size up to the limits; resized to the model's)
        text:   {"type": "settings", "prompt": "...", "guidance_scale": 1.5, ...}  (any live setting)
                {"type": "reset"} | {"type": "ping"} | {"type": "output", "format": "png", "quality": 90}
+               {"type": "edit", "source": "...", "target": "...", "show_mask": false}: edit mode, each frame edited with the
+               one-step method (needs the model's inverter); without prompts it ends edit mode
   out  binary: the output frame for the latest input frame
        text:   {"type": "hello", ...} on connect, {"type": "settings", "settings": {...}} after each
                change, {"type": "status", "fps": ..., "latency_ms": ...} about once a second,
@@ -42,7 +44,7 @@ log = logging.getLogger("atelier.server")
 STATIC = Path(__file__).parent / "static"
 MAX_TEXT_MESSAGE = 64 * 1024
 CLOSE_TRY_AGAIN_LATER = 1013
-MESSAGE_TYPES = ("settings", "reset", "output", "ping")
+MESSAGE_TYPES = ("settings", "reset", "output", "ping", "edit")
 
 
 def create_app(
@@ -67,7 +69,14 @@ def create_app(
     manager = SessionManager(pipe, max_sessions, max_frame_side, engine_factory)
     schema = StreamEngine.settings_schema(pipe)
     model = _model_name(pipe) or "model"
+    try:
+        from atelier.edit.one_step import default_inverter
+
+        one_step = default_inverter(pipe)
+    except UserError:
+        one_step = None
     public_settings = {
+        "one_step_edit": one_step,  # the built-in inverter the stream's edit mode uses, or None
         "model": model,
         "width": schema["width"]["default"],
         "height": schema["height"]["default"],
@@ -228,6 +237,9 @@ def _on_text(manager: SessionManager, session: Session, text: str, schema: dict)
     elif kind == "output":
         fmt, quality = _output_options(message.get("format", session.output_format), message.get("quality", session.quality))
         manager.submit_command(session, "output", {"format": fmt, "quality": quality})
+    elif kind == "edit":
+        manager.submit_command(session, "edit", {"source": message.get("source"), "target": message.get("target"),
+                                                 "show_mask": message.get("show_mask") is True})
     elif kind == "ping":
         session.post({"type": "pong", "t": message.get("t")})
     else:

@@ -6,6 +6,10 @@ Threads: the event loop owns the WebSockets and each session's outbox; the worke
 They meet in `SessionManager._lock`, which guards each session's input slot and pending commands,
 and in `loop.call_soon_threadsafe`, by which the worker hands results back.
 
+Edit mode (per session): an "edit" command with a source and a target prompt makes the session edit
+each frame with the one-step method (SwiftEdit: the model's learned inverter, one generator call,
+atelier.edit.one_step) instead of streaming img2img; an edit without prompts turns it off.
+
 Input never queues up: a new frame replaces one not yet started (counted as dropped), and an output
 not yet sent is replaced by a newer one. A slow client therefore sees fewer, fresh frames.
 """
@@ -117,6 +121,8 @@ class Session:
         self.created = time.time()
         self.closed = False
         self.engine = None
+        self.edit: tuple[str, str] | None = None  # (source, target) in edit mode; worker-owned
+        self.show_mask = False  # edit mode: tint the edit mask red on the output
         # Guarded by the manager's lock.
         self._frame: tuple[bytes, float] | None = None
         self._commands: list[tuple[str, dict]] = []
@@ -226,6 +232,7 @@ class SessionManager:
         self._ready: deque[Session] = deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._editor = None  # the one-step Editor shared by sessions in edit mode (worker-owned)
 
     def _default_engine(self):
         from atelier.stream import StreamEngine
@@ -287,7 +294,8 @@ class SessionManager:
             self._schedule(session)
 
     def submit_command(self, session: Session, kind: str, args: dict | None = None) -> None:
-        """Queue "settings" (engine.update(**args)), "reset" or "output" for the worker, in order."""
+        """Queue "settings" (engine.update(**args)), "reset", "output" or "edit" ({"source", "target"};
+        empty prompts end edit mode) for the worker, in order."""
         with self._lock:
             if session.closed:
                 return
@@ -343,27 +351,78 @@ class SessionManager:
                 elif kind == "output":
                     session.output_format = args.get("format", session.output_format)
                     session.quality = args.get("quality", session.quality)
+                elif kind == "edit":
+                    session.edit = self._edit_prompts(args)
+                    session.show_mask = bool(args.get("show_mask", False))
+                    edit = None if session.edit is None else {**dict(zip(("source", "target"), session.edit)),
+                                                              "show_mask": session.show_mask}
+                    self._send(session, "post", {"type": "edit", "edit": edit})
             except UserError as exc:
-                self._send(session, "error", "bad_settings", str(exc))
+                self._send(session, "error", "bad_edit" if kind == "edit" else "bad_settings", str(exc))
         if frame is None:
             return
         data, received = frame
         try:
             image = decode_frame(data, self.max_frame_side)
-            out = session.engine(image)
+            if session.edit is not None:
+                out, infotext = self._edit_frame(session, image)
+            else:
+                out, infotext = session.engine(image), None
         except ClientError as exc:
             self._send(session, "error", exc.code, str(exc))
             return
         except UserError as exc:
             self._send(session, "error", "bad_frame", str(exc))
             return
-        session.last = (out, session.engine.infotext())
+        session.last = (out, infotext or session.engine.infotext())
         payload = encode_image(out, session.output_format, session.quality)
         jpeg = None
         if session.mjpeg_clients:
             jpeg = payload if session.output_format == "jpeg" else encode_image(out, "jpeg", session.quality)
         self.frames_total += 1
         self._send(session, "deliver", payload, jpeg, received)
+
+    # Edit mode ---------------------------------------------------------------------------
+
+    def _edit_prompts(self, args: dict) -> tuple[str, str] | None:
+        from atelier.stream.engine import MAX_PROMPT_CHARS
+
+        source, target = args.get("source"), args.get("target")
+        if not source and not target:
+            return None
+        for name, text in (("source", source), ("target", target)):
+            if not isinstance(text, str) or not text.strip():
+                raise UserError(f"edit mode needs a {name} prompt (send both, or neither to stop editing)")
+            if len(text) > MAX_PROMPT_CHARS:
+                raise UserError(f"the {name} prompt is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+        self._edit_engine().one_step()  # no inverter for this model: refused now, not on every frame
+        return source, target
+
+    def _edit_engine(self):
+        if self._editor is None:
+            from atelier.edit.methods import Editor
+
+            self._editor = Editor(self.pipe)
+        return self._editor
+
+    def _edit_frame(self, session: Session, image):
+        """One frame through the one-step edit, at the stream's size; (image, infotext)."""
+        from atelier.edit.methods import EditSettings
+        from atelier.generate.request import _model_name
+
+        engine = session.engine
+        if image.size != (engine.width, engine.height):
+            image = image.resize((engine.width, engine.height), 3)  # bicubic
+        source, target = session.edit
+        seed = engine.settings().get("seed", 0)
+        result = self._edit_engine().edit(image, source, target, EditSettings(method="one-step", seed=seed))
+        out = result.image
+        if session.show_mask and result.mask is not None:
+            from PIL import Image
+
+            red = Image.new("RGB", out.size, (255, 0, 0))
+            out = Image.composite(red, out, result.mask.point(lambda v: v * 45 // 100))  # 45 % red tint
+        return out, result.parameters(source, target, _model_name(self.pipe))
 
     # Metrics -------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""`atelier train toyworld`: regenerate the built-in toy-world models from a seed."""
+"""`atelier train toyworld`: regenerate the built-in toy-world models from a seed; `atelier train
+inverter` / `prepare-inverter-data`: SwiftEdit's inversion network for a one-step model (train/inverter.py)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,7 +184,7 @@ class Stage:
         optimizer.load_state_dict(state["optimizer"])
         self.step, self.losses, self.log = state["step"], list(state["losses"]), list(state.get("log", []))
         self.seconds_before, self.started = float(state.get("seconds", 0.0)), time.time()
-        print(f"[{self.name}] resumed at step {self.step}")
+        print(f"[{self.name}] resumed at step {self.step}", file=sys.stderr)
 
     def save(self, modules: dict, optimizer) -> None:
         state = {key: m.state_dict() for key, m in modules.items()}

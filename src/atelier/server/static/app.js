@@ -184,6 +184,10 @@ function onMessage(message) {
   } else if (message.type === "status") {
     $("latency").textContent = message.latency_ms == null ? "–" : Math.round(message.latency_ms);
     $("dropped").textContent = message.frames_dropped + message.outputs_dropped;
+  } else if (message.type === "edit") {
+    const on = message.edit != null;
+    $("edit-stop").disabled = !on;
+    $("edit-note").textContent = on ? `editing: “${message.edit.source}” → “${message.edit.target}”` : "";
   } else if (message.type === "error") {
     state.lastError = message;
     note(`${message.code}: ${message.message}`, true);
@@ -365,6 +369,16 @@ async function init() {
   $("file").addEventListener("change", (e) => e.target.files[0] && loadFile(e.target.files[0]));
   $("toy-pause").addEventListener("change", (e) => { toy.paused = e.target.checked; });
   $("start").addEventListener("click", startStop);
+  if (state.config.one_step_edit) {
+    const sendEdit = () => send({ type: "edit", source: $("edit-source").value, target: $("edit-target").value,
+                                  show_mask: $("edit-mask").checked });
+    $("edit-start").addEventListener("click", sendEdit);
+    $("edit-mask").addEventListener("change", () => { if (!$("edit-stop").disabled) sendEdit(); });
+    $("edit-stop").addEventListener("click", () => send({ type: "edit" }));
+  } else {
+    $("edit-slot").disabled = true;
+    $("edit-note").textContent = "this model has no one-step inverter (train one with `atelier train inverter`)";
+  }
   tick();
 }
 
