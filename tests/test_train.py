@@ -10,10 +10,10 @@ from atelier.models import detect_family, load_pipeline
 from atelier.train import toyworld as trainer
 
 TINY = [
-    "--vae-steps", "3", "--text-steps", "2", "--unet-steps", "4", "--turbo-steps", "2",
+    "--vae-steps", "3", "--text-steps", "2", "--unet-steps", "4", "--turbo-steps", "2", "--taesd-steps", "2",
     "--set", "checkpoint_every=2", "--set", "eval_every=1000", "--set", "eval_images=3",
     "--set", "eval_scenes=4", "--set", "turbo_pairs=64", "--set", "vae_full_steps=1",
-    "--set", "vae_batch=4", "--set", "text_batch=8", "--set", "unet_batch=4", "--set", "turbo_batch=4",
+    "--set", "vae_batch=4", "--set", "text_batch=8", "--set", "unet_batch=4", "--set", "turbo_batch=4", "--set", "taesd_batch=4",
     "--threads", "1",
 ]
 
@@ -50,6 +50,9 @@ def test_killed_run_resumes_and_exports_loadable_models(tmp_path, monkeypatch, c
     turbo = load_pipeline(out / "weights" / "toyworld-turbo")
     family = detect_family(turbo)
     assert (family.sampler, family.steps, family.guidance_scale, family.is_turbo) == ("Euler", 1, 0.0, True)
+    from atelier.models import load_tiny_autoencoder
+
+    assert type(load_tiny_autoencoder(out / "weights" / "toyworld-taesd")).__name__ == "AutoencoderTiny"
     meta = json.loads((out / "weights" / "toyworld" / "atelier.json").read_text())
     assert meta["trained_with"]["unet_steps"] == 4 and "out_dir" not in meta["trained_with"]
 
