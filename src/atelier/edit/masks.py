@@ -14,28 +14,21 @@ import difflib
 import torch
 import torch.nn.functional as F
 
+from atelier.edit.attention import CrossAttentionHook, attend, cross_attention
+
 FUNCTION_WORDS = {"a", "an", "the", "and", "at", "in", "on", "of", "with", ",", "."}
 
 
-class CrossAttentionStore:
+class CrossAttentionStore(CrossAttentionHook):
     """Sums cross-attention probabilities per batch item and token, over layers and calls, at the
     layers whose query grid has `resolutions` (latent sizes, e.g. latent/4 and latent/2)."""
 
     def __init__(self, resolutions: tuple[int, ...]):
         self.resolutions = set(resolutions)
         self.maps: dict[int, torch.Tensor] = {}  # side -> (B, side * side, tokens)
-        self.calls = 0
-        self._saved = None
 
-    def install(self, unet) -> None:
-        self._saved = dict(unet.attn_processors)
-        unet.set_attn_processor({name: (_StoringProcessor(self) if name.endswith("attn2.processor") else proc)
-                                 for name, proc in self._saved.items()})
-
-    def remove(self, unet) -> None:
-        if self._saved is not None:
-            unet.set_attn_processor(self._saved)
-            self._saved = None
+    def processor(self):
+        return _StoringProcessor(self)
 
     def record(self, probs: torch.Tensor, batch: int) -> None:
         side = int(round(probs.shape[1] ** 0.5))
@@ -43,7 +36,6 @@ class CrossAttentionStore:
             return
         per_item = probs.reshape(batch, -1, *probs.shape[1:]).mean(1).float()
         self.maps[side] = self.maps.get(side, 0) + per_item.detach()
-        self.calls += 1
 
     def token_map(self, item: int, positions: list[int], side: int) -> torch.Tensor:
         """(side, side) mean attention of `positions` for batch item `item`, upsampled from every
@@ -56,39 +48,19 @@ class CrossAttentionStore:
 
 
 class _StoringProcessor:
-    """diffusers' AttnProcessor (explicit softmax, so the probabilities exist), recording them."""
+    """diffusers' AttnProcessor, recording the cross-attention probabilities."""
 
     def __init__(self, store: CrossAttentionStore):
         self.store = store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        if encoder_hidden_states is not None:
-            self.store.record(probs, batch)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        def inner(query, context, mask, batch):
+            probs, out = attend(attn, query, context, mask, batch)
+            if encoder_hidden_states is not None:
+                self.store.record(probs, batch)
+            return out
+
+        return cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, inner)
 
 
 def changed_token_positions(tokenizer, source: str, target: str) -> tuple[list[int], list[int]]:

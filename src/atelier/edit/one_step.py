@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from atelier.edit.attention import CrossAttentionHook, attend, cross_attention
 from atelier.errors import UserError
 
 INVERT_TIMESTEP = 999  # the inverter is conditioned like the generator's single step
@@ -118,7 +119,7 @@ def check_inverter_fits(inverter, pipe) -> None:
 
 # ---------------------------------------------------------------- attention rescaling
 
-class MaskedPromptAttention:
+class MaskedPromptAttention(CrossAttentionHook):
     """Cross-attention by region: the edit prompt inside the mask (output times `edit_scale`), the
     source prompt outside it (times `keep_scale`). Installed on every attn2 of the generator for
     one call, like masks.CrossAttentionStore; self-attention is left alone."""
@@ -127,17 +128,9 @@ class MaskedPromptAttention:
         self.mask = mask.float()  # (h, w), latent resolution, values in [0, 1]
         self.source_hidden = source_hidden  # (1 or B, L, C)
         self.edit_scale, self.keep_scale = edit_scale, keep_scale
-        self._saved = None
 
-    def install(self, unet) -> None:
-        self._saved = dict(unet.attn_processors)
-        unet.set_attn_processor({name: (_MaskedProcessor(self) if name.endswith("attn2.processor") else proc)
-                                 for name, proc in self._saved.items()})
-
-    def remove(self, unet) -> None:
-        if self._saved is not None:
-            unet.set_attn_processor(self._saved)
-            self._saved = None
+    def processor(self):
+        return _MaskedProcessor(self)
 
     def grid_mask(self, tokens: int, dtype, device) -> torch.Tensor:
         """The mask at a query grid of `tokens` positions, shaped (1, tokens, 1)."""
@@ -154,39 +147,19 @@ class _MaskedProcessor:
     def __init__(self, owner: MaskedPromptAttention):
         self.owner = owner
 
-    @staticmethod
-    def _attend(attn, query, context, attention_mask, batch):
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
-        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-        return attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(query, key, mask), value))
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        edit_context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        source_context = self.owner.source_hidden.to(edit_context).expand(batch, -1, -1)
-        out_edit = self._attend(attn, query, edit_context, attention_mask, batch)
-        out_source = self._attend(attn, query, source_context, None, batch)
-        m = self.owner.grid_mask(out_edit.shape[1], out_edit.dtype, out_edit.device)
-        hidden_states = m * self.owner.edit_scale * out_edit + (1 - m) * self.owner.keep_scale * out_source
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        owner = self.owner
+
+        def inner(query, edit_context, mask, batch):
+            source_context = owner.source_hidden.to(edit_context).expand(batch, -1, -1)
+            if attn.norm_cross:
+                source_context = attn.norm_encoder_hidden_states(source_context)
+            out_edit = attend(attn, query, edit_context, mask, batch)[1]
+            out_source = attend(attn, query, source_context, None, batch)[1]
+            m = owner.grid_mask(out_edit.shape[1], out_edit.dtype, out_edit.device)
+            return m * owner.edit_scale * out_edit + (1 - m) * owner.keep_scale * out_source
+
+        return cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, inner)
 
 
 # ---------------------------------------------------------------- the edit

@@ -407,11 +407,10 @@ class StreamEngine:
         pixels, kind = to_tensor(image, self.width, self.height)
         if len(pixels) != frames:
             raise UserError(f"this stream takes {frames} frame(s) per call, got {len(pixels)}")
-        if self._filter is not None and self._last_output is not None and self._filter.should_skip(pixels):
+        # The filter remembers every frame it lets through; after a reset it has none, so it skips nothing.
+        if self._filter is not None and self._filter.should_skip(pixels) and self._last_output is not None:
             self.stats["skipped"] += 1
             return from_tensor(self._last_output, kind)
-        if self._filter is not None and self._last_output is None:
-            self._filter.should_skip(pixels)  # remember the first frame
         latents = self._encode_images(pixels)
         x_t = renoise(latents, self._noise[:frames], self._alpha[0], self._beta[0])
         out = self._decode_latents(self._stream_step(x_t)).float().cpu()
