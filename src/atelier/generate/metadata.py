@@ -87,35 +87,51 @@ def parse_parameters(text: str) -> dict[str, str]:
     return result
 
 
-def open_image(path):
-    """Open an image file for reading, refusing what is missing, not an image, corrupt or too large.
+class ImageTooLarge(UserError):
+    """An image over the size limit (refused from its header, before decoding)."""
+
+
+def open_image(source, *, max_side: int = MAX_IMAGE_SIDE, formats=None, name: str | None = None, load: bool = True):
+    """Open an image file (a path) or image bytes, refusing what is missing, not an image, corrupt or
+    too large.
 
     The size is checked from the header, before any pixel is decoded, so a decompression bomb never
-    reaches memory; PIL's own bomb check is turned into an error too.
+    reaches memory; PIL's own bomb check is turned into an error too. `formats` limits the formats
+    PIL tries; `load=False` stops after the header check.
     """
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image not found: {path}")
+    if isinstance(source, (bytes, bytearray)):
+        name = name or "image data"
+        opener = io.BytesIO(source)
+    else:
+        path = Path(source)
+        name = name or str(path)
+        if not path.is_file():
+            raise UserError(f"image not found: {path}")
+        opener = path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(opener, formats=formats)
             width, height = image.size
-            if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
-                raise UserError(
-                    f"image too large: {path} is {width}x{height}; the limit is {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}"
-                )
-            image.load()
+            if width > max_side or height > max_side:
+                raise ImageTooLarge(f"image too large: {name} is {width}x{height}; the limit is {max_side}x{max_side}")
+            if width < 1 or height < 1:
+                raise UserError(f"{name} has no pixels ({width}x{height})")
+            if load:
+                image.load()
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise UserError(f"image too large: {path} ({exc})") from None
+        raise ImageTooLarge(f"image too large: {name} ({exc})") from None
     except UnidentifiedImageError:
-        raise UserError(f"not an image file (or a format PIL cannot read): {path}") from None
+        kinds = f" ({', '.join(formats)})" if formats else " (or a format PIL cannot read)"
+        raise UserError(f"not an image{kinds}: {name}") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"corrupt image: {path} ({exc})") from None
+        raise UserError(f"corrupt image: {name} ({exc})") from None
     return image
 
 

@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 import uuid
-import warnings
 from collections import deque
 
 from atelier.errors import UserError
@@ -53,22 +52,16 @@ class ClientError(UserError):
 # ---------------------------------------------------------------------------------------------- frames
 
 
-def _open_frame(data: bytes, max_side: int):
-    """The lazily opened image in `data`, its size checked from the header (no pixel decoded yet)."""
-    from PIL import Image, UnidentifiedImageError
+def _open_frame(data: bytes, max_side: int, load: bool):
+    """`open_image` on a frame's bytes, its refusals as the client's error codes."""
+    from atelier.generate.metadata import ImageTooLarge, open_image
 
     try:
-        image = Image.open(io.BytesIO(data), formats=FRAME_FORMATS)
-    except UnidentifiedImageError:
-        raise ClientError("bad_frame", "binary messages must be JPEG, PNG or WebP images; this one is not") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ClientError("bad_frame", f"corrupt image frame ({exc})") from None
-    width, height = image.size
-    if width > max_side or height > max_side:
-        raise ClientError("frame_too_large", f"frame is {width}x{height} pixels; the limit is {max_side}x{max_side}")
-    if width < 1 or height < 1:
-        raise ClientError("bad_frame", f"frame has no pixels ({width}x{height})")
-    return image
+        return open_image(data, max_side=max_side, formats=FRAME_FORMATS, name="frame", load=load)
+    except ImageTooLarge as exc:
+        raise ClientError("frame_too_large", str(exc)) from None
+    except UserError as exc:
+        raise ClientError("bad_frame", f"{exc}; binary messages must be JPEG, PNG or WebP images") from None
 
 
 def check_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES, max_side: int = MAX_FRAME_SIDE) -> None:
@@ -77,25 +70,12 @@ def check_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES, max_side: int = M
         raise ClientError("frame_too_large", f"frame is {len(data)} bytes; the limit is {max_bytes}")
     if not data:
         raise ClientError("bad_frame", "empty binary message; send a JPEG, PNG or WebP image")
-    _open_frame(data, max_side)
+    _open_frame(data, max_side, load=False)
 
 
 def decode_frame(data: bytes, max_side: int = MAX_FRAME_SIDE):
     """The RGB pixels of a frame that passed `check_frame`; corrupt or truncated data is a ClientError."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _open_frame(data, max_side)
-            image.load()
-            return image.convert("RGB")
-    except ClientError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ClientError("frame_too_large", f"frame refused: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ClientError("bad_frame", f"corrupt image frame ({exc})") from None
+    return _open_frame(data, max_side, load=True).convert("RGB")
 
 
 def encode_image(image, fmt: str, quality: int = 90) -> bytes:

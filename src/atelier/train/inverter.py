@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from atelier.edit.one_step import generate, invert, with_unet
+from atelier._io import atomic_open
 from atelier.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -110,19 +111,17 @@ def prepare_manifest(images_dir, out, captions: bool = True) -> dict:
             text = p.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip()
             captioned += bool(text)
         lines.append(json.dumps({"image": str(p.resolve()), "caption": text}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with atomic_open(out, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
     return {"manifest": str(out), "images": len(files), "captioned": captioned}
 
 
 def _load_image(path: str, size: int) -> torch.Tensor:
     from PIL import Image, ImageOps
 
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
-    except OSError as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
+    from atelier.generate.metadata import open_image
+
+    im = ImageOps.fit(open_image(path).convert("RGB"), (size, size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 
