@@ -57,7 +57,7 @@ def create_app(
     **load_options,
 ) -> FastAPI:
     """The app for a loaded pipeline, or for anything `load_pipeline` takes (loaded here, now)."""
-    from atelier.generate.request import _model_name
+    from atelier.core.facts import model_name as _model_name
     from atelier.stream import StreamEngine
 
     if isinstance(pipe_or_source, (str, os.PathLike)):
@@ -260,12 +260,12 @@ def _output_options(fmt, quality) -> tuple[str, int]:
 
 
 def _png_with_parameters(image, infotext: str) -> bytes:
-    """PNG bytes carrying A1111 `parameters` text, as `atelier.generate.metadata.save_png` writes."""
+    """PNG bytes carrying A1111 `parameters` text, as `atelier.core.images.save_png` writes."""
     import io
 
     from PIL.PngImagePlugin import PngInfo
 
-    from atelier.generate.metadata import PARAMETERS_KEY
+    from atelier.core.infotext import PARAMETERS_KEY
 
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, infotext)

@@ -29,7 +29,7 @@ from atelier.errors import UserError
 log = logging.getLogger("atelier.server")
 
 MAX_FRAME_BYTES = 8 * 1024 * 1024
-MAX_FRAME_SIDE = 4096  # as for image files (atelier.generate.metadata.MAX_IMAGE_SIDE)
+MAX_FRAME_SIDE = 4096  # as for image files (atelier.core.facts.MAX_IMAGE_SIDE)
 FRAME_FORMATS = ("JPEG", "PNG", "WEBP")
 OUTPUT_FORMATS = ("jpeg", "png")
 MAX_PENDING_COMMANDS = 32
@@ -54,7 +54,7 @@ class ClientError(UserError):
 
 def _open_frame(data: bytes, max_side: int, load: bool):
     """`open_image` on a frame's bytes, its refusals as the client's error codes."""
-    from atelier.generate.metadata import ImageTooLarge, open_image
+    from atelier.core.images import ImageTooLarge, open_image
 
     try:
         return open_image(data, max_side=max_side, formats=FRAME_FORMATS, name="frame", load=load)
@@ -388,7 +388,7 @@ class SessionManager:
     def _edit_frame(self, session: Session, image):
         """One frame through the one-step edit, at the stream's size; (image, infotext)."""
         from atelier.edit.methods import EditSettings
-        from atelier.generate.request import _model_name
+        from atelier.core.facts import model_name as _model_name
 
         engine = session.engine
         if image.size != (engine.width, engine.height):

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from atelier.core import vae as vae_calls
 from atelier.errors import UserError
 from atelier.stream.frames import from_tensor, to_tensor
 from atelier.stream.similarity import SimilarityFilter
@@ -89,8 +90,8 @@ class StreamEngine:
         max_skip_frames: int = 10,
         vae=None,
     ):
-        from atelier.generate.request import check_size, native_size, size_step
-        from atelier.edit.denoiser import Denoiser
+        from atelier.core.facts import check_size, native_size, size_step
+        from atelier.core.denoiser import Denoiser
         from atelier.prompts.conditioning import is_sdxl_pipeline
 
         if not isinstance(frame_buffer_size, int) or not 1 <= frame_buffer_size <= MAX_STAGES:
@@ -102,7 +103,7 @@ class StreamEngine:
 
             vae = load_tiny_autoencoder(vae, device=pipe.unet.device, dtype=pipe.unet.dtype)
         self.vae = vae if vae is not None else pipe.vae
-        self.tiny_vae = type(self.vae).__name__ == "AutoencoderTiny"
+        self.tiny_vae = vae_calls.is_tiny(self.vae)
         self.frame_buffer_size = frame_buffer_size
         self.use_denoising_batch = use_denoising_batch
         self.width = width or native_size(pipe)
@@ -138,7 +139,7 @@ class StreamEngine:
     @classmethod
     def settings_schema(cls, pipe) -> dict:
         """What each live setting accepts, with this model's defaults: the contract of `update()`."""
-        from atelier.generate.request import native_size
+        from atelier.core.facts import native_size
 
         d = default_settings(pipe)
         size = native_size(pipe)
@@ -383,18 +384,12 @@ class StreamEngine:
     # ------------------------------------------------------------------ frames
 
     def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, self.vae.dtype)
         with self._timed("vae_encode"):
-            if self.tiny_vae:
-                latents = self.vae.encode(images).latents
-            else:
-                latents = self.vae.encode(images).latent_dist.mode()
-        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+            return vae_calls.encode(self.vae, images.to(self.device), self.dtype)
 
     def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents.to(self.vae.dtype)
         with self._timed("vae_decode"):
-            return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+            return vae_calls.decode(self.vae, latents)
 
     @torch.no_grad()
     def __call__(self, image=None):
@@ -442,8 +437,8 @@ class StreamEngine:
 
     def infotext(self) -> str:
         """A1111 "parameters" text for the last frame returned."""
-        from atelier.generate.metadata import format_parameters
-        from atelier.generate.request import _model_name
+        from atelier.core.infotext import format_parameters
+        from atelier.core.facts import model_name as _model_name
 
         s = self._last_settings or self._settings
         cfg = s["cfg_type"] if s["guidance_scale"] > 1.0 else "none"
