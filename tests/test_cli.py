@@ -247,3 +247,180 @@ def test_single_file_with_config_and_lora_from_the_command_line(model, tmp_path,
     assert np.abs(pixels(tmp_path / "folder.png") - pixels(tmp_path / "lora.png")).max() > 10
     code, _, err = run([*common, "--model", model, "--lora", tmp_path / "missing.safetensors", "--out", tmp_path / "x.png"], capsys)
     assert code == 2 and "missing.safetensors" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded numbers, hires fix, output paths, --quiet, imports (issue 11)
+
+
+def _png_with(path, text, size=16):
+    return save_png(Image.new("RGB", (size, size), "gray"), path, text)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--steps", "99999999999"],
+        ["--steps", "100000"],
+        ["--cfg", "inf"],
+        ["--cfg", "nan"],
+        ["--pag-scale", "nan"],
+        ["--guidance-rescale", "nan"],
+        ["--clip-skip", "100000"],
+        ["--n", "1000000000"],
+        ["--batch-size", "100000"],
+        ["--seed", str(2**64)],
+        ["--hires-upscale", "inf"],
+        ["--hires-upscale", "2", "--strength", "nan"],
+        ["--hires-steps", "99999999999"],
+    ],
+)
+def test_numbers_out_of_bounds_fail_in_one_line_before_loading(argv, tmp_path, capsys):
+    # the model does not exist: a bound checked before loading is the error reported
+    code, out, err = run(["generate", "x", "--model", tmp_path / "no-model", "--outdir", tmp_path / "o", *argv], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("atelier: error: ") and "no-model" not in err, err
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+@pytest.mark.parametrize("field", ["Steps: 99999999999", "Steps: 100000", "CFG scale: inf", "CFG scale: nan"])
+def test_numbers_from_metadata_are_bounded(field, tmp_path, capsys):
+    png = _png_with(tmp_path / "a.png", f"a cat\n{field}, Sampler: Euler, Seed: 1, Size: 16x16")
+    code, _, err = run(["generate", "--from", png, "--model", tmp_path / "no-model", "--out", tmp_path / "b.png"], capsys)
+    assert code == 2 and err.count("\n") == 1 and field.split(":")[0].lower() in err.lower()
+
+
+A1111_HIRES = (
+    "a red circle\nNegative prompt: blurry\n"
+    "Steps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 5, Size: 16x16, Model hash: 1234abcd, "
+    "Model: tiny-sd1, Denoising strength: 0.5, Hires upscale: 2, Hires steps: 2, Hires upscaler: {upscaler}, "
+    "Version: v1.10.1"
+)
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_generate_from_an_a1111_hires_image(model, tmp_path, capsys, upscaler):
+    png = _png_with(tmp_path / "a1111.png", A1111_HIRES.format(upscaler=upscaler), size=32)
+    out = tmp_path / "hires.png"
+    code, _, err = run(["generate", "--from", png, "--model", model, "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    assert Image.open(out).size == (32, 32)
+    fields = parse_parameters(read_parameters(out))
+    assert {k: fields[k] for k in ("Size", "Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler")} == {
+        "Size": "16x16", "Denoising strength": "0.5", "Hires upscale": "2", "Hires steps": "2", "Hires upscaler": upscaler}
+    again = tmp_path / "again.png"
+    assert run(["generate", "--from", out, "--model", model, "--out", again, "--quiet"], capsys)[0] == 0
+    assert np.array_equal(pixels(again), pixels(out))
+    # the same hires fix from the command line
+    same = tmp_path / "same.png"
+    run(["generate", "a red circle", "--negative", "blurry", "--model", model, "--steps", 2, "--sampler", "Euler a",
+         "--seed", 5, "--hires-upscale", 2, "--hires-steps", 2, "--hires-upscaler", upscaler, "--strength", 0.5,
+         "--out", same, "--quiet"], capsys)
+    assert np.array_equal(pixels(same), pixels(out))
+
+
+def test_an_upscaler_model_is_one_line_naming_it(model, tmp_path, capsys):
+    png = _png_with(tmp_path / "esrgan.png", A1111_HIRES.format(upscaler="R-ESRGAN 4x+"))
+    code, out, err = run(["generate", "--from", png, "--model", model, "--out", tmp_path / "x.png"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "'R-ESRGAN 4x+' is not supported" in err and out == ""
+    code, _, _ = run(["generate", "--from", png, "--model", model, "--hires-upscaler", "Lanczos",
+                      "--out", tmp_path / "x.png", "--quiet"], capsys)
+    assert code == 0  # another upscaler given on the command line replaces it
+
+
+def _unwritable(tmp_path, kind):
+    if kind == "read-only file system":
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("needs Linux /proc")
+        return "/proc/atelier-test-out"
+    if kind == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder / "sub"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    return blocker / "sub"
+
+
+@pytest.mark.parametrize("kind", ["read-only file system", "read-only folder", "under a file"])
+@pytest.mark.parametrize("option", ["--outdir", "--out"])
+def test_unwritable_outputs_fail_in_one_line_before_any_work(kind, option, tmp_path, capsys):
+    target = _unwritable(tmp_path, kind)
+    if option == "--out":
+        target = f"{target}/x.png"
+    # the model does not exist: an output checked before loading is the error reported
+    code, out, err = run(["generate", "x", "--model", tmp_path / "no-model", option, target], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"atelier: error: {option}"), err
+    assert "no-model" not in err and out == ""
+
+
+def test_out_naming_an_existing_folder(model, tmp_path, capsys):
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    for argv in (["generate", "x", "--model", model, "--out", folder], ["generate", "x", "--out", tmp_path],
+                 ["toyworld", "render", "--out", tmp_path], ["toyworld", "render", "--out", "/proc/x.png"]):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("atelier: error: "), (argv, err)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    code, _, err = run(["toyworld", "edits", "--n", 1, "--outdir", blocker], capsys)
+    assert code == 2 and err.count("\n") == 1 and "not a folder" in err
+
+
+def test_generated_png_follows_the_umask(model, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        code, _, _ = run(["generate", "x", "--model", model, "--steps", 1, "--quiet", "--out", tmp_path / "a.png"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0 and (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_quiet_silences_library_warnings_but_not_errors(model, tmp_path, capsys):
+    import warnings
+
+    # DPM++ SDE on a Karras schedule makes torchsde warn about its Brownian interval
+    argv = ["generate", "x", "--model", model, "--steps", 3, "--sampler", "DPM++ SDE", "--schedule", "karras"]
+    with warnings.catch_warnings(record=True) as loud:
+        warnings.simplefilter("always")
+        assert run([*argv, "--out", tmp_path / "a.png"], capsys)[0] == 0
+    assert any("torchsde" in w.filename for w in loud)  # without --quiet the warning shows
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        code, out, err = run([*argv, "--quiet", "--out", tmp_path / "b.png"], capsys)
+    assert code == 0 and quiet == [] and err == ""
+    code, _, err = run([*argv, "--quiet", "--cfg", "nan", "--out", tmp_path / "c.png"], capsys)
+    assert code == 2 and err.startswith("atelier: error: ")
+
+
+def test_quiet_in_a_real_process_prints_nothing_on_stderr(model, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DIFFUSERS_VERBOSITY="info", TRANSFORMERS_VERBOSITY="info")
+    proc = subprocess.run([sys.executable, "-m", "atelier.cli", "generate", "x", "--model", model, "--steps", "3",
+                           "--sampler", "DPM++ SDE", "--schedule", "karras", "--quiet", "--out", "a.png"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout.strip() == "a.png"
+
+
+def test_a_broken_import_in_a_command_module_fails_loudly(tmp_path, monkeypatch):
+    import atelier.cli
+
+    (tmp_path / "broken_command.py").write_text("import atelier.no_such_module\n\ndef register(sub):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(atelier.cli, "COMMAND_MODULES", [*atelier.cli.COMMAND_MODULES, "broken_command"])
+    with pytest.raises(ModuleNotFoundError, match="atelier.no_such_module"):
+        atelier.cli.build_parser()
+
+
+def test_the_toy_world_contract_is_inside_the_repository():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "docs" / "toyworld.md").is_file()
+    for doc in [root / "README.md", *(root / "docs").glob("*.md")]:
+        text = doc.read_text(encoding="utf-8")
+        assert "shared/toyworld.md" not in text, doc
+        for target in re.findall(r"\]\(([^)#]*toyworld[^)#]*\.md)", text):
+            assert (doc.parent / target).is_file(), (doc, target)

@@ -317,3 +317,146 @@ def test_sdxl_and_turbo_pipelines():
     turbo = tiny_pipeline("turbo")
     (r,) = generate(turbo, GenerationRequest("a red circle", seed=3), progress=False)
     assert r.fields["Steps"] == 1 and r.fields["CFG scale"] == 0 and r.fields["Sampler"] == "Euler"
+
+
+# ---------------------------------------------------------------------------------------------
+# bounds on every number (issue 11): a typo or a corrupt file must not start a run that never ends
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"steps": 99999999999}, "steps"),
+        ({"steps": 100000}, "steps"),
+        ({"cfg_scale": float("inf")}, "CFG scale"),
+        ({"cfg_scale": float("nan")}, "CFG scale"),
+        ({"cfg_scale": 1e6}, "CFG scale"),
+        ({"guidance_rescale": float("nan")}, "rescale"),
+        ({"pag_scale": float("inf")}, "PAG scale"),
+        ({"pag_scale": float("nan")}, "PAG scale"),
+        ({"clip_skip": 10**6}, "clip skip"),
+        ({"n_images": 10**9}, "number of images"),
+        ({"batch_size": 10**6}, "batch size"),
+        ({"width": 10**12}, "limit"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 2**64 - 1, "n_images": 2}, "largest seed"),
+        ({"init_image": _noise_image(), "strength": float("nan")}, "strength"),
+        ({"init_image": _noise_image(), "strength": float("inf")}, "strength"),
+    ],
+)
+def test_numbers_out_of_bounds_are_user_errors(changes, message):
+    from atelier.generate.request import validate_request
+
+    with pytest.raises(UserError, match=message):
+        validate_request(_request(**changes))
+
+
+@pytest.mark.parametrize("field", ["Steps: 99999999999", "Steps: 100000", "CFG scale: nan", "CFG scale: inf",
+                                   "PAG scale: nan", "Clip skip: 123456789"])
+def test_numbers_read_from_metadata_are_bounded_too(field):
+    from atelier.generate.request import validate_request
+
+    params = parse_parameters(f"a cat\nSampler: Euler, Seed: 1, Size: 16x16, {field}")
+    with pytest.raises(UserError):
+        validate_request(GenerationRequest(**request_from_parameters(params)))
+
+
+def test_64_bit_seeds_as_comfyui_writes_them(sd1):
+    top = 2**64 - 1
+    results = generate(sd1, _request(seed=top - 1, n_images=2, steps=1), progress=False)
+    assert [r.seed for r in results] == [top - 1, top]
+    assert results[1].fields["Seed"] == top and _differ(results[0], results[1])
+    again = generate(sd1, GenerationRequest(**request_from_parameters(parse_parameters(results[1].parameters))),
+                     progress=False)[0]
+    assert np.array_equal(_pixels(again), _pixels(results[1]))
+    drawn = generate(sd1, _request(seed=None, steps=1), progress=False)[0]
+    assert 0 <= drawn.seed < 2**32  # a random seed stays in A1111's range
+
+
+# ---------------------------------------------------------------------------------------------
+# A1111's hires fix
+
+
+def _hires_request(upscaler="Latent", **kw):
+    from atelier.generate.hires import HiresFix
+
+    hires = HiresFix(upscaler=upscaler, **{k: kw.pop(k) for k in ("scale", "steps", "resize_x", "resize_y") if k in kw})
+    return _request(**{"sampler": "Euler", "steps": 3, "strength": 0.5, "cfg_scale": 7.0, "hires": hires, **kw})
+
+
+def test_hires_schedule_runs_the_hires_steps_as_a1111():
+    from atelier.generate.hires import HiresFix
+
+    for run in range(1, 41):
+        for strength in (0.05, 0.1, 0.3, 1 / 3, 0.5, 0.7, 0.75, 0.9, 0.999, 1.0):
+            steps, total, effective = HiresFix(steps=run).schedule(20, strength)
+            assert total == max(run, int(run / min(strength, 0.999)))  # A1111 setup_img2img_steps
+            assert steps == run and min(int(total * effective), total) == run  # diffusers' get_timesteps
+    assert HiresFix(steps=0).schedule(12, 0.5)[0] == 12  # 0: as many as the first pass
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Latent (bicubic antialiased)", "Lanczos", "Nearest", "None"])
+def test_hires_fix_upscales_redraws_records_and_reproduces(sd1, upscaler):
+    calls = []
+    hook = sd1.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        (r,) = generate(sd1, _hires_request(upscaler, scale=2.0, steps=2), progress=False)
+    finally:
+        hook.remove()
+    assert r.image.size == (32, 32)
+    assert len(calls) == 3 + 2  # the first pass's steps, then exactly the Hires steps
+    assert (r.fields["Size"], r.fields["Denoising strength"]) == ("16x16", 0.5)
+    assert (r.fields["Hires upscale"], r.fields["Hires steps"], r.fields["Hires upscaler"]) == (2, 2, upscaler)
+    again = generate(sd1, GenerationRequest(**request_from_parameters(parse_parameters(r.parameters))),
+                     progress=False)[0]
+    assert again.parameters == r.parameters
+    assert np.array_equal(_pixels(again), _pixels(r))
+
+
+def test_hires_upscalers_and_strength_change_the_picture(sd1):
+    latent = generate(sd1, _hires_request("Latent"), progress=False)[0]
+    lanczos = generate(sd1, _hires_request("Lanczos"), progress=False)[0]
+    stronger = generate(sd1, _hires_request("Latent", strength=0.9), progress=False)[0]
+    plain = generate(sd1, _request(sampler="Euler", steps=3, cfg_scale=7.0, width=32, height=32), progress=False)[0]
+    assert _differ(latent, lanczos) and _differ(latent, stronger) and _differ(latent, plain)
+
+
+def test_hires_resize_crops_like_a1111(sd1):
+    (r,) = generate(sd1, _hires_request(resize_x=40, resize_y=24, steps=1), progress=False)
+    assert r.image.size == (40, 24)
+    assert r.fields["Hires resize"] == "40x24" and "Hires upscale" not in r.fields
+    parsed = parse_parameters(r.parameters)
+    again = generate(sd1, GenerationRequest(**request_from_parameters(parsed)), progress=False)[0]
+    assert np.array_equal(_pixels(again), _pixels(r))
+    # A1111's own reader splits "Hires resize: 40x24" into Hires resize-1 and -2; that form reads too
+    split = {k: v for k, v in parsed.items() if k != "Hires resize"} | {"Hires resize-1": "40", "Hires resize-2": "24"}
+    assert request_from_parameters(split)["hires"] == request_from_parameters(parsed)["hires"]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ("Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+", "R-ESRGAN 4x\\+.*not supported"),
+        ("Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: Latent, Hires prompt: a dog", "Hires prompt"),
+        ("Hires upscale: 2, Hires upscaler: Latent", "no Denoising strength"),
+        ("Denoising strength: 0.5, Hires upscale: inf, Hires upscaler: Latent", "hires upscale"),
+        ("Denoising strength: 0.5, Hires upscale: 4, Hires upscaler: Latent, Size: 2048x2048", "limit"),
+        ("Denoising strength: 0.01, Hires upscale: 2, Hires steps: 150, Hires upscaler: Latent", "schedule"),
+    ],
+)
+def test_hires_settings_that_cannot_run_are_one_clear_error(sd1, fields, message):
+    params = parse_parameters(f"a cat\nSteps: 2, Sampler: Euler, Seed: 1, {fields}")
+    with pytest.raises(UserError, match=message):
+        generate(sd1, GenerationRequest(**request_from_parameters(params)), progress=False)
+
+
+def test_pag_with_img2img_and_the_hires_pass(sd1):
+    # diffusers' SD 1.x PAG img2img pipeline takes no guidance_rescale argument at all
+    init = _noise_image(16, 16, seed=2)
+    plain = generate(sd1, _request(init_image=init, strength=0.6, steps=3, cfg_scale=15.0), progress=False)[0]
+    pag = generate(sd1, _request(init_image=init, strength=0.6, steps=3, cfg_scale=15.0, pag_scale=3.0), progress=False)[0]
+    assert pag.fields["PAG scale"] == 3 and _differ(pag, plain)
+    (hires,) = generate(sd1, _hires_request(pag_scale=2.0, steps=1), progress=False)
+    assert hires.image.size == (32, 32) and hires.fields["PAG scale"] == 2
+    with pytest.raises(UserError, match="rescale"):
+        generate(sd1, _request(init_image=init, strength=0.6, pag_scale=3.0, guidance_rescale=0.5), progress=False)

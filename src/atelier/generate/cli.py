@@ -14,6 +14,8 @@ from atelier.errors import UserError
 
 DEFAULT_MODEL = "toyworld"
 DEFAULT_OUTDIR = "outputs"
+HIRES_STRENGTH = 0.7  # A1111's default denoising strength for the hires fix
+IMG2IMG_STRENGTH = 0.75
 _NUMBERED_PNG = re.compile(r"^(\d{5,})\.png$")
 
 
@@ -33,6 +35,16 @@ def register(subparsers) -> None:
                      help="one prompt per line (blank lines skipped); all written to --outdir in order, "
                           "image i seeded --seed + i")
     _add_generation_options(gen)
+    hires = gen.add_argument_group("hires fix", "A1111's hires fix: the image is made at --width/--height, "
+                                   "upscaled, then redrawn by img2img at --strength")
+    hires.add_argument("--hires-upscale", type=float, metavar="X",
+                       help="upscale factor in [1, 4]; turns the hires fix on (default 2 when another hires option is given)")
+    hires.add_argument("--hires-upscaler", metavar="NAME",
+                       help="Latent (default), Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+                            "Latent (nearest), Latent (nearest-exact), Lanczos, Nearest or None")
+    hires.add_argument("--hires-steps", type=int, metavar="N", help="steps of the hires pass (default: --steps)")
+    hires.add_argument("--strength", type=float, default=None,
+                       help=f"denoising strength of the hires pass in (0, 1] (default {HIRES_STRENGTH})")
     gen.set_defaults(func=run_generate)
 
     i2i = subparsers.add_parser(
@@ -110,7 +122,7 @@ def run_generate(args) -> int:
     if args.prompts_file and args.from_image:
         raise UserError("--from and --prompts-file cannot be combined")
     base = _from_image_settings(args.from_image) if args.from_image else {}
-    if base.get("strength") is not None and args.from_image:
+    if base.get("strength") is not None and base.get("hires") is None and args.from_image:
         raise UserError(
             f"{args.from_image} was made by img2img (it has a Denoising strength); "
             f"run `atelier img2img INIT_IMAGE --from {args.from_image}` with its starting image"
@@ -139,28 +151,49 @@ def run_img2img(args) -> int:
 
 def run_info(args) -> int:
     from atelier.cli import print_json
-    from atelier.generate.metadata import parse_parameters, read_parameters
+    from atelier.generate.metadata import parse_parameters
 
-    text = read_parameters(args.image)
+    text, kind, problems = _read_generation_info(args.image)
     if not text:
         raise UserError(f"{args.image} has no generation parameters")
     if args.json:
-        print_json({"path": str(args.image), "parameters": text, "fields": parse_parameters(text)})
+        print_json({"path": str(args.image), "format": kind, "parameters": text,
+                    "fields": parse_parameters(text), "not_reproducible": problems})
     else:
         print(text)
+        for problem in problems:
+            print(f"atelier: note: {problem}", file=sys.stderr)
     return 0
 
 
 # --- the work ---------------------------------------------------------------------------------
 
 
+def _read_generation_info(path) -> tuple[str | None, str | None, list[str]]:
+    """(infotext, "a1111" or "comfyui", what keeps it from being made again) of an image."""
+    from atelier.generate.comfyui import comfyui_parameters
+    from atelier.generate.metadata import image_parameters, open_image
+
+    image = open_image(path)
+    text = image_parameters(image)
+    if text:
+        return text, "a1111", []
+    comfy = comfyui_parameters(image, source=str(path))
+    if comfy is not None:
+        return comfy.text, "comfyui", comfy.problems
+    return None, None, []
+
+
 def _from_image_settings(path) -> dict:
-    from atelier.generate.metadata import parse_parameters, read_parameters
+    from atelier.generate.metadata import parse_parameters
     from atelier.generate.request import request_from_parameters
 
-    text = read_parameters(path)
+    text, kind, problems = _read_generation_info(path)
     if not text:
         raise UserError(f"{path} has no generation parameters to regenerate from")
+    if problems:
+        more = f" (and {len(problems) - 1} more, see `atelier info`)" if len(problems) > 1 else ""
+        raise UserError(f"{path} cannot be made again: {problems[0]}{more}")
     return request_from_parameters(parse_parameters(text), source=str(path))
 
 
@@ -195,9 +228,12 @@ def _requests(args, base: dict, prompts: list[str], init_image, model_name: str)
     if seed is None:
         import random
 
-        from atelier.generate.request import MAX_SEED
+        from atelier.generate.request import MAX_IMAGES, RANDOM_SEED_MAX
 
-        seed = random.randrange(MAX_SEED - n * len(prompts))
+        seed = random.randrange(RANDOM_SEED_MAX - min(n, MAX_IMAGES) * len(prompts))
+    hires = _hires(args, base)
+    if hires is None and init_image is None and getattr(args, "strength", None) is not None:
+        raise UserError("--strength of `generate` is the hires pass's; turn the hires fix on with --hires-upscale")
     requests = []
     for i, prompt in enumerate(prompts):
         request = GenerationRequest(
@@ -217,13 +253,35 @@ def _requests(args, base: dict, prompts: list[str], init_image, model_name: str)
             n_images=n,
             batch_size=args.batch_size,
             init_image=init_image,
-            strength=_pick(getattr(args, "strength", None), base, "strength", 0.75),
+            strength=_pick(getattr(args, "strength", None), base, "strength",
+                           HIRES_STRENGTH if hires is not None else IMG2IMG_STRENGTH),
+            hires=hires,
             wildcard_dir=args.wildcards,
             model_name=model_name,
         )
         validate_request(request)  # before the model loads
         requests.append(request)
     return requests
+
+
+def _hires(args, base: dict):
+    """The hires fix: the --from image's, with any --hires-* option given here applied."""
+    from dataclasses import replace
+
+    from atelier.generate.hires import HiresFix
+
+    changes = {
+        name: value for name, value in (("scale", getattr(args, "hires_upscale", None)),
+                                        ("upscaler", getattr(args, "hires_upscaler", None)),
+                                        ("steps", getattr(args, "hires_steps", None)))
+        if value is not None
+    }
+    hires = base.get("hires")
+    if not changes:
+        return hires
+    if "scale" in changes and hires is not None:
+        hires = replace(hires, resize_x=0, resize_y=0)  # a factor given here replaces a stored resize
+    return replace(hires or HiresFix(), **changes)
 
 
 def _model_name(source: str) -> str:
@@ -235,18 +293,19 @@ def _model_name(source: str) -> str:
 
 
 def _outputs(args, total: int) -> list[Path]:
+    """The files this run writes, checked writable before any work."""
+    from atelier.cli import check_output_file, check_output_folder
+
     if args.out:
         if total != 1:
             raise UserError(f"--out names one file but this run makes {total} images; use --outdir")
         out = Path(args.out)
-        if out.suffix.lower() != ".png":
-            raise UserError(f"--out must be a .png file: {out}")
         if out.is_dir():
             raise UserError(f"--out is a folder: {out}; use --outdir")
-        return [out]
-    outdir = Path(args.outdir or DEFAULT_OUTDIR)
-    if outdir.exists() and not outdir.is_dir():
-        raise UserError(f"--outdir is not a folder: {outdir}")
+        if out.suffix.lower() != ".png":
+            raise UserError(f"--out must be a .png file: {out}")
+        return [check_output_file(out)]
+    outdir = check_output_folder(args.outdir or DEFAULT_OUTDIR)
     start = 0
     if outdir.is_dir():
         taken = [int(m.group(1)) for f in outdir.iterdir() if (m := _NUMBERED_PNG.match(f.name))]
@@ -319,13 +378,6 @@ def _lora_args(values: list[str]) -> list[tuple[str, float]]:
 def _load(args, source: str, *, from_image: bool):
     from atelier.models import load_pipeline
 
-    if args.quiet:
-        import diffusers.utils.logging
-        import transformers.utils.logging
-
-        for logging in (diffusers.utils.logging, transformers.utils.logging):
-            logging.disable_progress_bar()
-            logging.set_verbosity_error()
     try:
         return load_pipeline(
             source,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -10,8 +11,22 @@ from typing import Any
 from atelier.errors import UserError
 from atelier.core.facts import MAX_IMAGE_SIDE, check_size, native_size, size_step  # noqa: F401
 from atelier.core.facts import model_name as _model_name
+from atelier.generate.hires import HiresFix, hires_from_parameters
 
-MAX_SEED = 2**32 - 1  # A1111's seed range; a random seed is drawn from it
+# Seeds: ComfyUI's are 64-bit and a torch generator takes any of them; a random seed is drawn from
+# A1111's range, so that it also pastes into A1111.
+MAX_SEED = 2**64 - 1
+RANDOM_SEED_MAX = 2**32 - 1
+
+# Bounds on every number, so that a typo or a corrupt file is an error instead of a run that never ends.
+# Steps: SD models are trained on 1000 timesteps, so 1000 steps already visit every one of them
+# (the full DDPM chain); A1111's UI stops at 150, which refuses DDPM-style runs its API accepts.
+MAX_STEPS = 1000
+MAX_CFG_SCALE = 100.0  # ComfyUI's KSampler maximum (A1111's UI stops at 30)
+MAX_PAG_SCALE = 100.0  # the same maximum for perturbed-attention guidance
+MAX_CLIP_SKIP = 12  # A1111's UI maximum: the 12 layers of SD 1.x's CLIP text encoder
+MAX_IMAGES = 1000  # per prompt (A1111: at most 100 batches of 8)
+MAX_BATCH_SIZE = 64  # per pipeline call; it only trades memory for speed
 
 
 @dataclass
@@ -38,7 +53,8 @@ class GenerationRequest:
     n_images: int = 1
     batch_size: int = 1  # images per pipeline call (memory), never changes the pixels
     init_image: Any = None  # PIL image: img2img when set
-    strength: float = 0.75  # img2img denoising strength
+    strength: float = 0.75  # img2img denoising strength, or the hires pass's
+    hires: HiresFix | None = None  # A1111's hires fix: a second, img2img pass at a larger size
     emphasis: str = "Original"
     wildcard_dir: str | Path | None = None
     model_name: str | None = None  # recorded in the metadata
@@ -55,41 +71,60 @@ class GenerationRequest:
         return [self.seed + k for k in range(self.n_images)]
 
 
+def _check_number(name: str, value, low, high, *, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{name} must be a number, not {value!r}")
+    if not math.isfinite(value) or value > high or (value <= low if low_open else value < low):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise UserError(f"{name} must be in {interval}, not {value}")
+
+
+def _check_whole(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{name} must be a whole number, not {value!r}")
+    if not low <= value <= high:
+        raise UserError(f"{name} must be between {low} and {high}, not {value}")
+
+
 def validate_request(request: GenerationRequest) -> None:
-    """Refuse values no model accepts, with a message naming the field."""
+    """Refuse values no model accepts and numbers out of bounds (not finite, or so large that the run
+    would never end), with a message naming the field."""
     if not isinstance(request.prompt, str):
         raise UserError("the prompt must be text")
-    if request.steps is not None and request.steps < 1:
-        raise UserError(f"steps must be at least 1, not {request.steps}")
-    if request.cfg_scale is not None and request.cfg_scale < 0:
-        raise UserError(f"CFG scale must be 0 or more, not {request.cfg_scale}")
-    if not 0.0 <= request.guidance_rescale <= 1.0:
-        raise UserError(f"guidance rescale must be between 0 and 1, not {request.guidance_rescale}")
-    if request.pag_scale < 0:
-        raise UserError(f"PAG scale must be 0 or more, not {request.pag_scale}")
-    if request.clip_skip is not None and request.clip_skip < 1:
-        raise UserError(f"clip skip counts from 1 (no skipping), not {request.clip_skip}")
+    if request.steps is not None:
+        _check_whole("steps", request.steps, 1, MAX_STEPS)
+    if request.cfg_scale is not None:
+        _check_number("CFG scale", request.cfg_scale, 0, MAX_CFG_SCALE)
+    _check_number("guidance rescale", request.guidance_rescale, 0, 1)
+    _check_number("PAG scale", request.pag_scale, 0, MAX_PAG_SCALE)
+    if request.clip_skip is not None:
+        _check_whole("clip skip", request.clip_skip, 1, MAX_CLIP_SKIP)
     for name in ("width", "height"):
         value = getattr(request, name)
         if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{name} must be a whole number, not {value!r}")
             check_size(value, value, 8, names=(name, name))  # the model's own step: resolve_request
-    if request.n_images < 1:
-        raise UserError(f"the number of images must be at least 1, not {request.n_images}")
-    if request.batch_size < 1:
-        raise UserError(f"the batch size must be at least 1, not {request.batch_size}")
-    if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
-        raise UserError(f"seed must be between 0 and {MAX_SEED}, not {request.seed}")
+    _check_whole("the number of images", request.n_images, 1, MAX_IMAGES)
+    _check_whole("the batch size", request.batch_size, 1, MAX_BATCH_SIZE)
+    if request.seed is not None:
+        _check_whole("seed", request.seed, 0, MAX_SEED)
+        if request.seed + request.n_images - 1 > MAX_SEED:
+            raise UserError(f"seed {request.seed} + {request.n_images} images runs past the largest seed {MAX_SEED}")
     from atelier.prompts.chunks import check_emphasis
 
     check_emphasis(request.emphasis)
-    if request.is_img2img:
-        if not 0.0 < request.strength <= 1.0:
-            raise UserError(f"denoising strength must be in (0, 1], not {request.strength}")
-        if request.steps is not None and int(request.steps * request.strength) < 1:
-            raise UserError(
-                f"{request.steps} steps at denoising strength {request.strength} leave no step to run; "
-                "raise --steps or --strength"
-            )
+    if request.is_img2img and request.hires is not None:
+        raise UserError("the hires fix is a txt2img second pass; img2img takes no hires settings")
+    if request.is_img2img or request.hires is not None:
+        _check_number("denoising strength", request.strength, 0, 1, low_open=True)
+    if request.is_img2img and request.steps is not None and int(request.steps * request.strength) < 1:
+        raise UserError(
+            f"{request.steps} steps at denoising strength {request.strength} leave no step to run; "
+            "raise --steps or --strength"
+        )
+    if request.hires is not None:
+        request.hires.validate(request.steps, request.strength)
     if request.wildcard_dir is not None and not Path(request.wildcard_dir).is_dir():
         raise UserError(f"wildcard folder not found: {request.wildcard_dir}")
 
@@ -121,10 +156,10 @@ def resolve_request(pipe, request: GenerationRequest) -> GenerationRequest:
         width = width or native_size(pipe)
         height = height or native_size(pipe)
     check_size(width, height, step)
+    if request.hires is not None:
+        request.hires.target(width, height, step, getattr(pipe, "vae_scale_factor", 8) or 8)  # checks the size
 
-    seed = request.seed if request.seed is not None else random.randrange(MAX_SEED - request.n_images)
-    if seed + request.n_images - 1 > MAX_SEED:
-        raise UserError(f"seed {seed} + {request.n_images} images runs past the largest seed {MAX_SEED}")
+    seed = request.seed if request.seed is not None else random.randrange(RANDOM_SEED_MAX - request.n_images)
     model_name = request.model_name or _model_name(pipe)
     resolved = replace(
         request, steps=steps, cfg_scale=float(cfg), sampler=sampler, schedule=schedule,
@@ -167,6 +202,11 @@ def request_from_parameters(params: dict[str, str], *, source: str = "the image"
         out.update(width=width, height=height)
     if params.get("Sampler"):
         out["sampler"], out["schedule"] = from_a1111_fields(params["Sampler"], params.get("Schedule type"))
+    hires = hires_from_parameters(params, source=source)
+    if hires is not None:
+        if "strength" not in out:
+            raise UserError(f"{source} has hires fix settings but no Denoising strength for the hires pass")
+        out["hires"] = hires
     if params.get("Emphasis"):
         out["emphasis"] = params["Emphasis"]
     for key, name in (("Model", "model_name"), ("Model hash", "model_hash")):

@@ -8,16 +8,21 @@ latent sample in img2img, ancestral and SDE noise), so image k comes out the sam
 size. The generators live on the CPU, as A1111's "RNG: CPU" does, so a seed gives the same noise on
 any device. Brownian-tree SDE samplers draw from their own trees; they get one tree per image,
 seeded the same way.
+
+A request with a hires fix (`atelier.generate.hires`) runs each image twice: txt2img at the base
+size, then img2img on the upscaled result, from fresh generators with the same seeds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from atelier.errors import UserError
 from atelier.core.infotext import format_parameters
+from atelier.generate.hires import upscale_image, upscale_latents
 from atelier.generate.request import GenerationRequest, resolve_request
 
 # Where perturbed-attention guidance perturbs self-attention: the UNet's middle block, as in the
@@ -48,14 +53,22 @@ def generate(pipe, request: GenerationRequest, *, progress: bool = True) -> list
     working = _working_pipeline(pipe, scheduler, img2img=request.is_img2img, pag=request.pag_scale > 0)
     steps = sampling_steps(request)
     init_image = _init_image(request)
+    hires = _HiresPass(pipe, request) if request.hires is not None else None
 
     results: list[GeneratedImage] = []
     for chunk in _chunks(_token_lengths(pipe, prompts, negatives, steps, request), request.batch_size):
         _progress_bar(working, chunk, request.n_images, progress)
+        chunk_prompts, chunk_negatives = [prompts[k] for k in chunk], [negatives[k] for k in chunk]
+        chunk_seeds = [seeds[k] for k in chunk]
         images, flags = _run_chunk(
-            working, request, [prompts[k] for k in chunk], [negatives[k] for k in chunk], [seeds[k] for k in chunk],
-            init_image, steps,
+            working, request, chunk_prompts, chunk_negatives, chunk_seeds, steps,
+            image=None if init_image is None else [init_image] * len(chunk),
+            output_type="latent" if hires is not None and hires.fix.is_latent else "pil",
         )
+        if hires is not None:
+            _progress_bar(hires.pipeline, chunk, request.n_images, progress, "hires ")
+            images, more_flags = hires(images, chunk_prompts, chunk_negatives, chunk_seeds)
+            flags = [a or b for a, b in zip(flags, more_flags)]
         for k, image, nsfw in zip(chunk, images, flags):
             fields = infotext_fields(request, seeds[k], sampler_name, schedule_type, prompts[k], negatives[k])
             results.append(
@@ -72,13 +85,37 @@ def generate(pipe, request: GenerationRequest, *, progress: bool = True) -> list
     return results
 
 
-def _progress_bar(pipeline, chunk: list[int], total: int, enabled: bool) -> None:
+class _HiresPass:
+    """The second pass of A1111's hires fix: upscale the first pass's latents or pixels, then img2img
+    them at the hires strength, on a pipeline with a scheduler of its own."""
+
+    def __init__(self, pipe, request: GenerationRequest):
+        from atelier.core.facts import size_step
+        from atelier.samplers import make_scheduler
+
+        self.fix = request.hires
+        self.factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+        self.target = self.fix.target(request.width, request.height, size_step(pipe), self.factor)
+        self.steps, total, strength = self.fix.schedule(request.steps, request.strength)
+        self.request = replace(request, steps=total, strength=strength)
+        scheduler = make_scheduler(request.sampler, pipe.scheduler.config, schedule=request.schedule)
+        self.pipeline = _working_pipeline(pipe, scheduler, img2img=True, pag=request.pag_scale > 0)
+
+    def __call__(self, first, prompts, negatives, seeds):
+        if self.fix.is_latent:
+            image = upscale_latents(first, self.target, self.fix.upscaler, self.factor)
+        else:
+            image = [upscale_image(im.convert("RGB"), self.target, self.fix.upscaler, self.factor) for im in first]
+        return _run_chunk(self.pipeline, self.request, prompts, negatives, seeds, self.steps, image=image)
+
+
+def _progress_bar(pipeline, chunk: list[int], total: int, enabled: bool, label: str = "") -> None:
     """diffusers' own tqdm bar, labelled with the images being made."""
     if not enabled:
         pipeline.set_progress_bar_config(disable=True)
         return
     first, last = chunk[0] + 1, chunk[-1] + 1
-    desc = f"image {first}/{total}" if first == last else f"images {first}-{last}/{total}"
+    desc = label + (f"image {first}/{total}" if first == last else f"images {first}-{last}/{total}")
     pipeline.set_progress_bar_config(disable=False, desc=desc, leave=False)
 
 
@@ -93,9 +130,10 @@ def infotext_fields(request, seed, sampler_name, schedule_type, prompt, negative
         "Size": f"{request.width}x{request.height}",
         "Model hash": request.model_hash,
         "Model": request.model_name,
-        "Denoising strength": _number(request.strength) if request.is_img2img else None,
+        "Denoising strength": _number(request.strength) if request.is_img2img or request.hires else None,
         "Clip skip": request.clip_skip if request.clip_skip and request.clip_skip > 1 else None,
         "RNG": "CPU",
+        **_hires_fields(request.hires),
         "Emphasis": request.emphasis if request.emphasis != "Original" else None,
         # Names used by the A1111 CFG-rescale extension and by SD.Next's PAG.
         "CFG Rescale phi": _number(request.guidance_rescale) if request.guidance_rescale else None,
@@ -106,6 +144,17 @@ def infotext_fields(request, seed, sampler_name, schedule_type, prompt, negative
     }
     fields.update(request.extra_parameters)
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _hires_fields(hires) -> dict:
+    if hires is None:
+        return {}
+    return {
+        "Hires upscale": None if hires.resizes else _number(hires.scale),
+        "Hires resize": f"{hires.resize_x}x{hires.resize_y}" if hires.resizes else None,
+        "Hires steps": hires.steps or None,
+        "Hires upscaler": hires.upscaler,
+    }
 
 
 def _number(x: float):
@@ -208,8 +257,10 @@ def _pag_aware(callback, batch: int):
     return pag_callback
 
 
-def _run_chunk(pipeline, request: GenerationRequest, prompts, negatives, seeds, init_image, steps: int):
-    """One pipeline call: images with these prompts and seeds (one generator per image)."""
+def _run_chunk(pipeline, request: GenerationRequest, prompts, negatives, seeds, steps: int, *, image=None,
+               output_type: str = "pil"):
+    """One pipeline call: images with these prompts and seeds (one generator per image). `image`
+    makes it img2img: one PIL image per seed, or a batch of latents."""
     from atelier.prompts import build_conditioning
 
     cond = build_conditioning(
@@ -228,14 +279,17 @@ def _run_chunk(pipeline, request: GenerationRequest, prompts, negatives, seeds, 
     kwargs.update(
         num_inference_steps=request.steps,
         guidance_scale=request.cfg_scale,
-        guidance_rescale=request.guidance_rescale,
         generator=generators,
-        output_type="pil",
+        output_type=output_type,
     )
+    if "guidance_rescale" in inspect.signature(pipeline.__call__).parameters:
+        kwargs["guidance_rescale"] = request.guidance_rescale
+    elif request.guidance_rescale:  # diffusers' SD 1.x / 2.x PAG img2img pipeline has no rescale
+        raise UserError(f"{type(pipeline).__name__} has no CFG rescale; leave out the guidance rescale or PAG")
     if request.pag_scale > 0:
         kwargs["pag_scale"] = request.pag_scale
-    if init_image is not None:
-        kwargs.update(image=[init_image] * len(seeds), strength=request.strength)
+    if image is not None:
+        kwargs.update(image=image, strength=request.strength)
     else:
         kwargs.update(width=request.width, height=request.height)
     with torch.inference_mode():

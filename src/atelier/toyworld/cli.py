@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 
@@ -13,7 +12,7 @@ from atelier.errors import UserError
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("toyworld", help="the toy world: render scenes, judge images, make edit cases",
-                              description="The toy world (shared/toyworld.md): render scenes, judge images, make edit cases.")
+                              description="The toy world (docs/toyworld.md): render scenes, judge images, make edit cases.")
     sub = p.add_subparsers(dest="toyworld_command", metavar="ACTION")
     sub.required = True
 
@@ -42,11 +41,13 @@ def register(subparsers) -> None:
 
 
 def run_render(args) -> int:
+    from atelier.cli import check_output_file
     from atelier.core.images import save_png
 
     from .render import render_pil
     from .scene import BASE_COLOURS, BASE_SHAPES, COLOURS, SHAPES, parse_caption, sample_scene
 
+    check_output_file(args.out)
     if args.caption:
         scene = parse_caption(args.caption)
         rng = random.Random(args.seed)
@@ -98,7 +99,9 @@ def run_judge(args) -> int:
 
 
 def run_edits(args) -> int:
+    from atelier.cli import check_output_folder
     from atelier.core.images import save_png
+    from atelier.core.io import atomic_write_bytes
 
     from .edits import EDIT_TYPES, edit_cases
     from .render import render_pil
@@ -109,7 +112,7 @@ def run_edits(args) -> int:
         raise UserError(f"unknown edit type(s) {unknown}; choose from {', '.join(EDIT_TYPES)}")
     if args.n < 1:
         raise UserError("--n must be at least 1")
-    out = Path(args.outdir)
+    out = check_output_folder(args.outdir)
     cases = edit_cases(args.n, args.seed, kinds)
     lines = []
     from PIL import Image
@@ -122,7 +125,7 @@ def run_edits(args) -> int:
         lines.append({"image": f"source/{name}.png", "source": case.source_caption, "target": case.target_caption,
                       "out": f"{name}.png", "kind": case.kind, "expected": f"target/{name}.png", "mask": f"mask/{name}.png",
                       "scene": case.to_dict()})
-    (out / "cases.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    atomic_write_bytes(out / "cases.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode("utf-8"))
     if args.json:
         from atelier.cli import print_json
 
