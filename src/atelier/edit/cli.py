@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from atelier.errors import UserError
+from atelier.image_prompts import cli as image_prompts_cli
 
 METHOD_CHOICES = ("auto", "ddpm", "diffedit", "turbo", "img2img", "one-step")
 
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
     p.add_argument("--mask-out", metavar="MASK.png", help="also write the edit mask (single image)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt pickle weights (runs code in the file)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    image_prompts_cli.add_options(p)
     p.set_defaults(func=run_edit)
 
 
@@ -108,13 +110,14 @@ def run_edit(args) -> int:
     for case in cases:  # before the model loads
         if not Path(case["image"]).is_file():
             raise UserError(f"image not found: {case['image']}")
+    image_prompts = image_prompts_cli.plan(args, args.model)
 
     from atelier.edit.methods import Editor, resolve_settings
     from atelier.core.images import open_image, save_png
     from atelier.models import load_pipeline
 
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-    resolve_settings(pipe, settings)  # bad options fail before any work
+    ip_fields = image_prompts.apply_to_edit(pipe, resolve_settings(pipe, settings))  # bad options fail before any work
     editor = Editor(pipe)
     if settings.method == "one-step":
         editor.one_step(settings.inverter)  # a missing or unfit inverter fails before any work
@@ -124,7 +127,8 @@ def run_edit(args) -> int:
         image = open_image(case["image"])
         result = editor.edit(image, case["source"], case["target"], settings)
         out = outdir / case["out"] if outdir else Path(case["out"])
-        save_png(result.image, out, result.parameters(case["source"], case["target"], args.model))
+        parameters = image_prompts_cli.with_fields(result.parameters(case["source"], case["target"], args.model), ip_fields)
+        save_png(result.image, out, parameters)
         mask_path = None
         if result.mask is not None and (args.mask_out and not args.cases):
             mask_path = args.mask_out
