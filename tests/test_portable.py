@@ -101,3 +101,39 @@ def test_plain_diffusers_on_transformers4_gives_the_same_outputs(tmp_path):
     assert sorted(new) == sorted(old)
     for key in new:
         np.testing.assert_allclose(old[key], new[key], atol=1e-4, rtol=0, err_msg=key)
+
+
+ATELIER_ON_TRANSFORMERS4 = """
+import sys, numpy as np, torch
+from atelier.models import load_pipeline, load_tiny_autoencoder
+from atelier.models.loader import BUILTIN_DIR, _load_folder
+raw = _load_folder(BUILTIN_DIR / "toyworld", dtype=torch.bfloat16, allow_pickle=False, safety_checker=True)
+dtypes = {n: str(m.dtype) for n, m in raw.components.items() if isinstance(m, torch.nn.Module)}
+assert set(dtypes.values()) == {"torch.bfloat16"}, dtypes
+assert load_tiny_autoencoder("toyworld-taesd", dtype="bf16").dtype == torch.bfloat16
+pipe = load_pipeline("toyworld")
+image = pipe("a small red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+np.save(sys.argv[1], image)
+"""
+
+
+@pytest.mark.slow
+def test_atelier_itself_on_transformers4_loads_toyworld_in_the_requested_dtype(tmp_path):
+    """The oldest stack the package accepts: transformers 4.x needs huggingface_hub < 1, so diffusers < 0.40,
+    which ignores `dtype=` (atelier.models.dtype_kwargs spells it `torch_dtype=` there)."""
+    import atelier
+    from atelier.models import load_pipeline
+
+    if not (TRANSFORMERS4 / "transformers").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"no transformers 4.x install at {TRANSFORMERS4} (.ci/run installs it)")
+        pytest.skip(f"no transformers 4.x install at {TRANSFORMERS4}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([os.fspath(TRANSFORMERS4), os.fspath(Path(atelier.__file__).parents[1])])}
+    out = tmp_path / "image.npy"
+    proc = subprocess.run([sys.executable, "-c", ATELIER_ON_TRANSFORMERS4, os.fspath(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = load_pipeline("toyworld")
+    image = pipe("a small red circle", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_allclose(np.load(out), image, atol=1e-4, rtol=0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -342,16 +341,11 @@ def export_inverter(folder, out) -> str:
     """Copy a trained inverter as an fp16 safetensors UNet folder (atomically replacing `out`)."""
     from diffusers import UNet2DConditionModel
 
+    from atelier.models import save_model_folder
+
     folder, out = Path(folder), Path(out)
     unet = UNet2DConditionModel.from_pretrained(folder)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    if (folder / "atelier.json").is_file():
-        shutil.copy(folder / "atelier.json", tmp / "atelier.json")
-    for path in tmp.iterdir():
-        path.chmod(0o644)  # save_pretrained's temporary files are private
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    return str(out)
+    info = folder / "atelier.json"
+    files = {"atelier.json": info.read_text(encoding="utf-8")} if info.is_file() else None
+    return str(save_model_folder(unet, out, files=files))
 

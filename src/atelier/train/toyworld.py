@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -709,14 +708,9 @@ def tiny_round_trip_accuracy(tiny, vae, n: int, seed: int) -> dict:
 
 
 def export_taesd(tiny, weights_dir: Path) -> str:
-    out = Path(weights_dir) / "toyworld-taesd"
-    tmp = out.with_name(".toyworld-taesd.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tiny.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    tiny.to(torch.float32)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    return str(out)
+    from atelier.models import save_model_folder
+
+    return str(save_model_folder(tiny, Path(weights_dir) / "toyworld-taesd"))
 
 
 # ---------------------------------------------------------------- export
@@ -724,6 +718,8 @@ def export_taesd(tiny, weights_dir: Path) -> str:
 def export_pipelines(cfg: ToyTrainConfig, vae, te, tokenizer, unet, turbo, weights_dir: Path) -> dict:
     """Write `toyworld` and `toyworld-turbo` as diffusers folders, weights in fp16 safetensors."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from atelier.models import save_model_folder
 
     paths = {}
     specs = {
@@ -739,17 +735,10 @@ def export_pipelines(cfg: ToyTrainConfig, vae, te, tokenizer, unet, turbo, weigh
             vae=vae, text_encoder=te, tokenizer=tokenizer, unet=model, scheduler=sched,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-        out = Path(weights_dir) / name
-        tmp = out.with_name(f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        pipe.to(torch.float32)
         trained_with = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
         meta = {"name": name, "family": "toyworld", "defaults": defaults, "trained_with": trained_with,
                 "resolution": 64, "description": "atelier's toy-world model (shared/toyworld.md), trained on CPU"}
-        (tmp / "atelier.json").write_text(json.dumps(meta, indent=2, default=str))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.replace(out)
+        out = save_model_folder(pipe, Path(weights_dir) / name, files={"atelier.json": json.dumps(meta, indent=2, default=str)})
         paths[name] = str(out)
     return paths
 
