@@ -37,8 +37,9 @@ _EMBED_CACHE_SIZE = 32
 
 def default_settings(pipe) -> dict:
     """Live settings a new stream starts from. Turbo and LCM models: two stages over the last 70 % of
-    a 50-step schedule (on toyworld-turbo one stage follows the prompt in 38 % of toy-world edits, two
-    in 85 %, three in 95 %); multi-step models: four stages over the last 60 %."""
+    a 50-step schedule (on toyworld-turbo one stage follows an edited prompt in 26 % of toy-world edit
+    cases, two in 78 %, three in 93 %: benchmarks/stream.py --edit-grid); multi-step models: four
+    stages over the last 60 %."""
     from atelier.models.families import detect_family
 
     family = detect_family(pipe)
