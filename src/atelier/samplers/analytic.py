@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+from atelier.core.prediction import model_target
+
 # Schedulers whose `sample` is the VP x_t; the others (Euler, Heun, LMS, KDPM2, DPM++ SDE, ...)
 # carry k-diffusion's x = x_t / alpha_t = x0 + sigma * eps.
 VP_SAMPLE_CLASSES = {
@@ -113,15 +115,7 @@ class MixtureModel:
         x = x_t.double().numpy()
         x0 = self.mixture.denoise(x, a, b)
         eps = (x - a * x0) / b
-        if self.prediction_type == "epsilon":
-            out = eps
-        elif self.prediction_type == "v_prediction":
-            out = a * eps - b * x0
-        elif self.prediction_type == "sample":
-            out = x0
-        else:
-            raise ValueError(self.prediction_type)
-        return torch.from_numpy(out).to(x_t.dtype)
+        return torch.from_numpy(model_target(x0, eps, a, b, self.prediction_type)).to(x_t.dtype)
 
 
 class SchedulerSigmaModel(MixtureModel):
