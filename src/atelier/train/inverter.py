@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from atelier.edit.one_step import generate, invert, with_unet
-from atelier._io import atomic_open
+from atelier.core import vae as vae_calls
+from atelier.core.io import atomic_open
 from atelier.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -118,7 +119,7 @@ def prepare_manifest(images_dir, out, captions: bool = True) -> dict:
 def _load_image(path: str, size: int) -> torch.Tensor:
     from PIL import Image, ImageOps
 
-    from atelier.generate.metadata import open_image
+    from atelier.core.images import open_image
 
     im = ImageOps.fit(open_image(path).convert("RGB"), (size, size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
@@ -158,7 +159,7 @@ class Models:
     """The frozen parts as Denoisers over the base model's text encoder and VAE, and the inverter."""
 
     def __init__(self, cfg: InverterConfig, need_teacher: bool):
-        from atelier.edit.denoiser import Denoiser
+        from atelier.core.denoiser import Denoiser
         from atelier.edit.one_step import load_inverter
 
         base = _pipeline(cfg.pretrained_model_name_or_path)
@@ -188,7 +189,7 @@ class Models:
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Differentiable decode to [-1, 1] pixels (clamped)."""
-        return self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float().clamp(-1, 1)
+        return vae_calls.decode(self.vae, z).float().clamp(-1, 1)
 
 
 # ---------------------------------------------------------------- losses
