@@ -94,7 +94,7 @@ def test_changed_tokens_and_attention_store(toyworld):
     assert added == [] and {tok.convert_ids_to_tokens(tok("a red circle and a blue square").input_ids[i]) for i in removed} == {"blue</w>", "square</w>"}
 
     before = dict(toyworld.unet.attn_processors)
-    store = CrossAttentionStore(resolutions=(4,))
+    store = CrossAttentionStore((16, 16), levels=(2,))
     store.install(toyworld.unet)
     assert any(type(p).__name__ == "_StoringProcessor" for p in toyworld.unet.attn_processors.values())
     store.remove(toyworld.unet)

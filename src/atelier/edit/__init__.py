@@ -14,7 +14,7 @@ _EXPORTS = {
     "EditResult": "atelier.edit.methods",
     "METHOD_NAMES": "atelier.edit.methods",
     "METHODS": "atelier.edit.registry",
-    "Denoiser": "atelier.edit.denoiser",
+    "Denoiser": "atelier.core.denoiser",
     "CrossAttentionStore": "atelier.edit.masks",
     "estimate_masks": "atelier.edit.masks",
     "ddpm_noise_maps": "atelier.edit.inversion",

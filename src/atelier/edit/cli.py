@@ -110,7 +110,7 @@ def run_edit(args) -> int:
             raise UserError(f"image not found: {case['image']}")
 
     from atelier.edit.methods import Editor, resolve_settings
-    from atelier.generate.metadata import open_image, save_png
+    from atelier.core.images import open_image, save_png
     from atelier.models import load_pipeline
 
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)

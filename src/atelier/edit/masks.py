@@ -9,41 +9,51 @@ Both are soft maps in [0, 1] at latent resolution; `binary_mask` thresholds and 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 
 import torch
 import torch.nn.functional as F
 
-from atelier.edit.attention import CrossAttentionHook, attend, cross_attention
+from atelier.core.attention import AttentionHook, attend, cross_attention, grid_shape
 
 FUNCTION_WORDS = {"a", "an", "the", "and", "at", "in", "on", "of", "with", ",", "."}
 
 
-class CrossAttentionStore(CrossAttentionHook):
+class CrossAttentionStore(AttentionHook):
     """Sums cross-attention probabilities per batch item and token, over layers and calls, at the
-    layers whose query grid has `resolutions` (latent sizes, e.g. latent/4 and latent/2)."""
+    layers `levels` below a latent of `latent_hw` (level 1: half its size, 2: a quarter, ...)."""
 
-    def __init__(self, resolutions: tuple[int, ...]):
-        self.resolutions = set(resolutions)
-        self.maps: dict[int, torch.Tensor] = {}  # side -> (B, side * side, tokens)
+    def __init__(self, latent_hw: tuple[int, int], levels: tuple[int, ...] = (1, 2)):
+        self.latent_hw = tuple(latent_hw)
+        self.grids = set()
+        for level in levels:
+            h, w = self.latent_hw
+            for _ in range(level):
+                h, w = (h + 1) // 2, (w + 1) // 2
+            self.grids.add((h, w))
+        self.maps: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> (B, h * w, tokens)
 
     def processor(self):
         return _StoringProcessor(self)
 
     def record(self, probs: torch.Tensor, batch: int) -> None:
-        side = int(round(probs.shape[1] ** 0.5))
-        if side * side != probs.shape[1] or side not in self.resolutions:
+        try:
+            grid = grid_shape(self.latent_hw, probs.shape[1])
+        except ValueError:
+            return
+        if grid not in self.grids:
             return
         per_item = probs.reshape(batch, -1, *probs.shape[1:]).mean(1).float()
-        self.maps[side] = self.maps.get(side, 0) + per_item.detach()
+        self.maps[grid] = self.maps.get(grid, 0) + per_item.detach()
 
-    def token_map(self, item: int, positions: list[int], side: int) -> torch.Tensor:
-        """(side, side) mean attention of `positions` for batch item `item`, upsampled from every
-        recorded resolution and averaged."""
-        out = torch.zeros(side, side)
-        for res, m in self.maps.items():
-            grid = m[item][:, positions].mean(-1).reshape(1, 1, res, res)
-            out += F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)[0, 0].cpu()
+    def token_map(self, item: int, positions: list[int]) -> torch.Tensor:
+        """(h, w) mean attention of `positions` for batch item `item` at latent size, upsampled from
+        every recorded grid and averaged."""
+        out = torch.zeros(self.latent_hw)
+        for (gh, gw), m in self.maps.items():
+            grid = m[item][:, positions].mean(-1).reshape(1, 1, gh, gw)
+            out += F.interpolate(grid, size=self.latent_hw, mode="bilinear", align_corners=False)[0, 0].cpu()
         return out / max(1, len(self.maps))
 
 
@@ -89,32 +99,26 @@ def estimate_masks(den, x0: torch.Tensor, source: str, target: str, *, t: int = 
     """Soft (h, w) maps in [0, 1]: "noise" (DiffEdit) and, when asked, "attention" (the changed
     words' cross-attention: source words under the source prompt, target words under the target)."""
     hidden, pooled = den.conditioning([source, target])
-    side = x0.shape[-1]
-    store = None
-    if attention:
-        store = CrossAttentionStore(resolutions=(side // 4, side // 2))
-        store.install(den.unet)
+    latent_hw = tuple(x0.shape[-2:])
+    store = CrossAttentionStore(latent_hw) if attention else None
     generator = torch.Generator("cpu").manual_seed(seed)
-    diff = torch.zeros(side, side)
-    try:
+    diff = torch.zeros(latent_hw)
+    with store.installed(den.unet) if store is not None else contextlib.nullcontext():
         a, b = den.coefficients(t)
         for _ in range(samples):
             noise = torch.randn(x0.shape, generator=generator).to(x0)
             x_t = (a * x0 + b * noise).expand(2, -1, -1, -1)
             _, eps = den.x0_eps(x_t, t, hidden, pooled)
             diff += (eps[1] - eps[0]).abs().mean(0).float().cpu()
-    finally:
-        if store is not None:
-            store.remove(den.unet)
     maps = {"noise": normalised(F.avg_pool2d(diff[None, None], 3, 1, 1)[0, 0])}
     if store is not None:
         src_pos, tgt_pos = changed_token_positions(den.pipe.tokenizer, source, target)
         parts = []
         if src_pos:
-            parts.append(normalised(store.token_map(0, src_pos, side)))
+            parts.append(normalised(store.token_map(0, src_pos)))
         if tgt_pos:
-            parts.append(normalised(store.token_map(1, tgt_pos, side)))
-        maps["attention"] = torch.stack(parts).amax(0) if parts else torch.zeros(side, side)
+            parts.append(normalised(store.token_map(1, tgt_pos)))
+        maps["attention"] = torch.stack(parts).amax(0) if parts else torch.zeros(latent_hw)
     return maps
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from atelier.edit.denoiser import Denoiser
+from atelier.core.denoiser import Denoiser
 from atelier.edit.inversion import ddim_invert, ddim_step, ddpm_noise_maps, ddpm_step, edit_timesteps
 from atelier.edit.masks import binary_mask, estimate_masks, pixel_mask
 from atelier.errors import UserError
@@ -64,7 +64,7 @@ class EditResult:
 
     def parameters(self, source: str, target: str, model: str | None) -> str:
         """A1111-style infotext: the target as the prompt, the edit's settings after it."""
-        from atelier.generate.metadata import format_parameters
+        from atelier.core.infotext import format_parameters
 
         s = self.settings
         fields = {"Steps": s.steps, "Sampler": f"edit {s.method}", "CFG scale": s.guidance_scale, "Seed": s.seed,
@@ -131,7 +131,7 @@ class Editor:
         self._one_step: dict = {}  # inverter name -> OneStepEditor
 
     def check_image(self, image: Image.Image) -> Image.Image:
-        from atelier.generate.request import size_step
+        from atelier.core.facts import size_step
 
         step = size_step(self.pipe)
         image = image.convert("RGB")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from atelier.edit.attention import CrossAttentionHook, attend, cross_attention
+from atelier.core.attention import AttentionHook, attend_sdpa, cross_attention, grid_shape
 from atelier.errors import UserError
 
 INVERT_TIMESTEP = 999  # the inverter is conditioned like the generator's single step
@@ -119,7 +119,7 @@ def check_inverter_fits(inverter, pipe) -> None:
 
 # ---------------------------------------------------------------- attention rescaling
 
-class MaskedPromptAttention(CrossAttentionHook):
+class MaskedPromptAttention(AttentionHook):
     """Cross-attention by region: the edit prompt inside the mask (output times `edit_scale`), the
     source prompt outside it (times `keep_scale`). Installed on every attn2 of the generator for
     one call, like masks.CrossAttentionStore; self-attention is left alone."""
@@ -134,12 +134,10 @@ class MaskedPromptAttention(CrossAttentionHook):
 
     def grid_mask(self, tokens: int, dtype, device) -> torch.Tensor:
         """The mask at a query grid of `tokens` positions, shaped (1, tokens, 1)."""
-        h, w = self.mask.shape
-        factor = (h * w / tokens) ** 0.5
-        gh, gw = max(1, round(h / factor)), max(1, round(w / factor))
+        gh, gw = grid_shape(tuple(self.mask.shape), tokens)
         # max-pooled: a coarse cell that touches the edit is edited wholly (an averaged mask would blend
         # the two prompts' attention there, e.g. red and yellow into orange); paste-back keeps the rest
-        m = F.adaptive_max_pool2d(self.mask[None, None], (gh, gw)) if (gh, gw) != (h, w) else self.mask[None, None]
+        m = F.adaptive_max_pool2d(self.mask[None, None], (gh, gw)) if (gh, gw) != tuple(self.mask.shape) else self.mask[None, None]
         return m.reshape(1, gh * gw, 1).to(device, dtype)
 
 
@@ -154,8 +152,8 @@ class _MaskedProcessor:
             source_context = owner.source_hidden.to(edit_context).expand(batch, -1, -1)
             if attn.norm_cross:
                 source_context = attn.norm_encoder_hidden_states(source_context)
-            out_edit = attend(attn, query, edit_context, mask, batch)[1]
-            out_source = attend(attn, query, source_context, None, batch)[1]
+            out_edit = attend_sdpa(attn, query, edit_context, mask, batch)
+            out_source = attend_sdpa(attn, query, source_context, None, batch)
             m = owner.grid_mask(out_edit.shape[1], out_edit.dtype, out_edit.device)
             return m * owner.edit_scale * out_edit + (1 - m) * owner.keep_scale * out_source
 
@@ -191,9 +189,6 @@ class OneStepEditor:
         soft = noise_difference_mask(eps_src, eps[1:])
         mask = binary_mask(soft, s.mask_threshold, s.mask_dilate).to(x0.device, x0.dtype)
         rescale = MaskedPromptAttention(mask, hidden[:1], edit_scale=s.edit_scale, keep_scale=s.keep_scale)
-        rescale.install(self.den.unet)
-        try:
+        with rescale.installed(self.den.unet):
             x = generate(self.den, eps_src, tgt_hidden, tgt_pooled)
-        finally:
-            rescale.remove(self.den.unet)
         return x, mask

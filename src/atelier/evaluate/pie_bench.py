@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atelier._io import atomic_open
+from atelier.core.io import atomic_open
 from atelier.errors import UserError
 
 MAPPING_FILE = "mapping_file.json"
@@ -297,7 +297,7 @@ def run_pie_bench(
     """Edit every case with `method` (a name from `atelier.evaluate.methods` or a callable), measure
     it, and return {"method", "cases", "metrics", "notes", "summary", "per_case"}. With `out_dir`,
     results.json, cases.csv and summary.csv are written there (atomically)."""
-    from atelier.generate.metadata import open_image
+    from atelier.core.images import open_image
 
     from .methods import get_method, needs_pipe
 
@@ -336,7 +336,7 @@ def run_pie_bench(
 
             edited = edited.resize(source.size, Image.BICUBIC)
         if out_dir is not None and save_images:
-            from atelier.generate.metadata import save_png
+            from atelier.core.images import save_png
 
             save_png(edited, Path(out_dir) / "images" / Path(case.image_path).with_suffix(".png"),
                      f"{case.target_prompt}\nPIE-Bench {case.key}, method {name}, seed {seed}")

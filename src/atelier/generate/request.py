@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from atelier.errors import UserError
-from atelier.generate.metadata import MAX_IMAGE_SIDE
+from atelier.core.facts import MAX_IMAGE_SIDE, check_size, native_size, size_step  # noqa: F401
+from atelier.core.facts import model_name as _model_name
 
 MAX_SEED = 2**32 - 1  # A1111's seed range; a random seed is drawn from it
 
@@ -52,27 +53,6 @@ class GenerationRequest:
         if self.seed is None:
             raise ValueError("resolve the request first: the seed is not set")
         return [self.seed + k for k in range(self.n_images)]
-
-
-def size_step(pipe) -> int:
-    """Width and height must be multiples of this: 8 (diffusers' check) and the VAE's downscale."""
-    vae_scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
-    step = 8
-    while step % vae_scale:
-        step *= 2
-    return step
-
-
-def native_size(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8) or 8)
-
-
-def check_size(width: int, height: int, step: int, names=("width", "height")) -> None:
-    for name, value in zip(names, (width, height)):
-        if value <= 0 or value % step:
-            raise UserError(f"{name} {value} must be a positive multiple of {step} for this model")
-        if value > MAX_IMAGE_SIDE:
-            raise UserError(f"{name} {value} is larger than the limit of {MAX_IMAGE_SIDE}")
 
 
 def validate_request(request: GenerationRequest) -> None:
@@ -152,14 +132,6 @@ def resolve_request(pipe, request: GenerationRequest) -> GenerationRequest:
     )
     validate_request(resolved)
     return resolved
-
-
-def _model_name(pipe) -> str | None:
-    name = getattr(pipe, "atelier_source", None) or getattr(pipe, "name_or_path", None)
-    if not name:
-        return None
-    path = Path(str(name))
-    return path.stem if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin") else path.name if path.exists() else str(name)
 
 
 def request_from_parameters(params: dict[str, str], *, source: str = "the image") -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from atelier.errors import UserError
-from atelier.generate.metadata import format_parameters
+from atelier.core.infotext import format_parameters
 from atelier.generate.request import GenerationRequest, resolve_request
 
 # Where perturbed-attention guidance perturbs self-attention: the UNet's middle block, as in the

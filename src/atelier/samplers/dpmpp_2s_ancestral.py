@@ -25,16 +25,7 @@ from diffusers import KDPM2AncestralDiscreteScheduler
 from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import KDPM2AncestralDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-
-def denoised_from_output(model_output: torch.Tensor, sample: torch.Tensor, sigma, prediction_type: str):
-    """The model's x0 estimate, for a sample in k-diffusion scaling x = x0 + sigma * eps."""
-    if prediction_type == "epsilon":
-        return sample - sigma * model_output
-    if prediction_type == "v_prediction":
-        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"prediction_type {prediction_type!r} must be 'epsilon', 'v_prediction' or 'sample'")
+from atelier.core.prediction import denoised_from_sigma
 
 
 class DPMSolverPlusPlus2SAncestralScheduler(KDPM2AncestralDiscreteScheduler):
@@ -55,7 +46,7 @@ class DPMSolverPlusPlus2SAncestralScheduler(KDPM2AncestralDiscreteScheduler):
         # Interleaved layout of the parent: index 2k is the first call of step k, 2k+1 its second.
         i = self.step_index if first_stage else self.step_index - 1
         sigma, sigma_mid = self.sigmas[i], self.sigmas_interpol[i]
-        denoised = denoised_from_output(
+        denoised = denoised_from_sigma(
             model_output, sample, sigma if first_stage else sigma_mid, self.config.prediction_type
         )
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from atelier.core.prediction import guided_eps, renoise, x0_and_eps, x0_from_eps  # noqa: F401  (stream's vocabulary)
+
 
 def strength_to_t_indices(strength: float, num_inference_steps: int, stages: int) -> list[int]:
     """`stages` indices into a `num_inference_steps` schedule, covering the last `strength` of it,
@@ -26,33 +28,6 @@ def stage_coefficients(alphas_cumprod: torch.Tensor, timesteps: list[int]) -> tu
     """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) for each stage's timestep, shaped (stages,)."""
     abar = alphas_cumprod[torch.as_tensor([int(round(float(t))) for t in timesteps])].double()
     return abar.sqrt().float(), (1 - abar).sqrt().float()
-
-
-def x0_and_eps(model_output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-               prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clean latent and the noise that the model's output implies at x_t = alpha x0 + beta eps."""
-    if prediction_type == "epsilon":
-        eps = model_output
-        return (x_t - beta * eps) / alpha, eps
-    if prediction_type == "v_prediction":
-        return alpha * x_t - beta * model_output, alpha * model_output + beta * x_t
-    if prediction_type == "sample":
-        x0 = model_output
-        return x0, (x_t - alpha * x0) / beta
-    raise ValueError(f"unknown prediction type {prediction_type!r}")
-
-
-def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    return (x_t - beta * eps) / alpha
-
-
-def renoise(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """x_t for the next stage: the forward process applied to the predicted clean latent."""
-    return alpha * x0 + beta * noise
-
-
-def guided_eps(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
 def next_residual_noise(residual: torch.Tensor, eps: torch.Tensor, next_noise: torch.Tensor, alpha: torch.Tensor,

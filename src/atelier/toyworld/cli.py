@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 
 
 def run_render(args) -> int:
-    from atelier.generate.metadata import save_png
+    from atelier.core.images import save_png
 
     from .render import render_pil
     from .scene import BASE_COLOURS, BASE_SHAPES, COLOURS, SHAPES, parse_caption, sample_scene
@@ -69,7 +69,7 @@ def run_render(args) -> int:
 
 
 def run_judge(args) -> int:
-    from atelier.generate.metadata import open_image
+    from atelier.core.images import open_image
 
     from .judge import detect, judge
 
@@ -98,7 +98,7 @@ def run_judge(args) -> int:
 
 
 def run_edits(args) -> int:
-    from atelier.generate.metadata import save_png
+    from atelier.core.images import save_png
 
     from .edits import EDIT_TYPES, edit_cases
     from .render import render_pil

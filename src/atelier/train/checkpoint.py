@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 
-from atelier._io import atomic_open
+from atelier.core.io import atomic_open, remove_stale_temporaries
 from atelier.errors import UserError
 
 
@@ -105,14 +105,12 @@ def load_state(path: str | os.PathLike, required=()) -> dict | None:
 
 def remove_stale_temp_files(folder) -> list[Path]:
     """Delete the temporary files an interrupted atomic write (kill -9) left in `folder`:
-    `.NAME.XXXX.tmp` (atelier._io.atomic_open) and the older `.NAME.safetensors.XXXX`."""
-    removed = []
+    `.NAME.XXXX.tmp` (atelier.core.io.atomic_open) and the older `.NAME.safetensors.XXXX`."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    for p in folder.iterdir():
-        stale = p.name.startswith(".") and (p.name.endswith(".tmp") or ".safetensors." in p.name)
-        if stale and p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
+    removed = remove_stale_temporaries(folder)
+    if folder.is_dir():
+        for p in folder.glob(".*.safetensors.*"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
     return removed

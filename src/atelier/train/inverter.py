@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from atelier.edit.one_step import generate, invert, with_unet
-from atelier._io import atomic_open
+from atelier.core import vae as vae_calls
+from atelier.core.io import atomic_open
 from atelier.errors import UserError
 from atelier.train.loop import TrainLoop, lr_at, make_accelerator
 from atelier.train.options import check_all, check_number
@@ -142,7 +142,7 @@ def prepare_manifest(images_dir, out, captions: bool = True) -> dict:
 def _load_image(path: str, size: int) -> torch.Tensor:
     from PIL import Image, ImageOps
 
-    from atelier.generate.metadata import open_image
+    from atelier.core.images import open_image
 
     im = ImageOps.fit(open_image(path).convert("RGB"), (size, size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
@@ -192,7 +192,7 @@ class Models:
     def __init__(self, cfg: InverterConfig, need_teacher: bool, loop: TrainLoop):
         import copy
 
-        from atelier.edit.denoiser import Denoiser
+        from atelier.core.denoiser import Denoiser
         from atelier.edit.one_step import load_inverter
 
         base = _pipeline(cfg.pretrained_model_name_or_path)
@@ -223,7 +223,7 @@ class Models:
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Differentiable decode to [-1, 1] pixels (clamped)."""
-        return self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float().clamp(-1, 1)
+        return vae_calls.decode(self.vae, z).float().clamp(-1, 1)
 
 
 # ---------------------------------------------------------------- losses
@@ -356,16 +356,11 @@ def export_inverter(folder, out) -> str:
     """Copy a trained inverter as an fp16 safetensors UNet folder (atomically replacing `out`)."""
     from diffusers import UNet2DConditionModel
 
+    from atelier.models import save_model_folder
+
     folder, out = Path(folder), Path(out)
     unet = UNet2DConditionModel.from_pretrained(folder)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    if (folder / "atelier.json").is_file():
-        shutil.copy(folder / "atelier.json", tmp / "atelier.json")
-    for path in tmp.iterdir():
-        path.chmod(0o644)  # save_pretrained's temporary files are private
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    return str(out)
+    info = folder / "atelier.json"
+    files = {"atelier.json": info.read_text(encoding="utf-8")} if info.is_file() else None
+    return str(save_model_folder(unet, out, files=files))
 

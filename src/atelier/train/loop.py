@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atelier._io import atomic_open
+from atelier.core.io import atomic_open
 from atelier.errors import UserError
 from atelier.train.checkpoint import load_state, remove_stale_temp_files, save_state
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from atelier._io import atomic_open
+from atelier.core.io import atomic_open
+from atelier.core.prediction import model_target, x0_and_eps
 from atelier.toyworld.render import render
 from atelier.toyworld.scene import BASE_COLOURS, BASE_SHAPES, CELLS, SIZES, sample_scene, vocabulary
 from atelier.train.checkpoint import load_state, save_state
@@ -317,14 +317,17 @@ def train_text_encoder(cfg: ToyTrainConfig, tokenizer):
 
 # ---------------------------------------------------------------- stage 3: UNet
 
-def v_target(scheduler, x0, noise, t):
+def _alpha_beta(scheduler, t):
     ab = scheduler.alphas_cumprod.to(t.device)[t].view(-1, 1, 1, 1)
-    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    return ab.sqrt(), (1 - ab).sqrt()
+
+
+def v_target(scheduler, x0, noise, t):
+    return model_target(x0, noise, *_alpha_beta(scheduler, t), "v_prediction")
 
 
 def x0_from_v(scheduler, xt, v, t):
-    ab = scheduler.alphas_cumprod.to(t.device)[t].view(-1, 1, 1, 1)
-    return ab.sqrt() * xt - (1 - ab).sqrt() * v
+    return x0_and_eps(v, xt, *_alpha_beta(scheduler, t), "v_prediction")[0]
 
 
 class LatentSource:
@@ -639,14 +642,9 @@ def tiny_round_trip_accuracy(tiny, vae, n: int, seed: int) -> dict:
 
 
 def export_taesd(tiny, weights_dir: Path) -> str:
-    out = Path(weights_dir) / "toyworld-taesd"
-    tmp = out.with_name(".toyworld-taesd.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tiny.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    tiny.to(torch.float32)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    return str(out)
+    from atelier.models import save_model_folder
+
+    return str(save_model_folder(tiny, Path(weights_dir) / "toyworld-taesd"))
 
 
 # ---------------------------------------------------------------- export
@@ -654,6 +652,8 @@ def export_taesd(tiny, weights_dir: Path) -> str:
 def export_pipelines(cfg: ToyTrainConfig, vae, te, tokenizer, unet, turbo, weights_dir: Path) -> dict:
     """Write `toyworld` and `toyworld-turbo` as diffusers folders, weights in fp16 safetensors."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from atelier.models import save_model_folder
 
     paths = {}
     specs = {
@@ -669,17 +669,10 @@ def export_pipelines(cfg: ToyTrainConfig, vae, te, tokenizer, unet, turbo, weigh
             vae=vae, text_encoder=te, tokenizer=tokenizer, unet=model, scheduler=sched,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-        out = Path(weights_dir) / name
-        tmp = out.with_name(f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        pipe.to(torch.float32)
         trained_with = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
         meta = {"name": name, "family": "toyworld", "defaults": defaults, "trained_with": trained_with,
                 "resolution": 64, "description": "atelier's toy-world model (shared/toyworld.md), trained on CPU"}
-        (tmp / "atelier.json").write_text(json.dumps(meta, indent=2, default=str))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.replace(out)
+        out = save_model_folder(pipe, Path(weights_dir) / name, files={"atelier.json": json.dumps(meta, indent=2, default=str)})
         paths[name] = str(out)
     return paths
 

@@ -1,30 +1,52 @@
-"""Changing what a UNet's cross-attention does, through diffusers attention processors (no forked
-UNet): `CrossAttentionHook` swaps a processor onto every cross-attention layer (attn2) for the
-length of a call and puts the old ones back; `cross_attention` is diffusers' AttnProcessor with
-the attention step itself left to the caller."""
+"""Changing what a UNet's attention does, through diffusers attention processors (no forked UNet).
+
+`AttentionHook` swaps `self.processor()` onto a UNet's cross-attention layers (attn2) for the
+length of a `with hook.installed(unet):` block and puts the old processors back. `cross_attention`
+is diffusers' AttnProcessor with the attention step itself left to the caller: `attend` when the
+probabilities are needed (explicit softmax), `attend_sdpa` when only the output is (PyTorch SDPA,
+which dispatches to fused kernels on GPUs).
+"""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 
 
-class CrossAttentionHook:
-    """Base for objects that install `self.processor()` on every attn2 of a UNet, then remove it."""
+class AttentionHook:
+    """Base for objects that install `self.processor()` on a UNet's attention layers, then remove it."""
 
+    layers = "attn2"  # cross-attention; "attn1" for self-attention, "all" for both
     _saved = None
 
     def processor(self):
         raise NotImplementedError
 
+    def _wanted(self, name: str) -> bool:
+        return self.layers == "all" or name.endswith(f"{self.layers}.processor")
+
     def install(self, unet) -> None:
         self._saved = dict(unet.attn_processors)
-        unet.set_attn_processor({name: (self.processor() if name.endswith("attn2.processor") else proc)
+        unet.set_attn_processor({name: (self.processor() if self._wanted(name) else proc)
                                  for name, proc in self._saved.items()})
 
     def remove(self, unet) -> None:
         if self._saved is not None:
             unet.set_attn_processor(self._saved)
             self._saved = None
+
+    @contextmanager
+    def installed(self, unet):
+        self.install(unet)
+        try:
+            yield self
+        finally:
+            self.remove(unet)
+
+
+CrossAttentionHook = AttentionHook
 
 
 def attend(attn, query: torch.Tensor, context: torch.Tensor, attention_mask, batch: int):
@@ -35,6 +57,15 @@ def attend(attn, query: torch.Tensor, context: torch.Tensor, attention_mask, bat
     mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
     probs = attn.get_attention_scores(query, key, mask)
     return probs, attn.batch_to_head_dim(torch.bmm(probs, value))
+
+
+def attend_sdpa(attn, query: torch.Tensor, context: torch.Tensor, attention_mask, batch: int) -> torch.Tensor:
+    """The output (B, Q, C) of the same attention as `attend`, through scaled_dot_product_attention."""
+    key = attn.head_to_batch_dim(attn.to_k(context))
+    value = attn.head_to_batch_dim(attn.to_v(context))
+    mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+    return attn.batch_to_head_dim(out)
 
 
 def cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, inner):
@@ -61,3 +92,16 @@ def cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, 
     if attn.residual_connection:
         hidden_states = hidden_states + residual
     return hidden_states / attn.rescale_output_factor
+
+
+def grid_shape(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
+    """The (h, w) query grid of an attention layer with `tokens` positions over a latent of
+    `latent_hw`: the UNet halves both sides per level (rounding up), so the aspect is the latent's."""
+    h, w = latent_hw
+    for level in range(8):
+        gh, gw = h, w
+        for _ in range(level):
+            gh, gw = (gh + 1) // 2, (gw + 1) // 2
+        if gh * gw == tokens:
+            return gh, gw
+    raise ValueError(f"no UNet level of a {h}x{w} latent has {tokens} positions")

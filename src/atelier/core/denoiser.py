@@ -1,6 +1,7 @@
 """A pipeline's UNet as a function of (x_t, t, prompt): A1111 prompt encoding (cached), SD 1.x /
-2.x / SDXL conditioning, and the model output turned into (x0, eps) whatever its prediction type.
-The editing methods are written against this, not against a pipeline class."""
+2.x / SDXL conditioning, the model output turned into (x0, eps) whatever its prediction type, and
+the VAE (honouring `force_upcast`). Editing, streaming and training are written against this, not
+against a pipeline class."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections import OrderedDict
 
 import torch
 
-from atelier.stream.stream_math import x0_and_eps
+from atelier.core import vae as vae_calls
+from atelier.core.prediction import x0_and_eps
 
 
 class Denoiser:
@@ -93,8 +95,7 @@ class Denoiser:
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1] -> scaled latents."""
-        latents = self.vae.encode(image.to(self.device, self.vae.dtype)).latent_dist.mode()
-        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+        return vae_calls.encode(self.vae, image.to(self.device), self.dtype)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float().clamp(-1, 1)
+        return vae_calls.decode(self.vae, latents).float().clamp(-1, 1)

@@ -1,0 +1,82 @@
+"""Images in and out: opening files or bytes with limits checked before decoding, and writing PNGs
+with their generation parameters atomically."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from atelier.core.facts import MAX_IMAGE_SIDE
+from atelier.core.infotext import PARAMETERS_KEY, image_parameters
+from atelier.core.io import atomic_open
+from atelier.errors import UserError
+
+
+class ImageTooLarge(UserError):
+    """An image over the size limit (refused from its header, before decoding)."""
+
+
+def open_image(source, *, max_side: int = MAX_IMAGE_SIDE, formats=None, name: str | None = None, load: bool = True):
+    """Open an image file (a path) or image bytes, refusing what is missing, not an image, corrupt or
+    too large.
+
+    The size is checked from the header, before any pixel is decoded, so a decompression bomb never
+    reaches memory; PIL's own bomb check is turned into an error too. `formats` limits the formats
+    PIL tries; `load=False` stops after the header check.
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, (bytes, bytearray)):
+        name = name or "image data"
+        opener = io.BytesIO(source)
+    else:
+        path = Path(source)
+        name = name or str(path)
+        if not path.is_file():
+            raise UserError(f"image not found: {path}")
+        opener = path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(opener, formats=formats)
+            width, height = image.size
+            if width > max_side or height > max_side:
+                raise ImageTooLarge(f"image too large: {name} is {width}x{height}; the limit is {max_side}x{max_side}")
+            if width < 1 or height < 1:
+                raise UserError(f"{name} has no pixels ({width}x{height})")
+            if load:
+                image.load()
+    except UserError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image too large: {name} ({exc})") from None
+    except UnidentifiedImageError:
+        kinds = f" ({', '.join(formats)})" if formats else " (or a format PIL cannot read)"
+        raise UserError(f"not an image{kinds}: {name}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"corrupt image: {name} ({exc})") from None
+    return image
+
+
+def read_parameters(path) -> str | None:
+    """The infotext of the image at `path`, or None when it has none."""
+    return image_parameters(open_image(path))
+
+
+def save_png(image, path, parameters: str, extra_text: dict[str, str] | None = None) -> Path:
+    """Write `image` as a PNG carrying `parameters` in its "parameters" text chunk.
+
+    The file appears complete or not at all: it is written to a temporary file in the same folder and
+    moved into place with os.replace.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, parameters)
+    for key, value in (extra_text or {}).items():
+        info.add_text(key, value)
+    with atomic_open(path, "wb") as f:
+        image.save(f, format="PNG", pnginfo=info)
+    return Path(path)

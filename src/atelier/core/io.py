@@ -1,0 +1,99 @@
+"""Atomic writes: a file or folder appears complete or not at all, with the permissions an ordinary
+write would give it (the umask), never the private mode of a temporary file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+TEMP_SUFFIX = ".tmp"
+
+
+def current_umask() -> int:
+    try:  # Linux says it without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _public_mode(path: Path, default: int) -> int:
+    try:
+        return path.stat().st_mode & 0o7777  # replacing a file keeps its mode
+    except OSError:
+        return default & ~current_umask()
+
+
+def _new_mode(is_dir: bool) -> int:
+    return (0o777 if is_dir else 0o666) & ~current_umask()
+
+
+@contextmanager
+def atomic_open(path, mode: str = "wb", **kwargs):
+    """Write to a temporary file beside `path`, then move it into place with os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fchmod(f.fileno(), _public_mode(path, 0o666))
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yield a temporary folder beside `path`; on success it replaces `path` (a model folder that
+    `save_pretrained` fills, say), on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    try:
+        yield tmp
+        for sub in [tmp, *tmp.rglob("*")]:  # mkdtemp and save_pretrained's temporaries are private
+            sub.chmod(_new_mode(sub.is_dir()))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old{TEMP_SUFFIX}")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder, name: str | None = None) -> list[Path]:
+    """Delete temporaries left beside files in `folder` by a killed writer (of `name` only, if given)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = f".{name}.*{TEMP_SUFFIX}" if name else f".*{TEMP_SUFFIX}"
+    removed = []
+    for stale in folder.glob(pattern):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
