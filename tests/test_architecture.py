@@ -25,7 +25,7 @@ ALLOWED = {
     "stream": {"core", "models", "prompts", "image_prompts"},
     "evaluate": {"core", "models", "edit", "toyworld"},  # evaluates the editing methods
     "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate"},  # trains edit's inverter
-    "server": {"core", "models", "stream", "edit"},  # the app: serves the stream and its edit mode
+    "server": {"core", "models", "prompts", "stream", "edit"},  # the app: serves the stream and its edit mode
 }
 TOP_LEVEL = {"cli", "errors", "_lazy", "__init__", "__main__"}
 
