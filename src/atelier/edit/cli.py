@@ -8,6 +8,7 @@ from pathlib import Path
 
 from atelier.core.io import check_writable
 from atelier.errors import UserError
+from atelier.image_prompts import cli as image_prompts_cli
 
 METHOD_CHOICES = ("auto", "ddpm", "diffedit", "turbo", "img2img", "one-step")
 
@@ -55,6 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--mask-out", metavar="MASK.png", help="also write the edit mask (single image)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt pickle weights (runs code in the file)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    image_prompts_cli.add_options(p)
     p.set_defaults(func=run_edit)
 
 
@@ -177,23 +179,24 @@ def run_edit(args) -> int:
 
     settings = _settings(args)
     cases, skipped = _check_batch(args) if args.cases else (_check_single(args), [])
+    image_prompts = image_prompts_cli.plan(args, args.model)
     summary = [{"image": c["image"], "out": str(c["out"]), "skipped": True} for c in skipped]
     if skipped and not args.json:
         print(f"skipped {len(skipped)} of {len(cases) + len(skipped)} cases whose output exists (--overwrite redoes them)")
     if cases:
-        summary += _run(args, settings, cases)
+        summary += _run(args, settings, cases, image_prompts)
     if args.json:
         print_json(summary if args.cases else summary[0])
     return 0
 
 
-def _run(args, settings, cases: list[dict]) -> list[dict]:
+def _run(args, settings, cases: list[dict], image_prompts) -> list[dict]:
     from atelier.core.images import open_image, save_image
     from atelier.edit.methods import Editor, resolve_settings
     from atelier.models import load_pipeline
 
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-    resolve_settings(pipe, settings)  # bad options fail before any work
+    ip_fields = image_prompts.apply_to_edit(pipe, resolve_settings(pipe, settings))  # bad options fail before any work
     editor = Editor(pipe)
     if settings.method == "one-step":
         editor.one_step(settings.inverter)  # a missing or unfit inverter fails before any work
@@ -204,7 +207,8 @@ def _run(args, settings, cases: list[dict]) -> list[dict]:
         except UserError as exc:
             raise UserError(f"{args.cases}:{case['line']}: {exc}" if args.cases else str(exc)) from None
         out = case["out"]
-        save_image(result.image, out, result.parameters(case["source"], case["target"], args.model))
+        parameters = image_prompts_cli.with_fields(result.parameters(case["source"], case["target"], args.model), ip_fields)
+        save_image(result.image, out, parameters)
         mask_path = None
         if result.mask is not None and args.mask_out:
             mask_path = args.mask_out

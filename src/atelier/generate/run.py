@@ -19,6 +19,7 @@ import torch
 from atelier.errors import UserError
 from atelier.core.infotext import format_parameters
 from atelier.generate.request import GenerationRequest, resolve_request
+from atelier.image_prompts.adapters import image_prompt_fields, image_prompt_kwargs
 
 # Where perturbed-attention guidance perturbs self-attention: the UNet's middle block, as in the
 # PAG paper's SD setup and diffusers' default.
@@ -104,6 +105,7 @@ def infotext_fields(request, seed, sampler_name, schedule_type, prompt, negative
         "Template": request.prompt if prompt != request.prompt else None,
         "Negative Template": request.negative_prompt if negative != request.negative_prompt else None,
     }
+    fields.update(image_prompt_fields(request.image_prompts))
     fields.update(request.extra_parameters)
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -234,6 +236,8 @@ def _run_chunk(pipeline, request: GenerationRequest, prompts, negatives, seeds, 
     )
     if request.pag_scale > 0:
         kwargs["pag_scale"] = request.pag_scale
+    kwargs.update(image_prompt_kwargs(pipeline, request.image_prompts, guidance_scale=request.cfg_scale,
+                                      width=request.width, height=request.height))
     if init_image is not None:
         kwargs.update(image=[init_image] * len(seeds), strength=request.strength)
     else:
