@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from atelier._io import atomic_open
+from atelier.core.io import atomic_open
 
 REPO = Path(__file__).resolve().parents[1]
 # Environment variables that change what a benchmark measures; shown in front of the command.
