@@ -4,9 +4,14 @@ Cases come from the toy world's edit generator (color, shape, size, add, remove,
 rendered source scenes; every method edits the same cases in this one process. Scores (the toy
 world's `score_edit`): success = the judge finds exactly the target scene; preservation = share of
 untouched objects found unchanged; background PSNR = outside the changed objects' boxes (inf when
-identical; the mean caps each case at 100 dB, the median is shown too); s/edit = wall time.
+identical; the mean caps each case at 100 dB, the median is shown too); s/edit = wall time of the
+edit call alone (see TIME_NOTE).
 
-    HF_HUB_OFFLINE=1 python benchmarks/edits.py --results benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/edits.py --models toyworld --results benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/edits.py --models toyworld-turbo --results benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/edits.py --speed 20 --results benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/edits.py --leditspp-check 20 --results benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/edits.py --cases 5     # smoke run
 """
 
 from __future__ import annotations
@@ -17,20 +22,21 @@ import sys
 import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 
-from _results import write_section
+from _results import check_command, command_line, write_section
 from atelier.edit.methods import Editor, EditSettings
 from atelier.models import load_pipeline
 from atelier.toyworld import EDIT_TYPES, edit_cases, render_pil, score_edit
+from atelier.toyworld.edits import psnr
+from atelier.toyworld.judge import judge
 
 CASE_SEED = 2024
 
 
-def leditspp_runner(pipe, steps: int = 25, skip: float = 0.15, edit_guidance: float = 5.0, threshold: float = 0.9):
-    """diffusers' LEditsPPPipelineStableDiffusion on the same components. LEDITS++ takes edit concepts,
-    not a target caption: the target object's phrase is added, the source object's phrase removed.
-    Its defaults (skip 0.15, edit guidance 5, threshold 0.9), 25 inversion steps like ours."""
+def leditspp_pipeline(pipe):
+    """diffusers' LEditsPPPipelineStableDiffusion on the same components, with its SDE DPM-Solver++."""
     from diffusers import DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion
 
     scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="sde-dpmsolver++", solver_order=2)
@@ -38,18 +44,37 @@ def leditspp_runner(pipe, steps: int = 25, skip: float = 0.15, edit_guidance: fl
                                           unet=pipe.unet, scheduler=scheduler, safety_checker=None,
                                           feature_extractor=None, requires_safety_checker=False)
     led.set_progress_bar_config(disable=True)
+    return led
 
-    def run(case, image, seed):
-        concepts, reverse = [], []
-        if case.kind == "add":
-            concepts, reverse = [case.changed[0].phrase()], [False]
-        elif case.kind == "remove":
-            concepts, reverse = [case.changed[0].phrase()], [True]
-        else:
-            concepts, reverse = [case.changed[1].phrase(), case.changed[0].phrase()], [False, True]
+
+def leditspp_concepts(case) -> tuple[list[str], list[bool]]:
+    """LEDITS++ takes edit concepts, not a target caption: the target object's phrase is added, the
+    source object's phrase removed."""
+    if case.kind == "add":
+        return [case.changed[0].phrase()], [False]
+    if case.kind == "remove":
+        return [case.changed[0].phrase()], [True]
+    return [case.changed[1].phrase(), case.changed[0].phrase()], [False, True]
+
+
+def leditspp_runner(pipe, steps: int = 25, skip: float = 0.15, edit_guidance: float = 5.0, threshold: float = 0.9,
+                    source_prompt: bool = False, source_guidance: float = 3.5):
+    """LEDITS++ with its defaults (skip 0.15, edit guidance 5, threshold 0.9), 25 inversion steps like ours.
+
+    The inversion runs without a source prompt: diffusers' generation pass never applies the source
+    prompt's guidance, so noise maps inverted under it (source_prompt=True, CFG `source_guidance`)
+    do not reproduce the image even with the edit off (see `reconstruction_check`).
+    run(case, image, seed, edit=False) turns the edit off (no edit concepts)."""
+    led = leditspp_pipeline(pipe)
+
+    def run(case, image, seed, edit: bool = True):
         generator = torch.Generator("cpu").manual_seed(seed)
-        led.invert(image=image, source_prompt=case.source_caption, num_inversion_steps=steps, skip=skip,
+        led.invert(image=image, source_prompt=case.source_caption if source_prompt else "",
+                   source_guidance_scale=source_guidance, num_inversion_steps=steps, skip=skip,
                    generator=generator, height=image.height, width=image.width)
+        if not edit:
+            return led(editing_prompt=None, generator=generator).images[0]
+        concepts, reverse = leditspp_concepts(case)
         return led(editing_prompt=concepts, reverse_editing_direction=reverse, edit_guidance_scale=edit_guidance,
                    edit_threshold=threshold, generator=generator).images[0]
 
@@ -80,6 +105,27 @@ def methods_for(model: str, pipe, editor: Editor):
     }
 
 
+def evaluate_method(run, cases, sources) -> tuple[list, float]:
+    """Scores of `run` on every case, and its wall time per edit: the run call alone (not the judge),
+    after one untimed warm-up edit."""
+    run(cases[0], sources[0], 0)
+    scores, seconds = [], 0.0
+    for i, (case, image) in enumerate(zip(cases, sources)):
+        started = time.perf_counter()
+        result = run(case, image, i)
+        seconds += time.perf_counter() - started
+        scores.append(score_edit(case, result, image))
+    return scores, seconds / len(cases)
+
+
+TIME_NOTE = ("s/edit: wall time of one whole edit call, after an untimed warm-up edit: everything the method does "
+             "to the image, i.e. encoding the source image and the prompts, the inversion where the method inverts "
+             "(ddpm, diffedit, turbo and LEDITS++ invert the image in full; one-step: one inverter call), mask "
+             "estimation where it masks (noise or attention mask: {samples} UNet calls on a batch of 2, source and "
+             "target prompt; LEDITS++: its own masks during denoising), the edit's denoising and decoding. Not "
+             "included: loading the model (once per model, before timing) and judging the result.")
+
+
 def speed(args) -> int:
     """Time per edit of the multi-step methods and the one-step method, interleaved case by case in
     this one process, so that machine noise hits them alike."""
@@ -90,6 +136,9 @@ def speed(args) -> int:
             "one-step (toyworld-turbo + inverter)": ("toyworld-turbo", "one-step")}
     cases = edit_cases(args.speed, seed=CASE_SEED)
     totals = dict.fromkeys(runs, 0.0)
+    for model, method in runs.values():  # warm-up, untimed
+        editors[model].edit(render_pil(cases[0].source), cases[0].source_caption, cases[0].target_caption,
+                            EditSettings(method=method, seed=0))
     for i, case in enumerate(cases):
         image = render_pil(case.source)
         names = list(runs)[i % len(runs):] + list(runs)[: i % len(runs)]
@@ -105,23 +154,74 @@ def speed(args) -> int:
     table = "\n".join(lines)
     print(table)
     if args.results:
-        write_section(args.results, "Edit speed (atelier.edit)", table,
-                      f"HF_HUB_OFFLINE=1 python benchmarks/edits.py --speed {args.speed} --results benchmarks/RESULTS.md")
+        write_section(args.results, "edit-speed", "Edit speed (atelier.edit)", table, command_line(__file__, args.argv),
+                      TIME_NOTE.format(samples=EditSettings().mask_samples))
+    return 0
+
+
+def reconstruction_check(args) -> int:
+    """LEDITS++ with its edit turned off must give back the source image (up to the VAE round trip)."""
+    pipe = load_pipeline("toyworld")
+    cases = edit_cases(args.leditspp_check, seed=CASE_SEED)
+    sources = [render_pil(c.source) for c in cases]
+    vae = leditspp_pipeline(pipe)
+    settings = {
+        "no source prompt (this benchmark)": dict(runner=leditspp_runner(pipe), edit=False),
+        "source caption at CFG 3.5 (before)": dict(runner=leditspp_runner(pipe, source_prompt=True), edit=False),
+        "no source prompt, edit guidance 0": dict(runner=leditspp_runner(pipe, edit_guidance=0.0), edit=True),
+    }
+    lines = [f"{len(cases)} edit cases' sources (seed {CASE_SEED}), toyworld, 25 inversion steps, skip 0.15; "
+             f"torch {torch.__version__}, {args.threads} threads", "",
+             f"{'inversion / generation':<38} {'PSNR mean':>9} {'median':>7} {'min':>6} {'source judged right':>20}",
+             "-" * 84]
+    for name, setting in settings.items():
+        psnrs, right = [], 0
+        for i, (case, image) in enumerate(zip(cases, sources)):
+            result = setting["runner"](case, image, i, edit=setting["edit"])
+            psnrs.append(min(psnr(np.asarray(image), np.asarray(result)), 100.0))
+            right += judge(np.asarray(result), case.source).match
+        lines.append(f"{name:<38} {statistics.mean(psnrs):9.1f} {statistics.median(psnrs):7.1f} {min(psnrs):6.1f} "
+                     f"{right / len(cases):19.0%}")
+        print(lines[-1], flush=True)
+    vae_psnrs = [psnr(np.asarray(image), np.asarray(vae.invert(image=image, num_inversion_steps=1, height=image.height,
+                                                                width=image.width).vae_reconstruction_images[0]))
+                 for image in sources]
+    lines += ["", f"VAE round trip alone (the best any latent method can do): PSNR mean {statistics.mean(vae_psnrs):.1f} dB"]
+    table = "\n".join(lines)
+    print(table)
+    if args.results:
+        notes = ("diffusers' LEditsPPPipelineStableDiffusion with the edit turned off (no edit concepts, or concepts at "
+                 "edit guidance 0), PSNR of the whole 64x64 image against the source. Its generation pass denoises "
+                 "with the unconditional prediction plus edit guidance only; it never applies the source prompt's "
+                 "guidance, so noise maps inverted under the source caption at CFG 3.5 do not reproduce the image. "
+                 "The toyworld edit table's LEDITS++ row used to invert that way (4.4 % success, 34.8 % preserved); "
+                 "it now inverts without a source prompt.")
+        write_section(args.results, "leditspp-reconstruction", "LEDITS++ reconstruction check (edit off)", table,
+                      command_line(__file__, args.argv), notes)
     return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=250)
+    parser.add_argument("--cases", type=int, default=250, help="edit cases (default 250; e.g. 5 for a smoke run)")
     parser.add_argument("--models", default="toyworld,toyworld-turbo")
     parser.add_argument("--only", help="run only methods whose name contains this text")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", help="write the table into this markdown file's 'Edits' section")
     parser.add_argument("--speed", type=int, metavar="N", help="only time the multi-step and one-step methods on N cases")
+    parser.add_argument("--leditspp-check", type=int, metavar="N",
+                        help="only check that LEDITS++ with its edit off reconstructs N sources")
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.results:
+        check_command(__file__, args.argv)
+    if min(args.cases, args.speed or 1, args.leditspp_check or 1) < 1:
+        parser.error("--cases, --speed and --leditspp-check take a positive number")
     torch.set_num_threads(args.threads)
     if args.speed:
         return speed(args)
+    if args.leditspp_check:
+        return reconstruction_check(args)
 
     cases = edit_cases(args.cases, seed=CASE_SEED)
     sources = [render_pil(c.source) for c in cases]
@@ -130,18 +230,17 @@ def main(argv=None) -> int:
     header = f"{'model':<15} {'method':<34} {'success':>8} {'preserved':>9} {'bg PSNR':>8} {'median':>7} {'s/edit':>7}  " + \
              " ".join(f"{k:>6}" for k in EDIT_TYPES)
     lines += [header, "-" * len(header)]
-    for model in args.models.split(","):
+    models = args.models.split(",")
+    for model in models:
         pipe = load_pipeline(model)
         editor = Editor(pipe)
         for name, run in methods_for(model, pipe, editor).items():
             if args.only and args.only not in name:
                 continue
-            scores, by_kind, started = [], defaultdict(list), time.perf_counter()
-            for i, (case, image) in enumerate(zip(cases, sources)):
-                score = score_edit(case, run(case, image, i), image)
-                scores.append(score)
+            scores, seconds = evaluate_method(run, cases, sources)
+            by_kind = defaultdict(list)
+            for case, score in zip(cases, scores):
                 by_kind[case.kind].append(score.success)
-            seconds = (time.perf_counter() - started) / len(cases)
             psnrs = [min(s.background_psnr, 100.0) for s in scores]
             row = (f"{model:<15} {name:<34} {sum(s.success for s in scores) / len(scores):8.1%} "
                    f"{statistics.mean(s.preservation for s in scores):9.1%} {statistics.mean(psnrs):8.1f} "
@@ -154,9 +253,12 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.results:
-        models = args.models.split(",")
-        write_section(args.results, f"Edits (atelier.edit): {', '.join(models)}", table,
-                      f"HF_HUB_OFFLINE=1 python benchmarks/edits.py --models {args.models} --results benchmarks/RESULTS.md")
+        notes = TIME_NOTE.format(samples=EditSettings().mask_samples)
+        if "toyworld" in models:
+            notes += (" LEDITS++ (diffusers) inverts without a source prompt, the only way its generation pass "
+                      "reproduces the source; see the LEDITS++ reconstruction check.")
+        write_section(args.results, "edits-" + "+".join(models), f"Edits (atelier.edit): {', '.join(models)}", table,
+                      command_line(__file__, args.argv), notes)
     return 0
 
 

@@ -7,7 +7,8 @@ stream rendered toy-world frames, one in flight each, changing prompt and seed e
 frames; the growth ratio is the last reading over the one taken after the warm-up (5 % of the
 frames, at least 200). A server that leaks per frame or per session shows a ratio well above 1.
 
-    HF_HUB_OFFLINE=1 python benchmarks/stream_soak.py --frames 10000
+    HF_HUB_OFFLINE=1 python benchmarks/stream_soak.py --frames 10000 --results benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/stream_soak.py --frames 60     # smoke run
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 
 import websockets
 
+from _results import check_command, command_line, write_section
 from atelier.models import load_pipeline
 from atelier.server.app import create_app, listen, make_server
 from atelier.toyworld import render_pil, sample_scene
@@ -115,7 +117,7 @@ class Soak:
                 raise RuntimeError(message["message"])
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=10_000, help="frames in all (default 10000)")
     parser.add_argument("--sessions", type=int, default=2, help="simultaneous clients (default 2)")
@@ -125,9 +127,12 @@ def main() -> int:
     parser.add_argument("--reconnect-every", type=int, default=1000,
                         help="frames a session streams before its client reconnects (default 1000)")
     parser.add_argument("--results", help="write the readings into this markdown file's 'Stream soak' section")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     if args.frames < 1 or args.sessions < 1:
         parser.error("--frames and --sessions must be at least 1")
+    if args.results:
+        check_command(__file__, argv)
     args.report_every = args.report_every or max(1, args.frames // 20)
 
     app = create_app(load_pipeline(args.model), max_sessions=args.sessions)
@@ -157,14 +162,11 @@ def main() -> int:
                f"growth ratio {final / warm:.3f}")
     print(summary)
     if args.results:
-        from _results import write_section
-
         body = [f"model {args.model}, {args.sessions} sessions, {args.frames} frames through a real server "
                 f"(settings change every {args.settings_every}, reconnect every {args.reconnect_every})", ""]
         body += [f"after {frames:>6} frames: RSS {rss:7.1f} MiB" for frames, rss in soak.readings]
         body += ["", summary]
-        write_section(args.results, "Stream soak (atelier serve)", "\n".join(body),
-                      f"HF_HUB_OFFLINE=1 python benchmarks/stream_soak.py --frames {args.frames} --results benchmarks/RESULTS.md")
+        write_section(args.results, "stream-soak", "Stream soak (atelier serve)", "\n".join(body), command_line(__file__, argv))
     return 0
 
 

@@ -14,6 +14,7 @@ Reported per setting and object count:
 Also the VAE round trip: judge accuracy on rendered held-out scenes encoded and decoded.
 
     HF_HUB_OFFLINE=1 python benchmarks/toyworld.py --results benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/toyworld.py --per-count 2     # smoke run
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from _results import write_section
+from _results import check_command, command_line, write_section
 from atelier.generate import GenerationRequest, generate
 from atelier.models import load_pipeline
 from atelier.toyworld.judge import ATTRIBUTES, judge
@@ -115,13 +116,18 @@ def format_report(rows: list[tuple[str, dict]], vae_accuracy: float, per_count: 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--per-count", type=int, default=100, help="captions per object count (default 100)")
+    parser.add_argument("--per-count", type=int, default=100, help="captions per object count (default 100; 2 for a smoke run)")
     parser.add_argument("--seed", type=int, default=0, help="image seed of the first caption (default 0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--toyworld", default="toyworld", help="model to measure as toyworld (name or folder)")
     parser.add_argument("--turbo", default="toyworld-turbo", help="model to measure as toyworld-turbo (name or folder)")
     parser.add_argument("--results", help="also write the report into this markdown file's toy-world section")
     args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if args.results:
+        check_command(__file__, argv)
+    if args.per_count < 1:
+        parser.error("--per-count takes a positive number")
     torch.set_num_threads(args.threads)
 
     cases = held_out_scenes(args.per_count)
@@ -140,8 +146,7 @@ def main(argv=None) -> int:
     report = format_report(rows, vae_round_trip(toy, cases), args.per_count)
     print(report)
     if args.results:
-        write_section(args.results, "Toy-world models", report,
-                      "HF_HUB_OFFLINE=1 python benchmarks/toyworld.py --results benchmarks/RESULTS.md")
+        write_section(args.results, "toyworld", "Toy-world models", report, command_line(__file__, argv))
     return 0
 
 

@@ -19,12 +19,13 @@ ALLOWED = {
     "models": {"core"},
     "toyworld": {"core"},
     "testing": {"core", "models"},
-    "generate": {"core", "models", "prompts", "samplers"},
-    "edit": {"core", "models", "prompts", "samplers"},
-    "stream": {"core", "models", "prompts"},
+    "image_prompts": {"core", "models"},  # IP-Adapters through diffusers
+    "generate": {"core", "models", "prompts", "samplers", "image_prompts"},
+    "edit": {"core", "models", "prompts", "samplers", "image_prompts"},
+    "stream": {"core", "models", "prompts", "image_prompts"},
     "evaluate": {"core", "models", "edit", "toyworld"},  # evaluates the editing methods
     "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate"},  # trains edit's inverter
-    "server": {"core", "models", "stream", "edit"},  # the app: serves the stream and its edit mode
+    "server": {"core", "models", "prompts", "stream", "edit"},  # the app: serves the stream and its edit mode
 }
 TOP_LEVEL = {"cli", "errors", "_lazy", "__init__", "__main__"}
 

@@ -1,5 +1,6 @@
 """The page of `atelier serve` in a real headless Chromium, driven by Playwright, against the real
-command: the toy animation streams through the model, a prompt change changes the output.
+command, started with --auth-token: the page passes the token on, the toy animation streams through
+the model, a prompt change changes the output, and the snapshot link is the session's private one.
 
 Needs /usr/bin/chromium (CI installs it) and the `playwright` package; never `playwright install`.
 """
@@ -24,6 +25,7 @@ CHROMIUM_ARGS = [
 ]
 PROMPT_A = "a large red circle at the top left and a small blue square in the center"
 PROMPT_B = "a small green triangle at the bottom right"
+TOKEN = "browser-test-token"
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)")
 
@@ -40,14 +42,16 @@ OUTPUT_HASH = """() => {
 @pytest.fixture(scope="module")
 def server_url():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve", "--port", "0"], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve", "--port", "0", "--auth-token", TOKEN], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         if not line.startswith("atelier serve: http://"):
             process.kill()
             pytest.fail(f"atelier serve did not start: {line!r} {process.stderr.read()}")
-        yield line.split()[2].rstrip("/")
+        url = line.split()[2]
+        assert url.endswith(f"/?token={TOKEN}"), url
+        yield url.split("/?")[0]
     finally:
         process.terminate()
         process.wait(20)
@@ -90,7 +94,8 @@ def steady_hash(page, timeout: float = 60.0) -> int:
 
 
 def test_page_streams_the_toy_world_and_follows_the_prompt(server_url, page):
-    page.goto(server_url + "/")
+    assert page.request.get(server_url + "/api/settings").status == 401
+    page.goto(f"{server_url}/?token={TOKEN}")
     page.wait_for_selector("#controls .control")
     for key in ("guidance_scale", "delta", "seed", "strength", "blend_prompt", "blend"):
         assert page.locator(f"#setting-{key}").count() == 1, key
@@ -127,7 +132,10 @@ def test_page_streams_the_toy_world_and_follows_the_prompt(server_url, page):
     page.wait_for_function("document.getElementById('latency').textContent !== '–'", timeout=10_000)
 
     href = page.locator("#snapshot").get_attribute("href")
-    assert href.startswith("/api/sessions/") and href.endswith("/snapshot.png")
+    session = page.evaluate("window.atelier.session")
+    assert href.startswith(f"/api/sessions/{session}/snapshot.png?key=") and f"&token={TOKEN}" in href
+    assert page.request.get(server_url + href.split("?")[0] + f"?token={TOKEN}").status == 404  # no key: private
+    assert page.locator("#mjpeg").get_attribute("href").startswith(f"/api/sessions/{session}/mjpeg?key=")
     response = page.request.get(server_url + href)
     assert response.ok
     snapshot = Image.open(io.BytesIO(response.body()))

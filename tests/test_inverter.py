@@ -119,7 +119,7 @@ def test_stage2_with_lpips_weights_through_the_cli(tmp_path, capsys):
     "args, words",
     [
         (["--image_encoder_path", "h94/IP-Adapter"], "IP-Adapter"),
-        (["--max_train_steps", "0"], "--max_train_steps must be positive"),
+        (["--max_train_steps", "0"], "--max_train_steps must be a whole number at least 1, not 0"),
         (["--train_data_manifest", "missing.jsonl", "--stage", "2"], "not found"),
     ],
 )

@@ -217,8 +217,10 @@ def test_turbo_rule_needs_more_than_trailing_spacing(tiny, store, tmp_path):
     (folder / "atelier.json").unlink()
     sched.write_text(json.dumps({**config, "timestep_spacing": "leading"}))
     assert not detect_family_from_folder(folder).is_turbo
-    (folder / "README.md").write_text("SD-Turbo is a distilled version of Stable Diffusion 2.1")
-    assert detect_family_from_folder(folder).is_turbo  # model card marker
+    (folder / "README.md").write_text("SD 2.1 base. For 1-step sampling see SD-Turbo (adversarial diffusion distillation).")
+    info = detect_family_from_folder(folder)
+    assert not info.is_turbo and (info.steps, info.guidance_scale) == (25, 7.0)  # a model card never decides
+    assert not detect_family(load_pipeline(folder)).is_turbo
 
 
 # ----------------------------------------------------------------------------- bundled configs
@@ -458,3 +460,89 @@ def test_bad_lora_files(tiny, store, lora_files, tmp_path):
     pickle.write_bytes(b"whatever")
     with pytest.raises(UserError, match="pickle"):
         apply_lora(pipe, pickle)
+
+
+def test_peft_adapter_model_loads_with_its_config(tiny, store, tmp_path):
+    """What `peft`'s save_pretrained writes (adapter_model.safetensors + adapter_config.json, lora_alpha
+    != r) loads as a LoRA and gives the peft model's own output."""
+    from peft import LoraConfig, get_peft_model
+
+    ref = built(tiny, store, "sd1")
+    torch.manual_seed(5)
+    peft_unet = get_peft_model(tiny_components("sd1")["unet"], LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    peft_unet.save_pretrained(tmp_path / "adapter")
+    pipe = load_pipeline(ref["folder"], lora=tmp_path / "adapter" / "adapter_model.safetensors")
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = peft_unet(x, 10, encoder_hidden_states=context).sample
+        got = pipe.unet(x, 10, encoder_hidden_states=context).sample
+    torch.testing.assert_close(got, expected)
+    assert np.abs(generate(pipe) - ref["image"]).max() > 1e-3
+
+
+def test_loras_that_fit_nothing_are_one_line_errors(tiny, store, tmp_path):
+    from safetensors.torch import save_file
+
+    pipe = load_pipeline(built(tiny, store, "sd1")["folder"])
+    text_adapter = tmp_path / "text" / "adapter_model.safetensors"
+    text_adapter.parent.mkdir()
+    save_file({"base_model.model.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32)}, text_adapter)
+    with pytest.raises(UserError, match="peft adapter for something other than a UNet"):
+        apply_lora(pipe, text_adapter)
+    unrelated = tmp_path / "unrelated.safetensors"
+    save_file({"unet.no_such_block.to_q.lora_A.weight": torch.zeros(4, 32),
+               "unet.no_such_block.to_q.lora_B.weight": torch.zeros(32, 4)}, unrelated)
+    with pytest.raises(UserError) as err:
+        apply_lora(pipe, unrelated)
+    assert "\n" not in str(err.value)
+
+
+def test_incomplete_single_file_is_one_line_error(tiny, store, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = built(tiny, store, "sd1")
+    unet_and_vae = {k: v for k, v in load_file(ref["file"]).items() if not k.startswith("cond_stage_model.")}
+    save_file(unet_and_vae, tmp_path / "no-text-encoder.safetensors")
+    with pytest.raises(UserError, match="not a complete sd1 checkpoint") as err:
+        load_pipeline(tmp_path / "no-text-encoder.safetensors", config=ref["folder"])
+    assert "\n" not in str(err.value)
+
+
+def test_damaged_weight_files_are_named_in_one_line(tiny, store, tmp_path):
+    from atelier.models import load_tiny_autoencoder
+
+    ref = built(tiny, store, "sd1")
+    for component, name in (("text_encoder", "model.safetensors"), ("unet", "diffusion_pytorch_model.safetensors")):
+        folder = shutil.copytree(ref["folder"], tmp_path / component)
+        (folder / component / name).write_bytes(b"<html>rate limited</html>" * 8)
+        with pytest.raises(UserError, match=f"{component}/{name} is damaged or not a safetensors file") as err:
+            load_pipeline(folder)
+        assert "\n" not in str(err.value)
+    taesd = shutil.copytree(loader.BUILTIN_DIR / "toyworld-taesd", tmp_path / "taesd")
+    weights_file = taesd / "diffusion_pytorch_model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:2000])
+    with pytest.raises(UserError, match="is damaged or not a safetensors file"):
+        load_tiny_autoencoder(taesd)
+
+
+def test_every_component_gets_the_requested_device_and_dtype(tiny, store):
+    from atelier.models import load_tiny_autoencoder
+
+    for family in ("sd1", "sdxl"):
+        pipe = load_pipeline(built(tiny, store, family)["folder"], device="cpu", dtype="bf16")
+        modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+        assert {m.dtype for m in modules.values()} == {torch.bfloat16}, {n: m.dtype for n, m in modules.items()}
+        assert {p.device.type for m in modules.values() for p in m.parameters()} == {"cpu"}
+    tiny_ae = load_tiny_autoencoder("toyworld-taesd", device="cpu", dtype="bf16")
+    assert {p.dtype for p in tiny_ae.parameters()} == {torch.bfloat16}
+
+
+def test_dtype_kwargs_spell_what_the_installed_diffusers_takes(monkeypatch):
+    import diffusers
+
+    monkeypatch.setattr(diffusers, "__version__", "0.39.0")
+    assert loader.dtype_kwargs(torch.float16) == {"torch_dtype": torch.float16}
+    monkeypatch.setattr(diffusers, "__version__", "0.40.0.dev0")
+    assert loader.dtype_kwargs(torch.float16) == {"dtype": torch.float16}

@@ -225,6 +225,23 @@ def test_text_per_step_counts_steps_like_a1111_sampler():
     assert text_at_step(prompt_schedule("[cat:dog:0.5]", 10), 6) == "dog"
 
 
+@pytest.mark.parametrize("prompt", ["(" * 600, "[" * 600, "(" * 600 + "x" + ")" * 600, "[a:" * 600 + "b" + ":1]" * 600,
+                                    "[a|" * 600 + "b" + "]" * 600])
+def test_deeply_nested_brackets_are_a_user_error_not_a_recursion_error(prompt):
+    with pytest.raises(UserError, match="nests brackets more than 100 deep"):
+        prompt_schedule(prompt, 10)
+    with pytest.raises(UserError, match="nests brackets more than 100 deep"):
+        parse_attention(prompt)
+
+
+def test_nesting_up_to_the_limit_still_parses():
+    assert parse_attention("(" * 100 + "x" + ")" * 100) == [["x", pytest.approx(1.1 ** 100)]]
+    assert prompt_schedule("[" * 99 + "a:b:3" + "]" * 99, 10) == [(3, "[" * 98 + "a" + "]" * 98),
+                                                                  (10, "[" * 98 + "b" + "]" * 98)]
+    assert parse_attention("\\(" * 600) == [["(" * 600, 1.0]]  # escaped: text, not nesting
+    assert prompt_schedule("\\[" * 600, 10) == [(10, "\\[" * 600)]
+
+
 # ---------------------------------------------------------------------------------------------
 # the real CLIP tokenizer, and chunking
 

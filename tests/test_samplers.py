@@ -233,6 +233,36 @@ def test_model_keys_the_target_class_lacks_are_carried_for_the_next_switch():
     assert ddim.config.set_alpha_to_one is False
 
 
+@pytest.mark.parametrize("config_name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", ["DDIM", "DDPM"])
+def test_clipping_stays_off_unless_the_model_config_asks(name, config_name):
+    # A config that never mentions clip_sample (atelier's bundled sdxl / sdxl-turbo / sd-turbo, many
+    # fine-tunes); DDIM and DDPM default it to True.
+    config = {k: v for k, v in dict(CONFIGS[config_name]).items() if k != "clip_sample"}
+    scheduler = make_scheduler(name, config)
+    assert scheduler.config.clip_sample is False and scheduler.config.thresholding is False
+    asked = {**dict(config), "clip_sample": True, "_use_default_values": []}
+    assert make_scheduler(name, asked).config.clip_sample is True
+    assert make_scheduler(name, config, clip_sample=True).config.clip_sample is True
+
+
+def test_bundled_sdxl_ddim_matches_unclipped_ddim():
+    from atelier.models.loader import CONFIGS_DIR
+
+    for bundle in ("sdxl", "sdxl-turbo", "sd-turbo"):
+        config = json.loads((CONFIGS_DIR / f"{bundle}.json").read_text())["scheduler"]
+        ours = make_scheduler("DDIM", config)
+        reference = diffusers.DDIMScheduler(**{k: v for k, v in config.items() if not k.startswith("_")
+                                               and k in inspect.signature(diffusers.DDIMScheduler).parameters},
+                                            clip_sample=False)
+        ours.set_timesteps(10)
+        reference.set_timesteps(10)
+        x = torch.full((1, 4, 2, 2), 3.0)
+        eps = torch.full((1, 4, 2, 2), -2.5)  # predicted x0 far outside [-1, 1]
+        t = ours.timesteps[-1]
+        torch.testing.assert_close(ours.step(eps, t, x).prev_sample, reference.step(eps, t, x).prev_sample)
+
+
 def test_zero_snr_models_refuse_samplers_that_would_drop_it():
     ztsnr = {**SD21, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     euler = make_scheduler("Euler", ztsnr)

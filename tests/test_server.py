@@ -23,6 +23,7 @@ import pytest
 import websockets
 from PIL import Image
 
+from atelier.errors import UserError
 from atelier.server.app import create_app, listen, make_server
 
 PROMPT_A = "a large red circle at the top left and a small blue square in the center"
@@ -49,10 +50,11 @@ def frames():
 class RunningServer:
     """A uvicorn server in a thread, on a port the OS picked; stopped on exit."""
 
-    def __init__(self, app):
+    def __init__(self, app, **server_options):
+        self.app = app
         self.sock = listen("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
-        self.server = make_server(app)
+        self.server = make_server(app, **server_options)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
@@ -75,17 +77,22 @@ class RunningServer:
     def ws(self, query: str = "format=png") -> str:
         return f"ws://127.0.0.1:{self.port}/ws?{query}"
 
-    def get(self, path: str):
-        with urllib.request.urlopen(self.http + path, timeout=10) as response:
+    def get(self, path: str, headers: dict | None = None):
+        request = urllib.request.Request(self.http + path, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=10) as response:
             body = response.read()
             return response.status, response.headers, body
 
     def get_json(self, path: str):
         return json.loads(self.get(path)[2])
 
+    def session_metrics(self, session_id: str) -> dict:
+        """A session's own figures (no public endpoint lists sessions)."""
+        return self.app.state.manager.sessions[session_id].metrics()
+
     def wait_sessions(self, n: int, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
-        while self.get_json("/health")["sessions"] != n:
+        while len(self.app.state.manager.sessions) != n:
             assert time.monotonic() < deadline, f"expected {n} open sessions"
             time.sleep(0.05)
 
@@ -113,11 +120,12 @@ class Client:
         self.ws = ws
         self.messages: list[dict] = []
         self.session = None
+        self.hello = None
 
     @classmethod
-    async def open(cls, url: str) -> "Client":
-        client = cls(await websockets.connect(url))
-        hello = await client.next_message("hello")
+    async def open(cls, url: str, **options) -> "Client":
+        client = cls(await websockets.connect(url, **options))
+        client.hello = hello = await client.next_message("hello")
         client.session = hello["session"]
         await client.next_message("settings")  # the engine is ready
         return client
@@ -192,6 +200,39 @@ def test_unknown_session_is_404(server):
         assert "no open session" in json.loads(exc.value.read())["detail"]
 
 
+def http_status(server, path: str, headers: dict | None = None) -> int:
+    try:
+        return server.get(path, headers)[0]
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_sessions_are_private(server, frames):
+    """Only a session's own client learns its key; without it, its snapshot and MJPEG do not exist."""
+    async def run():
+        client = await Client.open(server.ws())
+        await client.frame(frames[0])
+        metrics = await asyncio.to_thread(server.get, "/api/metrics")
+        health = await asyncio.to_thread(server.get, "/health")
+        base = f"/api/sessions/{client.session}"
+        guesses = [f"{base}/snapshot.png", f"{base}/mjpeg", f"{base}/snapshot.png?key=",
+                   f"{base}/snapshot.png?key={client.hello['key'][:-1]}", f"{base}/mjpeg?key=guess"]
+        refused = [await asyncio.to_thread(http_status, server, path) for path in guesses]
+        status, headers, snapshot = await asyncio.to_thread(server.get, client.hello["snapshot"])
+        await client.close()
+        return client, metrics, health, refused, status, snapshot
+
+    client, metrics, health, refused, status, snapshot = asyncio.run(run())
+    assert client.session.encode() not in metrics[2] + health[2], "a public endpoint names the session"
+    assert json.loads(metrics[2])["session_count"] == 1
+    assert refused == [404] * len(refused)
+    assert len(client.hello["key"]) >= 32
+    assert client.hello["snapshot"] == f"/api/sessions/{client.session}/snapshot.png?key={client.hello['key']}"
+    assert client.hello["mjpeg"] == f"/api/sessions/{client.session}/mjpeg?key={client.hello['key']}"
+    assert status == 200 and Image.open(io.BytesIO(snapshot)).size == (64, 64)
+    server.wait_sessions(0)
+
+
 # ---------------------------------------------------------------------------------------------- sessions
 
 
@@ -242,6 +283,20 @@ def test_bad_input_gets_an_error_and_the_session_goes_on(server, frames):
         (json.dumps({"type": "settings", "colour": "red"}), "bad_settings"),
         (json.dumps({"type": "settings", "width": 128}), "bad_settings"),
         (json.dumps({"type": "output", "format": "gif"}), "bad_message"),
+        # each of these used to end the session without a word
+        ('{"type": "output", "quality": Infinity}', "bad_message"),  # int(inf): OverflowError
+        ('{"type": "output", "quality": 1e400}', "bad_message"),
+        ('{"type": "output", "quality": NaN}', "bad_message"),
+        ('{"type": "output", "format": ["png"]}', "bad_message"),
+        ('{"type": "settings", "seed": ' + "7" * 5000 + "}", "bad_message"),  # past Python's int digit limit
+        ("[" * 30000 + "]" * 30000, "bad_message"),  # RecursionError in json.loads
+        ('{"type": "settings", "guidance_scale": Infinity}', "bad_settings"),
+        (json.dumps({"type": "settings", "prompt": "(" * 600}), "bad_settings"),  # RecursionError in the parser
+        (json.dumps({"type": "settings", "seed": 10**4000}), "bad_settings"),
+        (json.dumps({"type": "edit", "source": "a red circle", "target": "[" * 600}), "bad_edit"),
+        (json.dumps({"type": "edit", "source": "a red circle"}), "bad_edit"),
+        (json.dumps({"type": "x" * 10000}), "unknown_type"),
+        (json.dumps({"type": "settings", "self": 1}), "bad_settings"),  # not update()'s own argument
     ]
 
     async def run():
@@ -252,7 +307,7 @@ def test_bad_input_gets_an_error_and_the_session_goes_on(server, frames):
             await client.ws.send(message)
             error = await client.next_message("error")
             assert error["code"] == code, (message[:40], error)
-            assert error["message"]
+            assert error["message"] and len(error["message"]) < 500
             # ... and the session still answers
             assert (await client.frame(frames[1])).shape == (64, 64, 3)
         after = await client.settings(delta=1.0)
@@ -265,6 +320,95 @@ def test_bad_input_gets_an_error_and_the_session_goes_on(server, frames):
     assert after["guidance_scale"] == before["guidance_scale"] == 2.0  # refused changes changed nothing
     assert after["seed"] == before["seed"]
     assert first.shape == (64, 64, 3)
+    server.wait_sessions(0)
+
+
+def test_a_refused_prompt_changes_nothing_in_the_session(server, frames):
+    """The prompt is stored only once it encodes: the echo, the frames and the snapshot agree."""
+    async def run():
+        client = await Client.open(server.ws())
+        await client.settings(prompt=PROMPT_A, seed=3)
+        first = await client.frame(frames[0])
+        await client.ws.send(json.dumps({"type": "settings", "prompt": "(" * 600 + "x", "seed": 4}))
+        error = await client.next_message("error")
+        settings = await client.settings(negative_prompt="a small green triangle", cfg_type="full", guidance_scale=1.5)
+        blended = await client.settings(blend_prompt=PROMPT_B, blend=0.0)
+        await client.settings(guidance_scale=1.0)
+        again = await client.frame(frames[0])
+        snapshot = (await asyncio.to_thread(server.get, client.hello["snapshot"]))[2]
+        await client.close()
+        return first, again, error, settings, blended, snapshot, client.messages
+
+    first, again, error, settings, blended, snapshot, messages = asyncio.run(run())
+    from atelier.generate.metadata import parse_parameters
+
+    assert error["code"] == "bad_settings" and "nests brackets" in error["message"]
+    assert settings["prompt"] == blended["prompt"] == PROMPT_A and settings["seed"] == 3
+    assert not [m for m in messages if m["type"] == "error" and m["code"] == "internal"]
+    assert np.array_equal(first, again)
+    assert parse_parameters(Image.open(io.BytesIO(snapshot)).info["parameters"])["Prompt"] == PROMPT_A
+    server.wait_sessions(0)
+
+
+def test_ping_echo_is_plain_json(server):
+    async def run():
+        client = await Client.open(server.ws())
+        replies = []
+        for t in (1.5, "abc", [[[1]]], "x" * 1000, 10**30):
+            await client.ws.send(json.dumps({"type": "ping", "t": t}))
+            replies.append(await client.next_message("pong"))
+        await client.ws.send('{"type": "ping", "t": Infinity}')
+        replies.append(await client.next_message("pong"))  # JSON.parse in a browser knows no Infinity
+        await client.close()
+        return [r["t"] for r in replies]
+
+    assert asyncio.run(run()) == [1.5, "abc", None, None, None, None]
+    server.wait_sessions(0)
+
+
+class Negative:
+    """A frame processor: the input's negative, whatever the engine would make of it."""
+
+    def __call__(self, engine, image):
+        from PIL import ImageOps
+
+        return ImageOps.invert(image.resize((engine.width, engine.height))), "negative of the input"
+
+    def describe(self) -> dict:
+        return {"name": "negative"}
+
+
+def test_a_session_runs_any_frame_processor_it_is_handed(server, frames):
+    """Edit mode is one such processor; the session manager knows only the FrameProcessor protocol."""
+    def hand(client, make):
+        session = server.app.state.manager.sessions[client.session]
+        server.app.state.manager.submit_command(session, "processor", {"make": make, "reply": "mode", "error": "bad_mode"})
+
+    def refuse():
+        raise UserError("no such mode")
+
+    async def run():
+        client = await Client.open(server.ws())
+        streamed = await client.frame(frames[0])
+        await asyncio.to_thread(hand, client, Negative)
+        described = await client.next_message("mode")
+        negative = await client.frame(frames[0])
+        snapshot = (await asyncio.to_thread(server.get, client.hello["snapshot"]))[2]
+        await asyncio.to_thread(hand, client, refuse)
+        refused = await client.next_message("error")
+        still = await client.frame(frames[0])
+        await asyncio.to_thread(hand, client, lambda: None)
+        ended = await client.next_message("mode")
+        back = await client.frame(frames[0])
+        await client.close()
+        return streamed, described, negative, snapshot, refused, still, ended, back
+
+    streamed, described, negative, snapshot, refused, still, ended, back = asyncio.run(run())
+    assert described["mode"] == {"name": "negative"} and ended["mode"] is None
+    assert np.array_equal(negative, 255 - np.asarray(frames[0].convert("RGB")))
+    assert Image.open(io.BytesIO(snapshot)).info["parameters"] == "negative of the input"
+    assert refused["code"] == "bad_mode" and refused["message"] == "no such mode" and np.array_equal(still, negative)
+    assert back.shape == streamed.shape and not np.array_equal(back, negative)
     server.wait_sessions(0)
 
 
@@ -285,16 +429,17 @@ def test_eight_sessions_at_once_and_the_ninth_refused(server, frames):
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await asyncio.wait_for(ninth.recv(), 10)
         metrics = server.get_json("/api/metrics")
+        sessions = [server.session_metrics(client.session) for client, _ in results]
         for client, _ in results:
             await client.close()
-        return results, error, closed.value.rcvd, metrics
+        return results, error, closed.value.rcvd, metrics, sessions
 
-    results, error, close, metrics = asyncio.run(run())
+    results, error, close, metrics, sessions = asyncio.run(run())
     assert all(len(outputs) == 3 for _, outputs in results)
     assert error["type"] == "error" and error["code"] == "server_full"
     assert close.code == 1013 and "server full" in close.reason and "8 sessions" in close.reason
-    assert metrics["session_count"] == 8 and len(metrics["sessions"]) == 8
-    for session in metrics["sessions"]:
+    assert metrics["session_count"] == 8 and metrics["frames_total"] >= 24 and metrics["latency_ms_mean"] > 0
+    for session in sessions:
         assert session["frames_out"] == 3 and session["errors"] == 0
         assert session["latency_ms"] > 0
     server.wait_sessions(0)
@@ -327,7 +472,7 @@ def test_stale_frames_are_dropped_not_queued(server, frames):
         await client.next_message("pong")
         deadline = time.monotonic() + 30
         while True:  # every frame is either served or dropped
-            mine = [s for s in server.get_json("/api/metrics")["sessions"] if s["session"] == client.session][0]
+            mine = server.session_metrics(client.session)
             if mine["frames_out"] + mine["frames_dropped"] == 40 or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
@@ -363,12 +508,12 @@ def test_a_flooding_client_does_not_starve_another(server, frames):
         outputs = [await polite.frame(frames[k % len(frames)]) for k in range(6)]
         seconds = time.monotonic() - start
         stop.set()
-        metrics = server.get_json("/api/metrics")
+        flooded = server.session_metrics(flooder.session)
         await polite.close()
         await flooder.close()
         for task in tasks:
             task.cancel()
-        return outputs, seconds, {s["session"]: s for s in metrics["sessions"]}[flooder.session]
+        return outputs, seconds, flooded
 
     outputs, seconds, flooder = asyncio.run(run())
     assert len(outputs) == 6
@@ -386,10 +531,10 @@ def test_snapshot_has_parameters_and_mjpeg_streams(server, frames):
         await client.settings(prompt=PROMPT_A, seed=5)
         await client.ws.send(png(frames[0]))
         await client.next_frame()
-        _, headers, snapshot = await asyncio.to_thread(server.get, f"/api/sessions/{client.session}/snapshot.png")
+        _, headers, snapshot = await asyncio.to_thread(server.get, client.hello["snapshot"])
 
         def first_mjpeg_parts(n):
-            with urllib.request.urlopen(f"{server.http}/api/sessions/{client.session}/mjpeg", timeout=20) as response:
+            with urllib.request.urlopen(server.http + client.hello["mjpeg"], timeout=20) as response:
                 content_type = response.headers["content-type"]
                 parts = []
                 while len(parts) < n:
@@ -472,3 +617,202 @@ def test_serve_command_max_sessions_and_errors(tmp_path):
         process.terminate()
         process.wait(20)
     assert process.returncode in (0, -15)
+
+
+# ---------------------------------------------------------------------------------------------- protection
+
+
+def handshake_status(port: int, host: str = "127.0.0.1", origin: str | None = None, path: str = "/ws") -> str:
+    """The status line a raw WebSocket handshake gets (headers exactly as given)."""
+    import socket
+
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+    if origin:
+        lines.append(f"Origin: {origin}")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return sock.recv(4096).split(b"\r\n", 1)[0].decode()
+
+
+def test_host_and_origin_checks(pipe):
+    app = create_app(pipe, max_sessions=2, allowed_origins=["https://studio.example"])
+    with RunningServer(app) as server:
+        own = f"http://127.0.0.1:{server.port}"
+        assert http_status(server, "/api/settings") == 200
+        assert http_status(server, "/api/settings", {"Host": "evil.example"}) == 400  # DNS rebinding
+        assert handshake_status(server.port, host="evil.example").split()[1] == "400"
+        assert handshake_status(server.port, origin="http://evil.example").split()[1] == "403"
+        assert handshake_status(server.port, origin=f"http://127.0.0.1:{server.port + 1}").split()[1] == "403"
+        assert handshake_status(server.port, origin="null").split()[1] == "403"
+        assert handshake_status(server.port, host=f"localhost:{server.port}", origin=f"http://localhost:{server.port}").split()[1] == "101"
+        assert handshake_status(server.port, origin="https://studio.example").split()[1] == "101"
+
+        async def run():
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await websockets.connect(server.ws(), origin="http://evil.example")
+            client = await Client.open(server.ws(), origin=own)  # the server's own page
+            await client.close()
+            return refused.value.response.status_code
+
+        assert asyncio.run(run()) == 403
+        server.wait_sessions(0)
+
+
+def test_auth_token_protects_everything_but_the_static_files(pipe):
+    token = "correct-horse-battery"
+    with RunningServer(create_app(pipe, auth_token=token)) as server:
+        for path in ("/", "/api/settings", "/api/metrics", "/health", "/api/sessions/x/mjpeg"):
+            assert http_status(server, path) == 401, path
+            assert http_status(server, path + "?token=wrong-token-value") == 401, path
+        assert http_status(server, "/api/settings", {"Authorization": "Bearer nope"}) == 401
+        assert http_status(server, "/static/app.js") == 200
+        assert http_status(server, f"/?token={token}") == 200
+        assert http_status(server, "/api/settings", {"Authorization": f"Bearer {token}"}) == 200
+        assert handshake_status(server.port).split()[1] == "403"
+        assert handshake_status(server.port, path=f"/ws?token={token}").split()[1] == "101"
+
+        async def run():
+            with pytest.raises(websockets.InvalidStatus):
+                await websockets.connect(server.ws("format=png&token=nope"))
+            client = await Client.open(server.ws(f"format=png&token={token}"))
+            await client.close()
+            return client.hello
+
+        hello = asyncio.run(run())
+        assert hello["snapshot"].startswith(f"/api/sessions/{hello['session']}/")
+        server.wait_sessions(0)
+    with pytest.raises(UserError, match="8 characters"):
+        create_app(pipe, auth_token="short")
+
+
+def test_idle_sessions_time_out_even_when_they_answer_pings(pipe, frames):
+    with RunningServer(create_app(pipe, max_sessions=1, idle_timeout=1.0)) as server:
+        async def run():
+            idle = await Client.open(server.ws(), ping_interval=0.2)  # protocol pings, answered
+            start = time.monotonic()
+            await idle.frame(frames[0])  # the last activity
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await idle.ws.send(json.dumps({"type": "ping", "t": 1}))  # app pings: not activity either
+                    with suppress(asyncio.TimeoutError):
+                        await idle._recv(0.25)
+                    assert time.monotonic() - start < 10, "the idle session was never closed"
+            seconds = time.monotonic() - start
+            errors = [m for m in idle.messages if m["type"] == "error"]
+            busy = await Client.open(server.ws())  # the only slot is free again
+            for _ in range(6):  # a client that keeps streaming keeps its session
+                await busy.frame(frames[1])
+                await asyncio.sleep(0.3)
+            await busy.close()
+            return seconds, errors, closed.value.rcvd
+
+        seconds, errors, close = asyncio.run(run())
+        assert 0.9 < seconds < 5, seconds
+        assert [e["code"] for e in errors] == ["idle_timeout"]
+        assert close.code == 1001 and "idle" in close.reason
+        server.wait_sessions(0)
+
+
+def test_connections_with_unfinished_headers_are_closed(pipe):
+    import socket
+
+    with RunningServer(create_app(pipe), header_timeout=1.0) as server:
+        slow = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        start, closed = time.monotonic(), False
+        while time.monotonic() - start < 6:
+            slow.sendall(b"X-Slow: 1\r\n")  # a header line now and then: never finished
+            slow.settimeout(0.3)
+            try:
+                if slow.recv(1024) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+                break
+        seconds = time.monotonic() - start
+        slow.close()
+        assert closed and seconds < 3, seconds
+        # a prompt request, and a kept-alive connection's next prompt request, are served
+        import http.client
+
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        for _ in range(2):
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+            time.sleep(0.6)
+        connection.close()
+
+
+def test_a_message_over_the_protocol_limit_gets_a_json_error_then_a_close(pipe, frames):
+    app = create_app(pipe, max_frame_bytes=64 * 1024)  # the protocol refuses messages over 256 KiB
+    with RunningServer(app) as server:
+        async def run():
+            client = await Client.open(server.ws())
+            await client.ws.send(png(frames[0]))
+            await client.next_frame()
+            await client.ws.send(os.urandom(300 * 1024))
+            error = await client.next_message("error")
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await client._recv(10)
+            return error, closed.value.rcvd
+
+        error, close = asyncio.run(run())
+        assert error["code"] == "frame_too_large" and str(256 * 1024) in error["message"]
+        assert close.code == 1009
+        server.wait_sessions(0)
+
+
+def test_serve_warns_on_a_network_address_and_passes_the_token(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    token = "s3cret-token-for-tests"
+    command = [sys.executable, "-m", "atelier.cli", "serve", "--host", "0.0.0.0", "--port", "0",
+               "--auth-token", token, "--idle-timeout", "30"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("atelier serve: http://127.0.0.1:") and f"/?token={token}" in line, line
+        warning = process.stderr.readline()
+        assert "warning" in warning and "anyone on the network" in warning and "--auth-token" in warning
+        url = line.split()[2]
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200
+        base = url.split("/?")[0]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + "/health", timeout=10)
+        assert refused.value.code == 401
+    finally:
+        process.terminate()
+        process.wait(20)
+
+    bad = subprocess.run([sys.executable, "-m", "atelier.cli", "serve", "--allowed-origin", "evil.example",
+                          "--port", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--allowed-origin" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_default_hosts_and_origin_rules():
+    from atelier.server.security import allowed_hosts_for, is_loopback, normal_origin, origin_allowed
+
+    assert allowed_hosts_for("127.0.0.1") == ["127.0.0.1", "localhost", "[::1]"]
+    assert allowed_hosts_for("192.168.1.5")[0] == "192.168.1.5" and allowed_hosts_for("0.0.0.0") == ["*"]
+    assert allowed_hosts_for("0.0.0.0", ["Studio.Local", "fe80::1"]) == ["studio.local", "[fe80::1]"]
+    for bad in ("studio.local:7860", "a*b"):
+        with pytest.raises(UserError, match="--allowed-host"):
+            allowed_hosts_for("0.0.0.0", [bad])
+    assert is_loopback("127.0.0.2") and is_loopback("::1") and not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
+    own = frozenset()
+    assert origin_allowed(None, "127.0.0.1:7860", own)  # not a browser
+    assert origin_allowed("http://127.0.0.1:7860", "127.0.0.1:7860", own)
+    assert origin_allowed("http://[::1]:7860", "[::1]:7860", own)
+    assert not origin_allowed("http://127.0.0.1:7861", "127.0.0.1:7860", own)
+    assert not origin_allowed("http://evil.example", "127.0.0.1:7860", own)
+    assert not origin_allowed("null", "127.0.0.1:7860", own)
+    listed = frozenset([normal_origin("HTTPS://Studio.Example/")])
+    assert origin_allowed("https://studio.example", "127.0.0.1:7860", listed)
+    assert origin_allowed("https://anything.example", "h", frozenset(["*"]))
+    with pytest.raises(UserError, match="--allowed-origin"):
+        normal_origin("studio.example")

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from atelier.errors import UserError
+from atelier.generate.metadata import parse_parameters
 from atelier.stream import StreamEngine, strength_to_t_indices
 from atelier.stream.stream_math import next_residual_noise, renoise, stage_coefficients, x0_and_eps
 from atelier.testing.tiny import tiny_pipeline
@@ -198,6 +199,12 @@ def test_a1111_weights_change_the_stream(turbo):
         ({"prompt": 5}, "prompt"),
         ({"prompt": "x" * 5000}, "limit"),
         ({"wings": 2}, "unknown"),
+        ({"guidance_scale": float("inf")}, "finite"),
+        ({"delta": float("nan")}, "finite"),
+        ({"blend": 10**400}, "finite"),
+        ({"seed": 10**5000}, "seed"),  # too long to print: the message must still be made
+        ({"strength": float("-inf")}, "finite"),
+        ({"width": 128}, "fixed by the model"),
     ],
 )
 def test_bad_settings_are_refused_and_change_nothing(turbo, changes, words):
@@ -206,6 +213,55 @@ def test_bad_settings_are_refused_and_change_nothing(turbo, changes, words):
     with pytest.raises(UserError, match=words):
         engine.update(**changes)
     assert engine.settings() == before
+
+
+@pytest.mark.parametrize("prompt, words", [("(" * 600 + "cat", "nests brackets"), ("a (cat:1.2.3)", "bad attention weight")])
+def test_a_prompt_that_does_not_encode_changes_nothing(turbo, prompt, words):
+    engine = _engine(turbo, t_index_list=[15, 32])
+    frame = _frames(1, seed=3)[0]
+    before, settings = [engine(frame) for _ in range(3)][-1], engine.settings()
+    with pytest.raises(UserError, match=words):
+        engine.update(prompt=prompt, seed=7)
+    assert engine.settings() == settings  # nor the seed that came with it
+    assert _diff(engine(frame), before) == 0
+    engine(frame)
+    assert parse_parameters(engine.infotext())["Prompt"] == settings["prompt"]
+    # later changes that re-encode the prompts still work
+    assert engine.update(negative_prompt="a small green square", cfg_type="full", guidance_scale=2.0)["cfg_type"] == "full"
+    assert engine.update(blend_prompt="a large blue circle", blend=0.5)["blend"] == 0.5
+    assert engine(frame).size == (64, 64)
+
+
+def test_schema_and_validation_come_from_one_spec(turbo):
+    """Every bound the page is told about is the bound update() applies, and nothing else."""
+    schema = StreamEngine.settings_schema(turbo)
+    engine = _engine(turbo)
+    assert set(engine.settings()) <= set(schema)
+    for key, spec in schema.items():
+        if spec.get("readOnly"):
+            with pytest.raises(UserError, match="fixed"):
+                engine.update(**{key: spec["default"]})
+            continue
+        if spec["type"] in ("number", "integer"):
+            low, high = spec["minimum"], spec["maximum"]
+            for value in (low, high):
+                assert engine.update(**{key: value})[key] == pytest.approx(value), (key, value)
+            step = 1 if spec["type"] == "integer" else 1e-9
+            for value in (low - step, high + step, float("inf"), float("nan")):
+                with pytest.raises(UserError, match=key):
+                    engine.update(**{key: value})
+            engine.update(**{key: spec["default"]})
+        elif spec["type"] == "string":
+            for value in spec.get("enum", ["", "x" * spec.get("maxLength", 0)]):
+                engine.update(**{key: value})
+            with pytest.raises(UserError, match=key):
+                engine.update(**{key: "nope" if "enum" in spec else "x" * (spec["maxLength"] + 1)})
+            engine.update(**{key: spec["default"]})
+        elif spec["type"] == "array":
+            assert spec["items"]["type"] == "integer" and spec["minItems"] == 1
+            with pytest.raises(UserError, match=key):
+                engine.update(**{key: list(range(spec["maxItems"] + 1))})
+    assert schema["strength"]["minimum"] > 0  # strength 0 would noise nothing
 
 
 def test_frames_before_prepare_are_refused(turbo):

@@ -8,6 +8,7 @@ import pytest
 from atelier.cli import main
 from atelier.models import detect_family, load_pipeline
 from atelier.train import toyworld as trainer
+from atelier.train.loop import TrainLoop
 
 TINY = [
     "--vae-steps", "3", "--text-steps", "2", "--unet-steps", "4", "--turbo-steps", "2", "--taesd-steps", "2",
@@ -22,19 +23,19 @@ def test_killed_run_resumes_and_exports_loadable_models(tmp_path, monkeypatch, c
     out = tmp_path / "run"
     argv = ["train", "toyworld", "--out-dir", str(out), *TINY]
 
-    real_save = trainer.Stage.save
+    real_save = TrainLoop.save
 
-    def save_then_die(stage, modules, optimizer):
-        real_save(stage, modules, optimizer)
-        if stage.name == "unet" and stage.step == 2:
+    def save_then_die(loop):
+        real_save(loop)
+        if loop.name == "unet" and loop.step == 2:
             raise KeyboardInterrupt  # as if killed right after the step-2 checkpoint
 
-    monkeypatch.setattr(trainer.Stage, "save", save_then_die)
+    monkeypatch.setattr(TrainLoop, "save", save_then_die)
     assert main(argv) == 130
     assert (out / "vae" / "done.json").is_file() and not (out / "unet" / "done.json").exists()
     assert (out / "unet" / "checkpoint.safetensors").is_file() and (out / "unet" / "loss.png").is_file()
 
-    monkeypatch.setattr(trainer.Stage, "save", real_save)
+    monkeypatch.setattr(TrainLoop, "save", real_save)
     capsys.readouterr()
     assert main(argv) == 0
     printed = capsys.readouterr()
@@ -71,7 +72,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path, capsys):
     (["--set", "unet_learning_rate=1"], "expected FIELD=VALUE"),
     (["--set", "unet_lr=fast"], "is not a valid float"),
     (["--stages", "vae,decoder"], "unknown stage(s) decoder"),
-    (["--unet-steps", "0"], "must be at least 1"),
+    (["--unet-steps", "0"], "--unet-steps must be a whole number at least 1, not 0"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, message):
     assert main(["train", "toyworld", "--out-dir", str(tmp_path / "run"), *argv]) == 2

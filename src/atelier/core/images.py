@@ -1,5 +1,5 @@
-"""Images in and out: opening files or bytes with limits checked before decoding, and writing PNGs
-with their generation parameters atomically."""
+"""Images in and out: opening files or bytes with limits checked before decoding, and writing PNG,
+JPEG or WebP files with their generation parameters atomically."""
 
 from __future__ import annotations
 
@@ -7,9 +7,14 @@ import warnings
 from pathlib import Path
 
 from atelier.core.facts import MAX_IMAGE_SIDE
-from atelier.core.infotext import PARAMETERS_KEY, image_parameters
+from atelier.core.infotext import EXIF_IFD, EXIF_USER_COMMENT, PARAMETERS_KEY, exif_user_comment, image_parameters
 from atelier.core.io import atomic_open
 from atelier.errors import UserError
+
+
+# What `save_image` writes, by extension.
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+LOSSY_QUALITY = 95
 
 
 class ImageTooLarge(UserError):
@@ -79,4 +84,31 @@ def save_png(image, path, parameters: str, extra_text: dict[str, str] | None = N
         info.add_text(key, value)
     with atomic_open(path, "wb") as f:
         image.save(f, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def output_format(path) -> str:
+    """The PIL format an output path's extension names; other extensions are refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        known = ", ".join(OUTPUT_FORMATS)
+        what = f"unknown image extension {suffix!r}" if suffix else "no image extension"
+        raise UserError(f"cannot write {path}: {what}; use one of {known}")
+    return OUTPUT_FORMATS[suffix]
+
+
+def save_image(image, path, parameters: str) -> Path:
+    """Write `image` in the format its extension names, atomically, with `parameters` where A1111
+    puts them: the PNG "parameters" text chunk, or the EXIF UserComment of a JPEG or WebP file."""
+    from PIL import Image
+
+    fmt = output_format(path)
+    if fmt == "PNG":
+        return save_png(image, path, parameters)
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = exif_user_comment(parameters)
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    with atomic_open(path, "wb") as f:
+        image.save(f, format=fmt, quality=LOSSY_QUALITY, exif=exif)
     return Path(path)

@@ -24,8 +24,8 @@ NEGATIVE_PREFIX = "Negative prompt:"
 # A1111's modules/infotext_utils.py: a key, then either a JSON string or anything up to a comma.
 _PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 # EXIF UserComment, where A1111 puts the infotext of JPEG and WebP files.
-_EXIF_IFD = 0x8769
-_EXIF_USER_COMMENT = 0x9286
+EXIF_IFD = 0x8769
+EXIF_USER_COMMENT = 0x9286
 
 
 def quote(value) -> str:
@@ -81,6 +81,12 @@ def parse_parameters(text: str) -> dict[str, str]:
     return result
 
 
+def exif_user_comment(text: str) -> bytes:
+    """An EXIF UserComment holding `text` as A1111 writes it into JPEG and WebP files (piexif's
+    `UserComment.dump(text, encoding="unicode")`: an 8-byte character code, then UTF-16 big-endian)."""
+    return b"UNICODE\0" + text.encode("utf-16-be")
+
+
 def image_parameters(image) -> str | None:
     """The infotext stored in an opened image: PNG text chunk, or EXIF UserComment (JPEG/WebP)."""
     text = image.info.get(PARAMETERS_KEY)
@@ -88,7 +94,7 @@ def image_parameters(image) -> str | None:
         text = text.decode("utf-8", errors="replace")
     if text:
         return text
-    comment = image.getexif().get_ifd(_EXIF_IFD).get(_EXIF_USER_COMMENT)
+    comment = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
     if isinstance(comment, bytes) and len(comment) > 8:
         code, body = comment[:8], comment[8:]
         # piexif (used by A1111) writes UNICODE as UTF-16 big-endian; some tools write little-endian.

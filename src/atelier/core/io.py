@@ -9,6 +9,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from atelier.errors import UserError
+
 TEMP_SUFFIX = ".tmp"
 
 
@@ -53,6 +55,23 @@ def atomic_open(path, mode: str = "wb", **kwargs):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_writable(path, what: str = "output") -> Path:
+    """Refuse, before any work, a file path that cannot be written: an existing folder, a path
+    through a file, or a folder this process may not write to (the nearest one that exists)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {what} {path}: {folder} is not a folder")
+    effective = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+    if not os.access(folder, os.W_OK | os.X_OK, **effective):
+        raise UserError(f"cannot write {what} {path}: the folder {folder} is not writable")
+    return path
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

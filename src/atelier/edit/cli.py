@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from atelier.core.io import check_writable
 from atelier.errors import UserError
+from atelier.image_prompts import cli as image_prompts_cli
 
 METHOD_CHOICES = ("auto", "ddpm", "diffedit", "turbo", "img2img", "one-step")
 
@@ -19,7 +21,10 @@ def register(subparsers) -> None:
             "Edit IMAGE so that it shows --target instead of --source (\"a red circle\" -> \"a blue circle\"). "
             "The model estimates where the prompts disagree (the mask); outside it the image is kept exactly. "
             "Batch form: --cases FILE.jsonl --outdir DIR, one JSON object per line: "
-            '{"image": PATH, "source": "...", "target": "...", "out": "name.png"} (paths relative to FILE).'
+            '{"image": PATH, "source": "...", "target": "...", "out": "name.png"} (paths relative to FILE; '
+            "every line, image and output name is checked before the model loads; outputs that exist are "
+            "skipped unless --overwrite). Outputs are PNG, JPEG or WebP, as the extension says, with the "
+            "edit's A1111 parameters."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -28,6 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--target", help="the same prompt with the edit made")
     p.add_argument("--cases", metavar="FILE.jsonl", help="edit every case of this file (model loaded once)")
     p.add_argument("--outdir", metavar="DIR", help="where --cases writes its images")
+    p.add_argument("--overwrite", action="store_true", help="--cases: redo cases whose output already exists")
     p.add_argument("--method", default="auto", choices=METHOD_CHOICES,
                    help="auto: turbo for Turbo/LCM models, ddpm for multi-step models; one-step: SwiftEdit with "
                         "a learned inverter (one-step models, see --inverter)")
@@ -46,93 +52,169 @@ def register(subparsers) -> None:
     p.add_argument("--mask-threshold", type=float, default=0.5, help="a soft mask value in [0, 1] above which a cell is edited")
     p.add_argument("--mask-dilate", type=int, default=1, help="grow the mask by this many latent cells")
     p.add_argument("--no-paste-back", action="store_true", help="do not copy the source pixels back outside the mask")
-    p.add_argument("--out", default="edited.png", help="output PNG (single image)")
+    p.add_argument("--out", metavar="FILE", help="output image, .png/.jpg/.jpeg/.webp (single image; default edited.png)")
     p.add_argument("--mask-out", metavar="MASK.png", help="also write the edit mask (single image)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt pickle weights (runs code in the file)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    image_prompts_cli.add_options(p)
     p.set_defaults(func=run_edit)
 
 
 def _settings(args):
-    from atelier.edit.methods import EditSettings
+    from atelier.edit.methods import EditSettings, check_settings
 
-    return EditSettings(method=args.method, steps=args.steps, strength=args.strength, guidance_scale=args.guidance,
-                        mask_from=args.mask_from, mask_threshold=args.mask_threshold, mask_dilate=args.mask_dilate,
-                        paste_back=not args.no_paste_back, seed=args.seed, inverter=args.inverter,
-                        edit_scale=args.edit_scale, keep_scale=args.keep_scale)
+    return check_settings(EditSettings(
+        method=args.method, steps=args.steps, strength=args.strength, guidance_scale=args.guidance,
+        mask_from=args.mask_from, mask_threshold=args.mask_threshold, mask_dilate=args.mask_dilate,
+        paste_back=not args.no_paste_back, seed=args.seed, inverter=args.inverter,
+        edit_scale=args.edit_scale, keep_scale=args.keep_scale))
 
 
-def read_cases(path: Path) -> list[dict]:
-    """Every line checked before any model work: a bad line fails the batch with its line number."""
+def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"cases file not found: {path}")
-    cases = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the cases file as UTF-8") from None
+    return text.splitlines()
+
+
+def _output(out, outdir: Path, where: str) -> Path:
+    """The file `out` names inside `outdir`, or a UserError saying why it cannot be one."""
+    from atelier.core.images import output_format
+
+    if not isinstance(out, str) or not out.strip():
+        raise UserError(f"{where}: 'out' must be a file name inside --outdir")
+    path = outdir / out
+    if outdir.resolve() not in path.resolve().parents:
+        raise UserError(f"{where}: 'out' {out!r} is not a file inside --outdir {outdir}")
+    try:
+        check_writable(path, "output")
+        output_format(path)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    return path
+
+
+def read_cases(path: Path, outdir: Path) -> list[dict]:
+    """Every line, input image and output name checked before any model work: a bad one fails the
+    batch with its line number. Each case gets "out" (its path inside `outdir`) and "line"."""
+    from atelier.core.images import open_image
+
+    cases, outputs = [], {}  # outputs: resolved path -> line
+    for number, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
             case = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
         if not isinstance(case, dict):
-            raise UserError(f"{path}:{number}: each line must be a JSON object")
+            raise UserError(f"{where}: each line must be a JSON object")
         missing = [k for k in ("image", "source", "target") if not isinstance(case.get(k), str) or not case[k].strip()]
         if missing:
-            raise UserError(f"{path}:{number}: missing or empty {', '.join(missing)}")
+            raise UserError(f"{where}: missing or empty {', '.join(missing)}")
         image = Path(case["image"])
         case["image"] = str(image if image.is_absolute() else path.parent / image)
-        out = case.get("out") or f"{Path(case['image']).stem}_edited.png"
-        if not isinstance(out, str) or Path(out).is_absolute() or ".." in Path(out).parts:
-            raise UserError(f"{path}:{number}: 'out' must be a file name inside --outdir")
-        case["out"] = out
-        cases.append(case)
+        try:
+            open_image(case["image"])  # header, size limits and a full decode: corrupt files fail now
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        out = _output(case.get("out", f"{image.stem}_edited.png"), outdir, where)
+        resolved = out.resolve()
+        if resolved in outputs:
+            raise UserError(f"{where}: output {out} is also written by line {outputs[resolved]}; give each case its own 'out'")
+        outputs[resolved] = number
+        cases.append({**case, "out": out, "line": number})
     if not cases:
         raise UserError(f"{path} has no cases")
+    for case in cases:
+        written_by = outputs.get(Path(case["image"]).resolve())
+        if written_by is not None:
+            raise UserError(f"{path}:{written_by}: output {Path(case['image']).name} is the input image of line {case['line']}")
     return cases
+
+
+def _check_single(args) -> list[dict]:
+    from atelier.core.images import output_format, open_image
+
+    if not args.image or not args.source or not args.target:
+        raise UserError("give IMAGE, --source and --target (or --cases FILE.jsonl --outdir DIR)")
+    open_image(args.image)
+    out = Path(args.out or "edited.png")
+    for path, what in ((out, "--out"), (args.mask_out and Path(args.mask_out), "--mask-out")):
+        if path:
+            check_writable(path, what)
+            output_format(path)
+    if args.mask_out and (args.method == "img2img" or args.mask_from == "none"):
+        raise UserError("--mask-out needs a mask: img2img and --mask-from none make none")
+    if args.mask_out and Path(args.mask_out).resolve() == out.resolve():
+        raise UserError("--mask-out and --out name the same file")
+    return [{"image": args.image, "source": args.source, "target": args.target, "out": out}]
+
+
+def _check_batch(args) -> tuple[list[dict], list[dict]]:
+    """(cases to run, cases skipped because their output exists)."""
+    if args.image or args.source or args.target:
+        raise UserError("give either IMAGE with --source/--target, or --cases FILE.jsonl, not both")
+    if not args.outdir:
+        raise UserError("--cases needs --outdir")
+    if args.out or args.mask_out:
+        raise UserError("--out and --mask-out are for single edits; --cases writes each case's 'out' into --outdir")
+    outdir = Path(args.outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise UserError(f"--outdir {outdir} is a file, not a folder")
+    cases = read_cases(Path(args.cases), outdir)
+    if args.overwrite:
+        return cases, []
+    return [c for c in cases if not c["out"].exists()], [c for c in cases if c["out"].exists()]
 
 
 def run_edit(args) -> int:
     from atelier.cli import print_json
 
-    if args.cases:
-        if args.image or args.source or args.target:
-            raise UserError("give either IMAGE with --source/--target, or --cases FILE.jsonl, not both")
-        if not args.outdir:
-            raise UserError("--cases needs --outdir")
-        cases = read_cases(Path(args.cases))
-    else:
-        if not args.image or not args.source or not args.target:
-            raise UserError("give IMAGE, --source and --target (or --cases FILE.jsonl --outdir DIR)")
-        cases = [{"image": args.image, "source": args.source, "target": args.target, "out": args.out}]
     settings = _settings(args)
-    for case in cases:  # before the model loads
-        if not Path(case["image"]).is_file():
-            raise UserError(f"image not found: {case['image']}")
+    cases, skipped = _check_batch(args) if args.cases else (_check_single(args), [])
+    image_prompts = image_prompts_cli.plan(args, args.model)
+    summary = [{"image": c["image"], "out": str(c["out"]), "skipped": True} for c in skipped]
+    if skipped and not args.json:
+        print(f"skipped {len(skipped)} of {len(cases) + len(skipped)} cases whose output exists (--overwrite redoes them)")
+    if cases:
+        summary += _run(args, settings, cases, image_prompts)
+    if args.json:
+        print_json(summary if args.cases else summary[0])
+    return 0
 
+
+def _run(args, settings, cases: list[dict], image_prompts) -> list[dict]:
+    from atelier.core.images import open_image, save_image
     from atelier.edit.methods import Editor, resolve_settings
-    from atelier.core.images import open_image, save_png
     from atelier.models import load_pipeline
 
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-    resolve_settings(pipe, settings)  # bad options fail before any work
+    ip_fields = image_prompts.apply_to_edit(pipe, resolve_settings(pipe, settings))  # bad options fail before any work
     editor = Editor(pipe)
     if settings.method == "one-step":
         editor.one_step(settings.inverter)  # a missing or unfit inverter fails before any work
-    outdir = Path(args.outdir) if args.cases else None
     summary = []
     for case in cases:
-        image = open_image(case["image"])
-        result = editor.edit(image, case["source"], case["target"], settings)
-        out = outdir / case["out"] if outdir else Path(case["out"])
-        save_png(result.image, out, result.parameters(case["source"], case["target"], args.model))
+        try:
+            result = editor.edit(open_image(case["image"]), case["source"], case["target"], settings)
+        except UserError as exc:
+            raise UserError(f"{args.cases}:{case['line']}: {exc}" if args.cases else str(exc)) from None
+        out = case["out"]
+        parameters = image_prompts_cli.with_fields(result.parameters(case["source"], case["target"], args.model), ip_fields)
+        save_image(result.image, out, parameters)
         mask_path = None
-        if result.mask is not None and (args.mask_out and not args.cases):
+        if result.mask is not None and args.mask_out:
             mask_path = args.mask_out
-            save_png(result.mask, mask_path, f"edit mask for {out}")
+            save_image(result.mask, mask_path, f"edit mask for {out}")
         summary.append({"image": case["image"], "out": str(out), "mask": mask_path, "method": result.settings.method,
                         "seconds": round(result.seconds, 3)})
         if not args.json:
             print(f"{out}  ({result.settings.method}, {result.seconds:.2f} s)")
-    if args.json:
-        print_json(summary if args.cases else summary[0])
-    return 0
+    return summary

@@ -15,7 +15,7 @@ import difflib
 import torch
 import torch.nn.functional as F
 
-from atelier.core.attention import AttentionHook, attend, cross_attention, grid_shape
+from atelier.core.attention import AttentionHook, attend, attend_sdpa, cross_attention, grid_shape
 
 FUNCTION_WORDS = {"a", "an", "the", "and", "at", "in", "on", "of", "with", ",", "."}
 
@@ -37,12 +37,17 @@ class CrossAttentionStore(AttentionHook):
     def processor(self):
         return _StoringProcessor(self)
 
-    def record(self, probs: torch.Tensor, batch: int) -> None:
+    def grid(self, tokens: int) -> tuple[int, int] | None:
+        """The recorded grid with `tokens` query positions, or None for a layer that is not recorded."""
         try:
-            grid = grid_shape(self.latent_hw, probs.shape[1])
+            grid = grid_shape(self.latent_hw, tokens)
         except ValueError:
-            return
-        if grid not in self.grids:
+            return None
+        return grid if grid in self.grids else None
+
+    def record(self, probs: torch.Tensor, batch: int) -> None:
+        grid = self.grid(probs.shape[1])
+        if grid is None:
             return
         per_item = probs.reshape(batch, -1, *probs.shape[1:]).mean(1).float()
         self.maps[grid] = self.maps.get(grid, 0) + per_item.detach()
@@ -58,16 +63,18 @@ class CrossAttentionStore(AttentionHook):
 
 
 class _StoringProcessor:
-    """diffusers' AttnProcessor, recording the cross-attention probabilities."""
+    """diffusers' AttnProcessor, recording the cross-attention probabilities of the recorded grids
+    (explicit softmax there; SDPA at the other layers, whose probabilities are not needed)."""
 
     def __init__(self, store: CrossAttentionStore):
         self.store = store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         def inner(query, context, mask, batch):
+            if encoder_hidden_states is None or self.store.grid(query.shape[1]) is None:
+                return attend_sdpa(attn, query, context, mask, batch)
             probs, out = attend(attn, query, context, mask, batch)
-            if encoder_hidden_states is not None:
-                self.store.record(probs, batch)
+            self.store.record(probs, batch)
             return out
 
         return cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, inner)

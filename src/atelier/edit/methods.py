@@ -6,9 +6,8 @@ prompts disagree about changes.
     diffedit  DiffEdit: DDIM inversion under the source prompt, DDIM sampling under the target,
               latents outside the mask taken from the inversion
     turbo     TurboEdit-style for few-step models: DDPM noise maps over 2-4 trailing timesteps,
-              pseudo-guidance (target vs source prediction instead of target vs empty). On
-              toyworld-turbo a scale of 1 (the target prediction alone) from t = 999 works best:
-              96 % of 25 toy edits, against 28 % at 2 and 20 % at 3
+              pseudo-guidance (target vs source prediction instead of target vs empty); the
+              default scale 1 (the target prediction alone, from t = 999) suits toyworld-turbo
     img2img   plain img2img with the target prompt: StreamDiffusion's behaviour, a baseline
     one-step  SwiftEdit (one_step.py): a learned inverter maps the image to the one-step generator's
               noise, the mask comes from the inverter's noise under the two prompts, and one
@@ -20,6 +19,7 @@ pasted back, so the background is exactly the input.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -73,10 +73,39 @@ class EditResult:
         return format_parameters(target, "", fields)
 
 
+# name: (low, high, whole numbers only, low itself excluded); a None setting means "the method's default"
+LIMITS = {"steps": (1, 1000, True, False), "strength": (0, 1, False, True), "guidance_scale": (0, 50, False, False),
+          "mask_threshold": (0, 1, False, False), "mask_dilate": (0, 64, True, False), "mask_t": (0, 999, True, False),
+          "mask_samples": (1, 64, True, False), "seed": (0, 2**64 - 1, True, False),
+          "edit_scale": (0, 10, False, False), "keep_scale": (0, 10, False, False)}
+CLI_OPTIONS = {"guidance_scale": "--guidance", "mask_t": None, "mask_samples": None}  # others: --the-field-name
+
+
+def _within(value, low, high, integer: bool, low_open: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, float) and (not math.isfinite(value) or (integer and not value.is_integer())):
+        return False
+    return (low < value if low_open else low <= value) and value <= high
+
+
+def check_settings(settings: EditSettings) -> EditSettings:
+    """Refuse numbers no model can take (NaN, infinities, out of range) before any model is loaded."""
+    for name, (low, high, integer, low_open) in LIMITS.items():
+        value = getattr(settings, name)
+        if value is None or _within(value, low, high, integer, low_open):
+            continue
+        span = f"an integer from {low} to {high}" if integer else f"a number in {'(' if low_open else '['}{low}, {high}]"
+        option = CLI_OPTIONS.get(name, "--" + name.replace("_", "-"))
+        raise UserError(f"{name}{f' ({option})' if option else ''} must be {span}, got {value}")
+    return settings
+
+
 def resolve_settings(pipe, settings: EditSettings) -> EditSettings:
     """Fill the defaults the method and model family call for; refuse impossible values."""
     from atelier.models.families import detect_family
 
+    check_settings(settings)
     family = detect_family(pipe)
     few_step = family.is_turbo or family.is_lcm
     method = settings.method
@@ -89,11 +118,6 @@ def resolve_settings(pipe, settings: EditSettings) -> EditSettings:
     if method == "one-step":
         if settings.mask_from not in ("noise", "none"):
             raise UserError("the one-step method makes its mask from the inverter's noise: use --mask-from noise or none")
-        for name in ("edit_scale", "keep_scale"):
-            if not 0 <= getattr(settings, name) <= 10:
-                raise UserError(f"{name} must be in [0, 10], got {getattr(settings, name)}")
-        if not 0 <= settings.mask_threshold <= 1:
-            raise UserError(f"mask threshold must be in [0, 1], got {settings.mask_threshold}")
         return replace(settings, method=method, steps=1, strength=1.0, guidance_scale=0.0)
     steps = settings.steps or (4 if method == "turbo" or (method == "img2img" and few_step) else 25)
     strength = settings.strength if settings.strength is not None else {"turbo": 1.0, "img2img": 0.6}.get(method, 0.8)
@@ -102,15 +126,18 @@ def resolve_settings(pipe, settings: EditSettings) -> EditSettings:
         guidance = family.guidance_scale
     elif guidance is None:
         guidance = 1.0 if method == "turbo" else (family.guidance_scale if family.guidance_scale > 1 else 7.5)
-    if not 1 <= steps <= 1000:
-        raise UserError(f"steps must be from 1 to 1000, got {steps}")
-    if not 0 < strength <= 1:
-        raise UserError(f"strength must be in (0, 1], got {strength}")
-    if not 0 <= settings.mask_threshold <= 1:
-        raise UserError(f"mask threshold must be in [0, 1], got {settings.mask_threshold}")
-    if not 0 <= guidance <= 50:
-        raise UserError(f"guidance scale must be in [0, 50], got {guidance}")
-    return replace(settings, method=method, steps=steps, strength=strength, guidance_scale=guidance)
+    train_steps = len(pipe.scheduler.alphas_cumprod)
+    if settings.mask_t >= train_steps:
+        raise UserError(f"mask_t must be below the model's {train_steps} training timesteps, got {settings.mask_t}")
+    return check_settings(replace(settings, method=method, steps=steps, strength=strength, guidance_scale=guidance))
+
+
+def padded(image: Image.Image, step: int) -> Image.Image:
+    """`image` grown on the right and bottom to multiples of `step` by mirroring its edge pixels."""
+    right, bottom = -image.width % step, -image.height % step
+    if not right and not bottom:
+        return image
+    return Image.fromarray(np.pad(np.asarray(image), ((0, bottom), (0, right), (0, 0)), mode="symmetric"))
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
@@ -131,24 +158,31 @@ class Editor:
         self._one_step: dict = {}  # inverter name -> OneStepEditor
 
     def check_image(self, image: Image.Image) -> Image.Image:
-        from atelier.core.facts import size_step
+        """The image in RGB, or a UserError for a size no model takes (no pixels, over the limit)."""
+        from atelier.core.facts import MAX_IMAGE_SIDE
 
-        step = size_step(self.pipe)
-        image = image.convert("RGB")
-        if image.width % step or image.height % step:
-            raise UserError(f"image size {image.width}x{image.height} must be a multiple of {step} for this model")
-        return image
+        if image.width < 1 or image.height < 1:
+            raise UserError(f"image size {image.width}x{image.height} has no pixels")
+        if max(image.size) > MAX_IMAGE_SIDE:
+            raise UserError(f"image size {image.width}x{image.height} is larger than the limit of {MAX_IMAGE_SIDE}")
+        return image.convert("RGB")
 
     @torch.no_grad()
     def edit(self, image: Image.Image, source: str, target: str, settings: EditSettings | None = None) -> EditResult:
+        """Edit `image` (any size: a side that is not a multiple of the model's size step is padded by
+        reflection for the edit and cropped back, so the result has the input's size and pixels)."""
+        from atelier.core.facts import size_step
+
         s = resolve_settings(self.pipe, settings or EditSettings())
         for name, text in (("source", source), ("target", target)):
             if not isinstance(text, str) or not text.strip():
                 raise UserError(f"the {name} prompt is empty")
         image = self.check_image(image)
         started = time.perf_counter()
+        box = (0, 0, image.width, image.height)
+        image = padded(image, size_step(self.pipe))
         if s.method == "img2img":
-            return EditResult(self._run_img2img(image, target, s), None, s, time.perf_counter() - started)
+            return EditResult(self._run_img2img(image, target, s).crop(box), None, s, time.perf_counter() - started)
         pixels = _pixels(image)
         x0 = self.den.encode_image(pixels)
         if s.method == "one-step":
@@ -162,10 +196,10 @@ class Editor:
         mask_image = None
         if latent_mask is not None:
             soft = pixel_mask(latent_mask.cpu(), image.height, image.width)
-            mask_image = Image.fromarray((soft.numpy() * 255).round().astype(np.uint8), "L")
+            mask_image = Image.fromarray((soft.numpy() * 255).round().astype(np.uint8), "L").crop(box)
             if s.paste_back:
                 edited = soft * edited + (1 - soft) * pixels
-        return EditResult(_image(edited), mask_image, s, time.perf_counter() - started)
+        return EditResult(_image(edited).crop(box), mask_image, s, time.perf_counter() - started)
 
     def one_step(self, inverter: str | None = None):
         """The SwiftEdit editor for an inverter (loaded once per name)."""

@@ -89,12 +89,14 @@ def inverter_folder(source) -> Path:
 def load_inverter(source, *, device="cpu", dtype=torch.float32):
     from diffusers import UNet2DConditionModel
 
+    from atelier.models.loader import dtype_kwargs
+
     folder = inverter_folder(source)
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True, **dtype_kwargs(dtype))
     except (OSError, ValueError, EnvironmentError) as exc:
         raise UserError(f"cannot load the inverter from {folder}: {str(exc).splitlines()[0]}") from None
-    return unet.to(device).eval().requires_grad_(False)
+    return unet.to(device, dtype).eval().requires_grad_(False)
 
 
 def default_inverter(pipe) -> str:

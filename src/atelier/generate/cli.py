@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from atelier.errors import UserError
+from atelier.image_prompts import cli as image_prompts_cli
 
 DEFAULT_MODEL = "toyworld"
 DEFAULT_OUTDIR = "outputs"
@@ -111,6 +112,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-safety-checker", action="store_true", help="do not run the model's safety checker")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print results (paths, seeds, parameters) as JSON")
+    image_prompts_cli.add_options(p)
 
 
 # --- handlers ---------------------------------------------------------------------------------
@@ -324,11 +326,13 @@ def _run(args, base: dict, prompts: list[str], init_image) -> int:
         resolve(args.sampler, args.schedule)  # an unknown name fails before the model loads
     requests = _requests(args, base, prompts, init_image, model_name)
     paths = _outputs(args, sum(r.n_images for r in requests))
+    image_prompts = image_prompts_cli.plan(args, model_source, from_image=args.from_image)
 
     from atelier.generate.metadata import save_png
     from atelier.generate.run import generate
 
     pipe = _load(args, model_source, from_image=bool(base) and not args.model)
+    image_prompts.apply(pipe, requests)
     if Path(model_source).is_file():  # a single-file checkpoint: record A1111's Model hash
         from atelier.generate.metadata import model_hash
 

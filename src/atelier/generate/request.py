@@ -60,6 +60,7 @@ class GenerationRequest:
     model_name: str | None = None  # recorded in the metadata
     model_hash: str | None = None  # recorded in the metadata
     extra_parameters: dict = field(default_factory=dict)  # more infotext fields to record
+    image_prompts: list = field(default_factory=list)  # IP-Adapter references (atelier.image_prompts)
 
     @property
     def is_img2img(self) -> bool:

@@ -24,6 +24,7 @@ from atelier.errors import UserError
 from atelier.core.infotext import format_parameters
 from atelier.generate.hires import upscale_image, upscale_latents
 from atelier.generate.request import GenerationRequest, resolve_request
+from atelier.image_prompts.adapters import image_prompt_fields, image_prompt_kwargs
 
 # Where perturbed-attention guidance perturbs self-attention: the UNet's middle block, as in the
 # PAG paper's SD setup and diffusers' default.
@@ -142,6 +143,7 @@ def infotext_fields(request, seed, sampler_name, schedule_type, prompt, negative
         "Template": request.prompt if prompt != request.prompt else None,
         "Negative Template": request.negative_prompt if negative != request.negative_prompt else None,
     }
+    fields.update(image_prompt_fields(request.image_prompts))
     fields.update(request.extra_parameters)
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -288,6 +290,8 @@ def _run_chunk(pipeline, request: GenerationRequest, prompts, negatives, seeds, 
         raise UserError(f"{type(pipeline).__name__} has no CFG rescale; leave out the guidance rescale or PAG")
     if request.pag_scale > 0:
         kwargs["pag_scale"] = request.pag_scale
+    kwargs.update(image_prompt_kwargs(pipeline, request.image_prompts, guidance_scale=request.cfg_scale,
+                                      width=request.width, height=request.height))
     if image is not None:
         kwargs.update(image=image, strength=request.strength)
     else:

@@ -20,6 +20,7 @@ from atelier.models.loader import (
     resolve_model_path,
     to_img2img,
 )
+from atelier.models.save import make_portable, save_model_folder
 from atelier.models.singlefile import inspect_checkpoint, original_state_dict, save_single_file
 
 __all__ = [
@@ -37,10 +38,12 @@ __all__ = [
     "is_lcm_lora",
     "list_builtin_models",
     "load_pipeline",
+    "make_portable",
     "load_tiny_autoencoder",
     "original_state_dict",
     "pick_device_dtype",
     "resolve_model_path",
+    "save_model_folder",
     "save_single_file",
     "to_img2img",
 ]

@@ -15,8 +15,8 @@ Rules (each decision is also written into `ModelFamily.reason`):
   handling) when its scheduler uses `timestep_spacing == "trailing"` *and* carries no other reason
   for trailing spacing: not zero-terminal-SNR rescaled (`rescale_betas_zero_snr`) and not LCM.
   No SD 1.x/2.x/XL base release ships trailing spacing; Stability's Turbo releases do, and they are
-  meant to run with guidance off. A model card (README.md) naming "turbo" or "adversarial diffusion
-  distillation" is accepted as the distilled marker too.
+  meant to run with guidance off. Free text (a model card, a name) never decides: a base model's
+  README that mentions its Turbo sibling is still a base model.
 * defaults — by kind (LCM > turbo > family), then overridden by any `sampler`, `steps`,
   `guidance_scale` in the model folder's `atelier.json`.
 """
@@ -79,13 +79,6 @@ def read_defaults_file(folder) -> dict:
     return data
 
 
-def _mentions_distillation(model_card: str | None) -> bool:
-    if not model_card:
-        return False
-    text = model_card.lower()
-    return "turbo" in text or "adversarial diffusion distillation" in text
-
-
 def family_from_configs(
     *,
     unet: dict,
@@ -94,7 +87,6 @@ def family_from_configs(
     has_second_text_encoder: bool = False,
     vae: dict | None = None,
     defaults: dict | None = None,
-    model_card: str | None = None,
     lcm_lora: bool = False,
 ) -> ModelFamily:
     """The decision itself, on plain config dicts (see the module docstring for the rules)."""
@@ -122,9 +114,6 @@ def family_from_configs(
     if "turbo" in defaults:
         is_turbo = bool(defaults["turbo"])
         why.append(f"{DEFAULTS_FILE} turbo={is_turbo}")
-    elif _mentions_distillation(model_card):
-        is_turbo = True
-        why.append("model card names turbo / adversarial diffusion distillation")
     else:
         trailing = scheduler.get("timestep_spacing") == "trailing"
         zero_snr = bool(scheduler.get("rescale_betas_zero_snr"))
@@ -170,8 +159,8 @@ def family_from_configs(
 def detect_family(pipe) -> ModelFamily:
     """Family and defaults of a loaded diffusers pipeline.
 
-    `atelier.models.load_pipeline` records the model folder's `atelier.json` and model card on the
-    pipeline (`pipe.atelier_defaults`, `pipe.atelier_model_card`); pipelines built in memory have none.
+    `atelier.models.load_pipeline` records the model folder's `atelier.json` on the pipeline
+    (`pipe.atelier_defaults`); pipelines built in memory have none.
     """
     text_encoder = getattr(pipe, "text_encoder", None)
     vae = getattr(pipe, "vae", None)
@@ -182,7 +171,6 @@ def detect_family(pipe) -> ModelFamily:
         has_second_text_encoder=getattr(pipe, "text_encoder_2", None) is not None,
         vae=dict(vae.config) if vae is not None else None,
         defaults=getattr(pipe, "atelier_defaults", None),
-        model_card=getattr(pipe, "atelier_model_card", None),
         lcm_lora=bool(getattr(pipe, "atelier_lcm_lora", False)),
     )
 
@@ -206,7 +194,6 @@ def detect_family_from_folder(folder) -> ModelFamily:
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     if unet is None or scheduler is None:
         raise UserError(f"{folder}: a Stable Diffusion folder needs unet/config.json and scheduler/scheduler_config.json")
-    card = folder / "README.md"
     return family_from_configs(
         unet=unet,
         scheduler=scheduler,
@@ -214,5 +201,4 @@ def detect_family_from_folder(folder) -> ModelFamily:
         has_second_text_encoder=isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None,
         vae=_read_json(folder / "vae" / "config.json"),
         defaults=read_defaults_file(folder),
-        model_card=card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None,
     )

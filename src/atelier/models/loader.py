@@ -58,6 +58,16 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[key]
 
 
+def dtype_kwargs(dtype) -> dict:
+    """The dtype argument of diffusers' `from_pretrained` / `from_single_file`, spelled as the installed
+    diffusers takes it: `dtype=` from 0.40 (which deprecates `torch_dtype=`), `torch_dtype=` before
+    (which ignores `dtype=` and would silently load float32)."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype": dtype}
+
+
 def pick_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
     """The device to run on and its dtype: CUDA -> fp16, MPS -> fp16, CPU -> fp32 unless asked
     otherwise. Accepts strings ("cuda:1", "mps", "cpu", "auto"; "fp16", "bf16", "fp32")."""
@@ -285,6 +295,32 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What diffusers' loaders raise on a bad model: the usual kinds, safetensors' own error for a
+    damaged or non-safetensors weight file, and single-file loading's missing-component error."""
+    from safetensors import SafetensorError
+
+    try:
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
+    except ImportError:  # older diffusers
+        SingleFileComponentError = ValueError
+    return (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, SafetensorError, SingleFileComponentError)
+
+
+def _unreadable_weights(root: Path) -> UserError | None:
+    """A UserError naming the first .safetensors file under `root` that is damaged, if any."""
+    from safetensors import safe_open
+
+    for path in sorted(root.rglob("*.safetensors")):
+        try:
+            with safe_open(os.fspath(path), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        except Exception as exc:  # safetensors raises SafetensorError / OSError / ValueError
+            return UserError(f"{path} is damaged or not a safetensors file ({_first_line(exc)}): download or save it again")
+    return None
+
+
 def _read_model_index(folder: Path) -> dict:
     path = folder / "model_index.json"
     if not path.is_file():
@@ -332,13 +368,13 @@ def _load_folder(folder: Path, *, dtype, allow_pickle: bool, safety_checker: boo
     try:
         return DiffusionPipeline.from_pretrained(
             os.fspath(folder),
-            dtype=dtype,
+            **dtype_kwargs(dtype),
             use_safetensors=None if allow_pickle else True,
             local_files_only=True,
             **_safety_kwargs(index, safety_checker),
         )
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
-        raise UserError(f"cannot load the diffusers folder {folder}: {_first_line(exc)}") from None
+    except _load_errors() as exc:
+        raise _unreadable_weights(folder) or UserError(f"cannot load the diffusers folder {folder}: {_first_line(exc)}") from None
 
 
 def _single_file_family(path: Path, allow_pickle: bool):
@@ -409,9 +445,14 @@ def _load_single_file(path: Path, *, config, dtype, allow_pickle: bool, safety_c
     extra = {} if safety_checker or config_family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipe = cls.from_single_file(
-            os.fspath(path), config=os.fspath(config_dir), dtype=dtype, local_files_only=True, **extra
+            os.fspath(path), config=os.fspath(config_dir), local_files_only=True, **dtype_kwargs(dtype), **extra
         )
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
+    except _load_errors() as exc:
+        if type(exc).__name__ == "SingleFileComponentError":
+            raise UserError(
+                f"{path.name} is not a complete {config_family} checkpoint: {_first_line(exc)} (a UNet-only, "
+                "VAE-only or LoRA file cannot be loaded as a model: load the full checkpoint, and apply a LoRA with --lora)"
+            ) from None
         raise UserError(f"cannot load {path.name} with the config {config_dir}: {_first_line(exc)}") from None
     return pipe, config_dir
 
@@ -433,7 +474,7 @@ def _load_hub(repo_id: str, *, dtype, allow_pickle: bool, safety_checker: bool):
     try:
         pipe = DiffusionPipeline.from_pretrained(
             repo_id,
-            dtype=dtype,
+            **dtype_kwargs(dtype),
             use_safetensors=None if allow_pickle else True,
             cache_dir=os.fspath(hf_cache_dir()),
             **kwargs,
@@ -442,7 +483,7 @@ def _load_hub(repo_id: str, *, dtype, allow_pickle: bool, safety_checker: bool):
         raise UserError(f"model '{repo_id}' is gated: accept its license on huggingface.co and log in (`hf auth login`)") from None
     except RepositoryNotFoundError:
         raise UserError(f"no model '{repo_id}' on the Hugging Face hub (or it is private)") from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    except (HfHubHTTPError, *_load_errors()) as exc:
         message = _first_line(exc)
         if "safetensors" in message.lower() and not allow_pickle:
             raise UserError(f"model '{repo_id}' has no safetensors weights for some component: {_PICKLE_HELP}") from None
@@ -466,8 +507,6 @@ def ensure_sdpa(pipe) -> None:
 def _record(pipe, source, folder: Path | None):
     pipe.atelier_source = str(source)
     pipe.atelier_defaults = read_defaults_file(folder) if folder is not None and folder.is_dir() else {}
-    card = folder / "README.md" if folder is not None and folder.is_dir() else None
-    pipe.atelier_model_card = card.read_text(encoding="utf-8", errors="replace") if card and card.is_file() else None
     pipe.atelier_lcm_lora = False
     pipe.atelier_loras = []
     return pipe
@@ -519,11 +558,20 @@ def load_pipeline(
     _record(pipe, source, folder)
     detect_family(pipe)  # fails clearly now on a model atelier cannot drive
     ensure_sdpa(pipe)
-    pipe.to(device)
+    _place(pipe.components.values(), device, dtype)
     pipe.set_progress_bar_config(disable=True)
     for path, scale in _lora_list(lora):
         apply_lora(pipe, path, scale, lcm=lcm, allow_pickle=allow_pickle)
     return pipe
+
+
+def _place(modules, device, dtype) -> None:
+    """Every module on `device` in `dtype`, whatever the loader did with the dtype it was given."""
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            module.to(device)
+            if module.dtype != dtype:
+                module.to(dtype)
 
 
 def _lora_list(lora) -> list[tuple[object, float]]:
@@ -553,8 +601,9 @@ def is_lcm_lora(path, metadata: dict | None = None) -> bool:
 
 def apply_lora(pipe, path, scale: float = 1.0, *, lcm: bool | None = None, adapter_name: str | None = None,
                allow_pickle: bool = False):
-    """Load a LoRA (.safetensors; kohya/A1111 or diffusers format) into `pipe` with diffusers' PEFT
-    backend and activate it at `scale` next to those already applied. For an LCM-LoRA (detected, or
+    """Load a LoRA (.safetensors; kohya/A1111, diffusers, or peft's `adapter_model.safetensors` with its
+    `adapter_config.json` beside it) into `pipe` with diffusers' PEFT backend and activate it at
+    `scale` next to those already applied. For an LCM-LoRA (detected, or
     lcm=True) the scheduler becomes an LCMScheduler built on the model's scheduler config.
     Returns the adapter name."""
     from diffusers import LCMScheduler
@@ -563,11 +612,13 @@ def apply_lora(pipe, path, scale: float = 1.0, *, lcm: bool | None = None, adapt
     if not path.is_file():
         raise UserError(f"no such LoRA file: {path}")
     metadata: dict = {}
+    keys: list[str] = []
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise UserError(f"LoRA {path.name} is a pickle file: {_PICKLE_HELP}")
     elif path.suffix.lower() == ".safetensors":
-        metadata = inspect_checkpoint(path).metadata
+        info = inspect_checkpoint(path)
+        metadata, keys = info.metadata, info.keys
     else:
         raise UserError(f"LoRA {path.name}: expected a .safetensors file")
     loras = getattr(pipe, "atelier_loras", None)
@@ -580,9 +631,14 @@ def apply_lora(pipe, path, scale: float = 1.0, *, lcm: bool | None = None, adapt
         k += 1
         name = f"{base}_{k}"
     try:
-        pipe.load_lora_weights(os.fspath(path.parent), weight_name=path.name, adapter_name=name)
+        if keys and all(k.startswith(PEFT_PREFIX) for k in keys):
+            _load_peft_adapter(pipe, path, keys, name)
+        else:
+            pipe.load_lora_weights(os.fspath(path.parent), weight_name=path.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
         raise UserError(f"cannot apply LoRA {path.name} to this {detect_family(pipe).family} model: {_first_line(exc)}") from None
+    if not any(name in names for names in pipe.get_list_adapters().values()):
+        raise UserError(f"LoRA {path.name} matched no layer of this {detect_family(pipe).family} model: is it a LoRA for another model?")
     loras.append((name, float(scale)))
     pipe.set_adapters([n for n, _ in loras], adapter_weights=[s for _, s in loras])
     use_lcm = is_lcm_lora(path, metadata) if lcm is None else lcm
@@ -590,6 +646,34 @@ def apply_lora(pipe, path, scale: float = 1.0, *, lcm: bool | None = None, adapt
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
         pipe.atelier_lcm_lora = True
     return name
+
+
+PEFT_PREFIX = "base_model.model."
+_UNET_MODULES = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.", "add_embedding.")
+
+
+def _load_peft_adapter(pipe, path: Path, keys: list[str], name: str) -> None:
+    """A UNet LoRA as `peft`'s `save_pretrained` writes it (`adapter_model.safetensors`, keys under
+    `base_model.model.`, its LoraConfig in `adapter_config.json`): loaded through diffusers with that
+    config, so lora_alpha, rank patterns and DoRA apply as trained."""
+    from safetensors.torch import load_file
+
+    modules = {k[len(PEFT_PREFIX):] for k in keys}
+    if not all(m.startswith(_UNET_MODULES) for m in modules):
+        raise UserError(
+            f"LoRA {path.name} is a peft adapter for something other than a UNet (e.g. {sorted(modules)[0]}); "
+            "atelier loads peft adapters of the UNet, and text-encoder LoRAs in diffusers or kohya format"
+        )
+    config_path = path.parent / "adapter_config.json"
+    config = None
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise UserError(f"{config_path} is not valid JSON: {exc}") from None
+    state = {"unet." + k[len(PEFT_PREFIX):]: v for k, v in load_file(os.fspath(path)).items()}
+    metadata = {f"unet.{k}": v for k, v in config.items()} if isinstance(config, dict) else None
+    pipe.unet.load_lora_adapter(state, prefix="unet", adapter_name=name, metadata=metadata)
 
 
 # ----------------------------------------------------------------------------- tiny autoencoders
@@ -626,10 +710,12 @@ def load_tiny_autoencoder(source, *, device=None, dtype=None):
         if not any(f.endswith(".safetensors") for f in files):
             raise UserError(f"{folder} has no .safetensors weights for a tiny autoencoder")
     try:
-        tiny = AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a tiny autoencoder from {folder}: {_first_line(exc)}") from None
-    return tiny.to(device).eval()
+        tiny = AutoencoderTiny.from_pretrained(folder, use_safetensors=True, **dtype_kwargs(dtype))
+    except _load_errors() as exc:
+        damaged = _unreadable_weights(folder) if isinstance(folder, Path) else None
+        raise damaged or UserError(f"cannot load a tiny autoencoder from {folder}: {_first_line(exc)}") from None
+    _place([tiny], device, dtype)
+    return tiny.eval()
 
 
 # ----------------------------------------------------------------------------- img2img
@@ -640,7 +726,7 @@ def to_img2img(pipe):
     from diffusers import AutoPipelineForImage2Image
 
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
-    for attr in ("atelier_source", "atelier_defaults", "atelier_model_card", "atelier_lcm_lora", "atelier_loras"):
+    for attr in ("atelier_source", "atelier_defaults", "atelier_lcm_lora", "atelier_loras"):
         if hasattr(pipe, attr):
             setattr(img2img, attr, getattr(pipe, attr))
     return img2img
@@ -653,6 +739,7 @@ __all__ = [
     "bundled_config_dir",
     "bundled_config_names",
     "classify_source",
+    "dtype_kwargs",
     "ensure_sdpa",
     "is_lcm_lora",
     "list_builtin_models",

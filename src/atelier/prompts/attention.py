@@ -2,7 +2,8 @@
 
 Written here because no library parses this dialect; the behaviour follows AUTOMATIC1111's
 `parse_prompt_attention` (modules/prompt_parser.py), including its handling of unbalanced brackets:
-an unclosed `(` or `[` applies to everything after it, a stray `)` or `]` is plain text.
+an unclosed `(` or `[` applies to everything after it, a stray `)` or `]` is plain text. Brackets
+nested deeper than `MAX_NESTING` are a UserError (a weight of 1.1 ** 600 means nothing).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
 BREAK = "BREAK"
 BREAK_WEIGHT = -1.0
+MAX_NESTING = 100  # brackets open at once; also the limit of the prompt-editing parser (schedule.py)
 
 # One lexical token of the attention syntax per match, tried in this order.
 _TOKEN = re.compile(
@@ -69,6 +71,9 @@ def parse_attention(text: str) -> list[list]:
         weight = match.group("weight")
         if token.startswith("\\"):
             pieces.append([token[1:], 1.0])
+        elif token in "([" and len(open_round) + len(open_square) >= MAX_NESTING:
+            raise UserError(f"the prompt nests brackets more than {MAX_NESTING} deep (at character {match.start() + 1}); "
+                            r"write a literal bracket as \( or \[")
         elif token == "(":
             open_round.append(len(pieces))
         elif token == "[":

@@ -8,7 +8,8 @@
 `when` with a decimal point is a fraction of the steps ("0.25", ".5"); without one it is a step
 number ("10"), as in current A1111. Forms nest, and `(x:1.2)` / `[x]` emphasis is kept as text for
 `parse_attention` to read later. A prompt that does not parse (a stray `|`, a lone trailing `\\`)
-is used as it is, for every step, like A1111 does.
+is used as it is, for every step, like A1111 does. Brackets nested deeper than `MAX_NESTING` are a
+UserError rather than a Python recursion error.
 
 A hand-written recursive-descent parser (no library parses this dialect) that reproduces what
 AUTOMATIC1111's lark grammar in modules/prompt_parser.py accepts: inside brackets only well-formed
@@ -19,6 +20,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from atelier.errors import UserError
+from atelier.prompts.attention import MAX_NESTING
 
 # Text with no syntax: anything but brackets, colon and bar, where a backslash escapes one character.
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
@@ -45,6 +49,7 @@ class _Fail(Exception):
 class _Parser:
     def __init__(self, text: str):
         self.text = text
+        self.depth = 0  # brackets open around the group being parsed
 
     def sequence(self, pos: int) -> tuple[list, int]:
         """Plain text and well-formed bracket groups, as far as they go."""
@@ -71,6 +76,16 @@ class _Parser:
 
     def group(self, pos: int) -> tuple[list, int]:
         """A bracket construct starting at `pos`, as a list of items (emphasis stays text)."""
+        if self.depth >= MAX_NESTING:
+            raise UserError(f"the prompt nests brackets more than {MAX_NESTING} deep (at character {pos + 1}); "
+                            r"write a literal bracket as \( or \[")
+        self.depth += 1
+        try:
+            return self._group(pos)
+        finally:
+            self.depth -= 1
+
+    def _group(self, pos: int) -> tuple[list, int]:
         if self.text[pos] == "(":
             first, pos = self.sequence(pos + 1)
             if pos < len(self.text) and self.text[pos] == ":":

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+from atelier.core.prediction import model_target
+
 # Schedulers whose `sample` is the VP x_t; the others (Euler, Heun, LMS, KDPM2, DPM++ SDE, ...)
 # carry k-diffusion's x = x_t / alpha_t = x0 + sigma * eps.
 VP_SAMPLE_CLASSES = {
@@ -113,15 +115,22 @@ class MixtureModel:
         x = x_t.double().numpy()
         x0 = self.mixture.denoise(x, a, b)
         eps = (x - a * x0) / b
-        if self.prediction_type == "epsilon":
-            out = eps
-        elif self.prediction_type == "v_prediction":
-            out = a * eps - b * x0
-        elif self.prediction_type == "sample":
-            out = x0
-        else:
-            raise ValueError(self.prediction_type)
-        return torch.from_numpy(out).to(x_t.dtype)
+        return torch.from_numpy(model_target(x0, eps, a, b, self.prediction_type)).to(x_t.dtype)
+
+
+class SchedulerSigmaModel(MixtureModel):
+    """The exact denoiser at the noise level a multistep VP scheduler (DPM-Solver, UniPC, DEIS) steps
+    with, ``scheduler.sigmas[step_index]``, instead of the level of the timestep it is called with.
+    Those schedulers round (Karras) or truncate (exponential) the timesteps they hand to the model to
+    integers while they step with the exact sigmas, so a real UNet sees a slightly wrong noise level;
+    this model shows what the solver would do without that discrepancy."""
+
+    def __init__(self, mixture: GaussianMixture, scheduler, prediction_type: str | None = None):
+        super().__init__(mixture, scheduler, prediction_type)
+        self.scheduler = scheduler
+
+    def sigma_at(self, t: float) -> float:
+        return float(self.scheduler.sigmas[self.scheduler.step_index or 0])
 
 
 @dataclasses.dataclass
@@ -193,10 +202,26 @@ def probability_flow(mixture: GaussianMixture, x_start: np.ndarray, sigma_start:
     return sol.y[:, -1].reshape(shape)
 
 
+def rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(((a - b) ** 2).sum(-1).mean()))
+
+
 def ode_error(mixture: GaussianMixture, run: Run) -> float:
     """RMS distance of a deterministic run's result from the exact ODE solution from the same start."""
-    reference = probability_flow(mixture, run.start_x, run.start_sigma, run.end_sigma)
-    return float(np.sqrt(((run.end_x - reference) ** 2).sum(-1).mean()))
+    return rms(run.end_x, probability_flow(mixture, run.start_x, run.start_sigma, run.end_sigma))
+
+
+def final_step_error(mixture: GaussianMixture, x_start: np.ndarray, sigma_start: float, sigma_min: float) -> float:
+    """The error a first-order last step from sigma_min to 0 adds however fine the rest of the run: RMS
+    distance between D(x, sigma_min) (what Euler, DDIM and every solver's order-1 step return there)
+    and the exact ODE solution at 0, both from the exact state at sigma_min."""
+    x_min = probability_flow(mixture, x_start, sigma_start, sigma_min)
+    return rms(mixture.denoise_sigma(x_min, sigma_min), probability_flow(mixture, x_min, sigma_min, 0.0))
+
+
+def observed_order(steps, errors) -> float:
+    """Convergence order: minus the least-squares slope of log(error) against log(steps)."""
+    return float(-np.polyfit(np.log(np.asarray(steps, float)), np.log(np.asarray(errors, float)), 1)[0])
 
 
 # The mixture the tests and the benchmark use: three well-separated 2-D blobs of different sizes,

@@ -15,7 +15,8 @@ Why not just ``Cls.from_config(pipe.scheduler.config, **options)``:
 So the config is split in two. *Model keys* (betas, prediction type, spacing, offsets, zero-SNR
 rescaling, clipping, ...) describe how the network was trained and come from the base config.
 A ``_use_default_values`` entry is honoured only while its value still equals the source class's
-default, i.e. while it really was a default. Everything else is a *sampler option*: it gets the
+default, i.e. while it really was a default. Clipping and thresholding, which some classes default
+to on, stay off unless the model's config asks for them (`OFF_UNLESS_ASKED`). Everything else is a *sampler option*: it gets the
 target class's default unless the sampler, the schedule or the caller sets it. The scheduler is
 then constructed directly, model keys the class does not take are carried along as hidden config
 (as ``from_config`` does, so switching back keeps them), and every requested option is read back
@@ -71,6 +72,12 @@ CRITICAL_DEFAULTS = {
     "thresholding": False,
 }
 LEARNED_VARIANCE = ("learned", "learned_range")
+
+# Model keys that add a step to sampling (clipping or thresholding the predicted x0). diffusers'
+# DDIMScheduler and DDPMScheduler default clip_sample to True, so a model whose config never mentions
+# it (SDXL's, SD-Turbo's and SDXL-Turbo's EulerDiscrete configs) would sample clipped, unlike A1111's
+# and ComfyUI's DDIM. They stay off unless the model's config or the caller turns them on.
+OFF_UNLESS_ASKED = {"clip_sample": False, "thresholding": False}
 
 
 def _class_defaults(class_name) -> dict:
@@ -188,6 +195,7 @@ def plan_scheduler(choice: SamplerChoice, base_config, **overrides) -> Scheduler
         raise RuntimeError(f"{spec.class_name} lacks options {missing} required by sampler {spec.name!r}")
 
     init_kwargs = {k: v for k, v in settings.items() if k in spec.init_keys}
+    init_kwargs.update({k: v for k, v in OFF_UNLESS_ASKED.items() if k in spec.init_keys and k not in settings})
     init_kwargs.update(requested)
     carried = {k: v for k, v in settings.items() if k not in spec.init_keys}
     return SchedulerPlan(spec.scheduler_class, init_kwargs, requested, carried)

@@ -4,6 +4,8 @@
     listen           a socket bound to host:port, or a UserError
     make_server      the uvicorn server for an app
     SessionManager   per-client StreamEngines served round-robin by one inference thread
+    edit_mode        the one-step edit frame processor a session can be handed
+    security         trusted hosts, WebSocket origins, the auth token, connection deadlines
 
 Names are imported on first use, so that `atelier --help` does not pay for FastAPI and torch.
 """

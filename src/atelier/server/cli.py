@@ -9,6 +9,8 @@ import sys
 
 from atelier.errors import UserError
 
+IDLE_TIMEOUT = 120.0  # atelier.server.app.IDLE_TIMEOUT, not imported here to keep --help quick
+
 DEFAULT_MODEL = "toyworld-turbo"
 
 
@@ -20,8 +22,9 @@ def register(subparsers) -> None:
             "Serve a web page that streams a webcam, a screen, an image or video file, or a built-in toy-world "
             "animation through the model frame by frame, with the prompt and every setting live. Each browser tab "
             "is a session with its own stream; frames go over the WebSocket /ws (JPEG/PNG), and each session's "
-            "output is also at /api/sessions/ID/mjpeg. GET /api/settings, /api/metrics and /health describe "
-            "the server."
+            "output is also at /api/sessions/ID/mjpeg?key=KEY (the key is told only to the session's own page). "
+            "GET /api/settings, /api/metrics and /health describe the server. By default only this machine can "
+            "connect; see --host, --allowed-host, --allowed-origin and --auth-token before opening it to a network."
         ),
     )
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="M",
@@ -32,6 +35,18 @@ def register(subparsers) -> None:
                    help="refuse more than N simultaneous sessions (default 8)")
     p.add_argument("--max-frame-mb", type=float, default=8.0, metavar="MB",
                    help="largest input frame accepted, in MiB (default 8)")
+    p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="S",
+                   help=f"close a session after S seconds without frames or settings; pings do not count "
+                        f"(default {IDLE_TIMEOUT:g})")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a Host name the server answers to, e.g. myhost.local or 192.168.1.5 (repeatable; "
+                        "default: 127.0.0.1, localhost and ::1, plus the --host address; any for 0.0.0.0 or ::)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="another origin (https://host:port) whose pages may open the WebSocket (repeatable; "
+                        "the server's own page always may; * allows any)")
+    p.add_argument("--auth-token", metavar="TOKEN",
+                   help="require TOKEN on every request: open the page as /?token=TOKEN, or send "
+                        "'Authorization: Bearer TOKEN' (default: the environment variable ATELIER_AUTH_TOKEN, if set)")
     p.add_argument("--device", metavar="D", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", metavar="T", help="weights dtype: fp32, fp16 or bf16 (default: fp16 on GPUs, fp32 on CPU)")
     p.add_argument("--config", metavar="C", help="for a single-file checkpoint: its base model's diffusers folder or bundled config")
@@ -42,6 +57,14 @@ def register(subparsers) -> None:
 
 
 def run_serve(args) -> int:
+    import math
+    import os
+
+    token = args.auth_token if args.auth_token is not None else os.environ.get("ATELIER_AUTH_TOKEN") or None
+    if token is not None and len(token) < 8:
+        raise UserError("--auth-token must be at least 8 characters long")
+    if not (math.isfinite(args.idle_timeout) and args.idle_timeout > 0):
+        raise UserError(f"--idle-timeout must be a number of seconds above 0, got {args.idle_timeout}")
     if args.max_sessions < 1:
         raise UserError(f"--max-sessions must be at least 1, got {args.max_sessions}")
     if not 0 <= args.port <= 65535:
@@ -49,9 +72,13 @@ def run_serve(args) -> int:
     if not 0 < args.max_frame_mb <= 256:
         raise UserError(f"--max-frame-mb must be above 0 and at most 256, got {args.max_frame_mb}")
 
-    from atelier.server.app import create_app, listen, make_server
+    from urllib.parse import quote
 
-    sock = listen(args.host, args.port)  # a busy port fails before the model loads
+    from atelier.server.app import create_app, listen, make_server
+    from atelier.server.security import allowed_hosts_for, is_loopback, normal_origin
+
+    origins = [normal_origin(o) for o in args.allowed_origin]  # a bad one fails before the model loads
+    sock = listen(args.host, args.port)  # so does a busy port
     _quiet_loading()
     app = create_app(
         args.model,
@@ -61,13 +88,20 @@ def run_serve(args) -> int:
         dtype=args.dtype,
         allow_pickle=args.allow_pickle,
         config=args.config,
+        allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
+        allowed_origins=origins,
+        auth_token=token,
+        idle_timeout=args.idle_timeout,
     )
     host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"atelier serve: http://{shown}:{port}/  (model {args.model}, up to {args.max_sessions} sessions; "
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+    query = f"?token={quote(token, safe='')}" if token else ""
+    print(f"atelier serve: http://{shown}:{port}/{query}  (model {args.model}, up to {args.max_sessions} sessions; "
           f"Ctrl+C stops)", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print("atelier: note: the server is reachable from other machines and has no authentication",
+    if not is_loopback(host):
+        print(f"atelier: warning: listening on {host}: anyone on the network who can reach this port can use "
+              f"the model and this machine's compute"
+              + ("; they need the --auth-token" if token else "; consider --auth-token"),
               file=sys.stderr, flush=True)
     make_server(app, args.log_level).run(sockets=[sock])
     return 0

@@ -6,9 +6,12 @@ Threads: the event loop owns the WebSockets and each session's outbox; the worke
 They meet in `SessionManager._lock`, which guards each session's input slot and pending commands,
 and in `loop.call_soon_threadsafe`, by which the worker hands results back.
 
-Edit mode (per session): an "edit" command with a source and a target prompt makes the session edit
-each frame with the one-step method (SwiftEdit: the model's learned inverter, one generator call,
-atelier.edit.one_step) instead of streaming img2img; an edit without prompts turns it off.
+Each session turns frames into outputs with its engine (img2img), or with a frame processor handed
+to it by a "processor" command (edit mode is one: atelier.server.edit_mode); the manager knows no
+more of processors than `FrameProcessor` says.
+
+A session's snapshot and MJPEG stream are private: they need the session's `key`, an unguessable
+token only its own WebSocket client is told.
 
 Input never queues up: a new frame replaces one not yet started (counted as dropped), and an output
 not yet sent is replaced by a newer one. A slow client therefore sees fewer, fresh frames.
@@ -19,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import secrets
 import threading
 import time
-import uuid
 from collections import deque
+from typing import Callable, Protocol
 
 from atelier.errors import UserError
 
@@ -90,19 +94,35 @@ def encode_image(image, fmt: str, quality: int = 90) -> bytes:
 # ---------------------------------------------------------------------------------------------- sessions
 
 
+class FrameProcessor(Protocol):
+    """What a session runs on each frame instead of plain img2img (called on the worker thread)."""
+
+    def __call__(self, engine, image) -> tuple:
+        """(output PIL image, its A1111 infotext) for an RGB frame; `engine` is the session's."""
+
+    def describe(self) -> dict:
+        """What the client is told about this processor (JSON-able)."""
+
+
+def stream_frame(engine, image) -> tuple:
+    """The default: the session's StreamEngine, img2img."""
+    return engine(image), engine.infotext()
+
+
 class Session:
     """One client: its engine (made and used by the worker only), input slot and outbox."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, output_format: str = "jpeg", quality: int = 90):
-        self.id = uuid.uuid4().hex[:12]
+        self.id = secrets.token_hex(6)
+        self.key = secrets.token_urlsafe(24)  # for the snapshot and MJPEG URLs; only the client knows it
         self.loop = loop
         self.output_format = output_format
         self.quality = quality
         self.created = time.time()
+        self.last_active = time.monotonic()  # the last frame or command from the client
         self.closed = False
-        self.engine = None
-        self.edit: tuple[str, str] | None = None  # (source, target) in edit mode; worker-owned
-        self.show_mask = False  # edit mode: tint the edit mask red on the output
+        self.engine = None  # worker-owned, as is the processor
+        self.processor: FrameProcessor | None = None  # None: `stream_frame`
         # Guarded by the manager's lock.
         self._frame: tuple[bytes, float] | None = None
         self._commands: list[tuple[str, dict]] = []
@@ -180,6 +200,9 @@ class Session:
             return 0.0
         return round((len(recent) - 1) / max(now - recent[0], 1e-6), 2)
 
+    def key_matches(self, key: str | None) -> bool:
+        return key is not None and secrets.compare_digest(key.encode(), self.key.encode())
+
     def metrics(self) -> dict:
         return {
             "session": self.id,
@@ -212,7 +235,6 @@ class SessionManager:
         self._ready: deque[Session] = deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._editor = None  # the one-step Editor shared by sessions in edit mode (worker-owned)
 
     def _default_engine(self):
         from atelier.stream import StreamEngine
@@ -263,6 +285,11 @@ class SessionManager:
 
     # Input (from the loop) -----------------------------------------------------------------
 
+    def find(self, session_id: str, key: str | None) -> Session | None:
+        """The open session with this id, if `key` is its key."""
+        session = self.sessions.get(session_id)
+        return session if session is not None and session.key_matches(key) else None
+
     def submit_frame(self, session: Session, data: bytes) -> None:
         with self._lock:
             if session.closed:
@@ -270,18 +297,22 @@ class SessionManager:
             if session._frame is not None:
                 session.frames_dropped += 1
             session._frame = (data, time.monotonic())
+            session.last_active = session._frame[1]
             session.frames_in += 1
             self._schedule(session)
 
     def submit_command(self, session: Session, kind: str, args: dict | None = None) -> None:
-        """Queue "settings" (engine.update(**args)), "reset", "output" or "edit" ({"source", "target"};
-        empty prompts end edit mode) for the worker, in order."""
+        """Queue for the worker, in order: "settings" (engine.update(**args)), "reset", "output"
+        ({"format", "quality"}) or "processor" ({"make": a function run on the worker that returns a
+        FrameProcessor, or None for plain img2img, or raises a UserError; "reply": the type of the message
+        describing the result; "error": the error code of a refusal})."""
         with self._lock:
             if session.closed:
                 return
             if len(session._commands) >= MAX_PENDING_COMMANDS:
                 raise ClientError("busy", f"more than {MAX_PENDING_COMMANDS} commands waiting; slow down")
             session._commands.append((kind, args or {}))
+            session.last_active = time.monotonic()
             self._schedule(session)
 
     def _schedule(self, session: Session) -> None:
@@ -322,39 +353,28 @@ class SessionManager:
             session.engine = self.engine_factory()
             self._send(session, "post", {"type": "settings", "settings": session.engine.settings()})
         for kind, args in commands:
+            code = args.get("error", "bad_settings") if kind == "processor" else "bad_settings"
             try:
-                if kind == "settings":
-                    settings = session.engine.update(**args)
-                    self._send(session, "post", {"type": "settings", "settings": settings})
-                elif kind == "reset":
-                    session.engine.reset()
-                elif kind == "output":
-                    session.output_format = args.get("format", session.output_format)
-                    session.quality = args.get("quality", session.quality)
-                elif kind == "edit":
-                    session.edit = self._edit_prompts(args)
-                    session.show_mask = bool(args.get("show_mask", False))
-                    edit = None if session.edit is None else {**dict(zip(("source", "target"), session.edit)),
-                                                              "show_mask": session.show_mask}
-                    self._send(session, "post", {"type": "edit", "edit": edit})
+                self._command(session, kind, args)
             except UserError as exc:
-                self._send(session, "error", "bad_edit" if kind == "edit" else "bad_settings", str(exc))
+                self._send(session, "error", code, str(exc))
+            except Exception:  # a bug must cost one command, not the session
+                log.exception("session %s: %s command failed", session.id, kind)
+                self._send(session, "error", "internal", f"the server failed on this {kind} message (see its log); "
+                                                         "nothing changed and the session goes on")
         if frame is None:
             return
         data, received = frame
         try:
             image = decode_frame(data, self.max_frame_side)
-            if session.edit is not None:
-                out, infotext = self._edit_frame(session, image)
-            else:
-                out, infotext = session.engine(image), None
+            out, infotext = (session.processor or stream_frame)(session.engine, image)
         except ClientError as exc:
             self._send(session, "error", exc.code, str(exc))
             return
         except UserError as exc:
             self._send(session, "error", "bad_frame", str(exc))
             return
-        session.last = (out, infotext or session.engine.infotext())
+        session.last = (out, infotext)
         payload = encode_image(out, session.output_format, session.quality)
         jpeg = None
         if session.mjpeg_clients:
@@ -362,59 +382,37 @@ class SessionManager:
         self.frames_total += 1
         self._send(session, "deliver", payload, jpeg, received)
 
-    # Edit mode ---------------------------------------------------------------------------
-
-    def _edit_prompts(self, args: dict) -> tuple[str, str] | None:
-        from atelier.stream.engine import MAX_PROMPT_CHARS
-
-        source, target = args.get("source"), args.get("target")
-        if not source and not target:
-            return None
-        for name, text in (("source", source), ("target", target)):
-            if not isinstance(text, str) or not text.strip():
-                raise UserError(f"edit mode needs a {name} prompt (send both, or neither to stop editing)")
-            if len(text) > MAX_PROMPT_CHARS:
-                raise UserError(f"the {name} prompt is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
-        self._edit_engine().one_step()  # no inverter for this model: refused now, not on every frame
-        return source, target
-
-    def _edit_engine(self):
-        if self._editor is None:
-            from atelier.edit.methods import Editor
-
-            self._editor = Editor(self.pipe)
-        return self._editor
-
-    def _edit_frame(self, session: Session, image):
-        """One frame through the one-step edit, at the stream's size; (image, infotext)."""
-        from atelier.edit.methods import EditSettings
-        from atelier.core.facts import model_name as _model_name
-
-        engine = session.engine
-        if image.size != (engine.width, engine.height):
-            image = image.resize((engine.width, engine.height), 3)  # bicubic
-        source, target = session.edit
-        seed = engine.settings().get("seed", 0)
-        result = self._edit_engine().edit(image, source, target, EditSettings(method="one-step", seed=seed))
-        out = result.image
-        if session.show_mask and result.mask is not None:
-            from PIL import Image
-
-            red = Image.new("RGB", out.size, (255, 0, 0))
-            out = Image.composite(red, out, result.mask.point(lambda v: v * 45 // 100))  # 45 % red tint
-        return out, result.parameters(source, target, _model_name(self.pipe))
+    def _command(self, session: Session, kind: str, args: dict) -> None:
+        if kind == "settings":
+            settings = session.engine.update(**args)
+            self._send(session, "post", {"type": "settings", "settings": settings})
+        elif kind == "reset":
+            session.engine.reset()
+        elif kind == "output":
+            session.output_format = args.get("format", session.output_format)
+            session.quality = args.get("quality", session.quality)
+        elif kind == "processor":
+            make: Callable = args["make"]
+            session.processor = make()
+            reply = args.get("reply", "processor")
+            self._send(session, "post", {"type": reply, reply: None if session.processor is None
+                                         else session.processor.describe()})
+        else:
+            raise ValueError(f"unknown command {kind!r}")
 
     # Metrics -------------------------------------------------------------------------------
 
     def metrics(self) -> dict:
+        """Counts and totals over every session; no session ids (they are each client's own business)."""
         sessions = [s.metrics() for s in list(self.sessions.values())]
+        latencies = [s["latency_ms"] for s in sessions if s["latency_ms"] is not None]
         return {
-            "sessions": sessions,
             "session_count": len(sessions),
             "max_sessions": self.max_sessions,
             "frames_total": self.frames_total,
             "frames_dropped_total": sum(s["frames_dropped"] for s in sessions),
             "fps_total": round(sum(s["fps"] for s in sessions), 2),
+            "latency_ms_mean": round(sum(latencies) / len(latencies), 1) if latencies else None,
             "worker_alive": self.worker_alive,
             "uptime_s": round(time.time() - self.started, 1),
         }

@@ -18,7 +18,9 @@ import torch
 
 from atelier.core import vae as vae_calls
 from atelier.errors import UserError
+from atelier.stream import settings as spec
 from atelier.stream.frames import from_tensor, to_tensor
+from atelier.stream.settings import CFG_TYPES, MAX_PROMPT_CHARS, MAX_STAGES  # noqa: F401 (their old home)
 from atelier.stream.similarity import SimilarityFilter
 from atelier.stream.stream_math import (
     next_residual_noise,
@@ -29,16 +31,17 @@ from atelier.stream.stream_math import (
     x0_from_eps,
 )
 
-CFG_TYPES = ("none", "full", "self", "initialize")
-MAX_STAGES = 8
-MAX_PROMPT_CHARS = 4000
 _EMBED_CACHE_SIZE = 32
+_SCHEDULE_KEYS = ("seed", "num_inference_steps", "t_index_list")
+_PROMPT_KEYS = ("prompt", "negative_prompt", "blend_prompt", "blend")
+_FILTER_KEYS = ("similarity_filter", "similarity_threshold")
 
 
 def default_settings(pipe) -> dict:
     """Live settings a new stream starts from. Turbo and LCM models: two stages over the last 70 % of
-    a 50-step schedule (on toyworld-turbo one stage follows the prompt in 38 % of toy-world edits, two
-    in 85 %, three in 95 %); multi-step models: four stages over the last 60 %."""
+    a 50-step schedule (on toyworld-turbo one stage follows an edited prompt in 26 % of toy-world edit
+    cases, two in 78 %, three in 93 %: benchmarks/stream.py --edit-grid); multi-step models: four
+    stages over the last 60 %."""
     from atelier.models.families import detect_family
 
     family = detect_family(pipe)
@@ -119,11 +122,10 @@ class StreamEngine:
         self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         self.is_lcm_scheduler = type(self.scheduler).__name__ == "LCMScheduler"
 
-        self._settings = default_settings(pipe)
-        self._settings.update(cfg_type=cfg_type, similarity_filter=similarity_filter, similarity_threshold=similarity_threshold)
+        given = dict(cfg_type=cfg_type, similarity_filter=similarity_filter, similarity_threshold=similarity_threshold)
         if t_index_list is not None:
-            self._settings["t_index_list"] = list(t_index_list)
-        self._settings = self._validated(self._settings, {})
+            given["t_index_list"] = t_index_list
+        self._settings = self._validated(default_settings(pipe), given)
         self._max_skip_frames = max_skip_frames
         self._text = Denoiser(pipe, cache_size=_EMBED_CACHE_SIZE)  # prompt encoding, cached
         self._buffer = None  # (latents, residuals) of the frames in flight, stages 1..n-1
@@ -138,30 +140,12 @@ class StreamEngine:
 
     @classmethod
     def settings_schema(cls, pipe) -> dict:
-        """What each live setting accepts, with this model's defaults: the contract of `update()`."""
+        """What each setting accepts, with this model's defaults: the contract of `update()`."""
         from atelier.core.facts import native_size
 
-        d = default_settings(pipe)
         size = native_size(pipe)
-        return {
-            "prompt": {"type": "string", "default": d["prompt"], "maxLength": MAX_PROMPT_CHARS, "description": "A1111 syntax: (word:1.3), [word], BREAK"},
-            "negative_prompt": {"type": "string", "default": "", "maxLength": MAX_PROMPT_CHARS, "description": "used by cfg_type full and initialize"},
-            "blend_prompt": {"type": "string", "default": "", "maxLength": MAX_PROMPT_CHARS, "description": "a second prompt mixed into the first"},
-            "blend": {"type": "number", "minimum": 0.0, "maximum": 1.0, "default": 0.0, "description": "share of the blend prompt"},
-            "guidance_scale": {"type": "number", "minimum": 0.0, "maximum": 30.0, "default": d["guidance_scale"], "description": "CFG scale; active above 1 when cfg_type is not none"},
-            "delta": {"type": "number", "minimum": 0.0, "maximum": 5.0, "default": d["delta"], "description": "RCFG: scale of the virtual negative noise"},
-            "cfg_type": {"type": "string", "enum": list(CFG_TYPES), "default": d["cfg_type"], "description": "none | full | self (RCFG) | initialize (RCFG, onetime negative)"},
-            "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1, "default": d["seed"], "description": "fixed noise"},
-            "strength": {"type": "number", "minimum": 0.02, "maximum": 1.0, "default": d["strength"], "description": "how far the frame is noised; sets t_index_list"},
-            "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": 1000, "default": d["num_inference_steps"], "description": "the schedule t_index_list indexes"},
-            "t_index_list": {"type": "array", "items": {"type": "integer"}, "maxItems": MAX_STAGES, "default": d["t_index_list"], "description": "denoising stages, increasing indices into the schedule"},
-            "similarity_filter": {"type": "boolean", "default": False, "description": "skip frames that barely changed"},
-            "similarity_threshold": {"type": "number", "minimum": 0.5, "maximum": 0.999, "default": 0.98, "description": "cosine similarity above which frames may be skipped"},
-            "width": {"type": "integer", "readOnly": True, "default": size},
-            "height": {"type": "integer", "readOnly": True, "default": size},
-            "ip_adapter": {"type": "boolean", "readOnly": True, "default": getattr(pipe, "image_encoder", None) is not None,
-                           "description": "whether the model has an image encoder for image prompts"},
-        }
+        return spec.schema({**default_settings(pipe), "width": size, "height": size, "frame_buffer_size": 1,
+                            "ip_adapter": getattr(pipe, "image_encoder", None) is not None})
 
     def settings(self) -> dict:
         out = dict(self._settings)
@@ -170,58 +154,38 @@ class StreamEngine:
 
     def _validated(self, current: dict, changes: dict) -> dict:
         """`current` with `changes` applied, or a UserError naming the first bad value."""
-        unknown = sorted(set(changes) - set(current))
-        if unknown:
-            raise UserError(f"unknown stream setting(s) {unknown}; known: {sorted(current)}")
-        new = dict(current)
-        new.update(changes)
-        for key in ("prompt", "negative_prompt", "blend_prompt"):
-            if new[key] is None:
-                new[key] = ""
-            if not isinstance(new[key], str):
-                raise UserError(f"{key} must be text, got {type(new[key]).__name__}")
-            if len(new[key]) > MAX_PROMPT_CHARS:
-                raise UserError(f"{key} is {len(new[key])} characters; the limit is {MAX_PROMPT_CHARS}")
-        for key, low, high in (("blend", 0.0, 1.0), ("guidance_scale", 0.0, 30.0), ("delta", 0.0, 5.0),
-                               ("similarity_threshold", 0.5, 0.999)):
-            new[key] = _number(key, new[key], low, high)
-        if new["cfg_type"] not in CFG_TYPES:
-            raise UserError(f"cfg_type must be one of {', '.join(CFG_TYPES)}, got {new['cfg_type']!r}")
-        new["seed"] = _whole(new["seed"], "seed", 0, 2**32 - 1)
-        new["num_inference_steps"] = _whole(new["num_inference_steps"], "num_inference_steps", 1, 1000)
-        if not isinstance(new["similarity_filter"], bool):
-            raise UserError(f"similarity_filter must be true or false, got {new['similarity_filter']!r}")
+        new = spec.apply(current, changes)
         steps = new["num_inference_steps"]
-        if "strength" in changes and "t_index_list" not in changes:
-            new["strength"] = _number("strength", new["strength"], 0.0, 1.0)
-            if new["strength"] <= 0:
-                raise UserError("strength must be above 0")
+        if "t_index_list" not in changes and ("strength" in changes or "num_inference_steps" in changes):
+            # the same share of a new schedule, or a new share of this one
             new["t_index_list"] = strength_to_t_indices(new["strength"], steps, len(current["t_index_list"]))
+            changes = {**changes, "strength": new["strength"]}
         indices = new["t_index_list"]
-        if not isinstance(indices, (list, tuple)) or not 1 <= len(indices) <= MAX_STAGES:
-            raise UserError(f"t_index_list must be a list of 1 to {MAX_STAGES} schedule indices, got {indices!r}")
-        indices = [_whole(i, "t_index_list entry", 0, steps - 1) for i in indices]
         if any(b <= a for a, b in zip(indices, indices[1:])):
             raise UserError(f"t_index_list must increase strictly, got {indices}")
-        new["t_index_list"] = indices
+        if indices[-1] >= steps:
+            raise UserError(f"t_index_list {indices} reaches past the {steps}-step schedule (num_inference_steps)")
         if "strength" not in changes or "t_index_list" in changes:
             new["strength"] = round(1.0 - indices[0] / steps, 4)
         return new
 
-    def update(self, **changes) -> dict:
-        """Change live settings; nothing changes when any value is bad. Returns the new settings."""
+    def update(self, /, **changes) -> dict:
+        """Change live settings; nothing changes when any value is bad or a prompt does not encode.
+        Returns the new settings."""
         if not changes:
             return self.settings()
         new = self._validated(self._settings, changes)
-        old, self._settings = self._settings, new
-        if not self._prepared:
-            return self.settings()
-        if any(old[k] != new[k] for k in ("seed", "num_inference_steps", "t_index_list")):
-            self._prepare_schedule()
-        if any(old[k] != new[k] for k in ("prompt", "negative_prompt", "blend_prompt", "blend")):
-            self._prepare_embeddings()
-        if old["similarity_threshold"] != new["similarity_threshold"] or old["similarity_filter"] != new["similarity_filter"]:
-            self._make_filter()
+        if self._prepared:
+            old = self._settings
+            state = {}  # everything is computed before anything is replaced
+            if any(old[k] != new[k] for k in _SCHEDULE_KEYS):
+                state.update(self._schedule_state(new))
+            if any(old[k] != new[k] for k in _PROMPT_KEYS):
+                state.update(self._embedding_state(new))
+            if any(old[k] != new[k] for k in _FILTER_KEYS):
+                state["_filter"] = self._new_filter(new)
+            vars(self).update(state)
+        self._settings = new
         return self.settings()
 
     def prepare(self, prompt: str = "", negative_prompt: str = "", num_inference_steps: int | None = None,
@@ -231,18 +195,16 @@ class StreamEngine:
         given = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                      guidance_scale=guidance_scale, delta=delta, seed=seed, strength=strength, **more)
         changes = {k: v for k, v in given.items() if v is not None}
-        if "num_inference_steps" in changes and "t_index_list" not in changes and "strength" not in changes:
-            changes["strength"] = self._settings["strength"]
-        self._settings = self._validated(self._settings, changes)
-        self._prepare_schedule()
-        self._prepare_embeddings()
-        self._make_filter()
+        new = self._validated(self._settings, changes)
+        state = {**self._schedule_state(new), **self._embedding_state(new), "_filter": self._new_filter(new)}
+        vars(self).update(state)
+        self._settings = new
         self._prepared = True
 
     # ------------------------------------------------------------------ preparation
 
-    def _prepare_schedule(self) -> None:
-        s = self._settings
+    def _schedule_state(self, s: dict) -> dict:
+        """The stages' timesteps, coefficients and fixed noise for settings `s` (assigned by the caller)."""
         try:
             self.scheduler.set_timesteps(s["num_inference_steps"], device="cpu")
         except ValueError as exc:
@@ -250,23 +212,22 @@ class StreamEngine:
         schedule = self.scheduler.timesteps
         if s["t_index_list"][-1] >= len(schedule):
             raise UserError(f"t_index_list {s['t_index_list']} reaches past the {len(schedule)}-step schedule")
-        self.timesteps = [int(round(float(schedule[i]))) for i in s["t_index_list"]]
-        alpha, beta = stage_coefficients(self.scheduler.alphas_cumprod, self.timesteps)
-        self._alpha = alpha.to(self.device, self.dtype)
-        self._beta = beta.to(self.device, self.dtype)
-        self._t = torch.tensor(self.timesteps, device=self.device)
+        timesteps = [int(round(float(schedule[i]))) for i in s["t_index_list"]]
+        alpha, beta = stage_coefficients(self.scheduler.alphas_cumprod, timesteps)
+        state = {"timesteps": timesteps, "_alpha": alpha.to(self.device, self.dtype),
+                 "_beta": beta.to(self.device, self.dtype), "_t": torch.tensor(timesteps, device=self.device)}
         if self.is_lcm_scheduler:
-            scalings = [self.scheduler.get_scalings_for_boundary_condition_discrete(t) for t in self.timesteps]
-            self._c_skip = torch.tensor([c[0] for c in scalings], device=self.device, dtype=self.dtype)
-            self._c_out = torch.tensor([c[1] for c in scalings], device=self.device, dtype=self.dtype)
-        stages = len(self.timesteps)
+            scalings = [self.scheduler.get_scalings_for_boundary_condition_discrete(t) for t in timesteps]
+            state["_c_skip"] = torch.tensor([c[0] for c in scalings], device=self.device, dtype=self.dtype)
+            state["_c_out"] = torch.tensor([c[1] for c in scalings], device=self.device, dtype=self.dtype)
         generator = torch.Generator("cpu").manual_seed(s["seed"])
-        shape = (stages * self.frame_buffer_size, *self.latent_shape)
-        self._noise = torch.randn(shape, generator=generator).to(self.device, self.dtype)
-        self._buffer = None
+        shape = (len(timesteps) * self.frame_buffer_size, *self.latent_shape)
+        state["_noise"] = torch.randn(shape, generator=generator).to(self.device, self.dtype)
+        state["_buffer"] = None  # the frames in flight were made on the old schedule
+        return state
 
-    def _prepare_embeddings(self) -> None:
-        s = self._settings
+    def _embedding_state(self, s: dict) -> dict:
+        """The prompt embeddings for settings `s`; a prompt that does not encode raises here."""
         positive, pooled = self._text.encode(s["prompt"])
         if s["blend_prompt"] and s["blend"] > 0:
             other, other_pooled = self._text.encode(s["blend_prompt"])
@@ -276,16 +237,21 @@ class StreamEngine:
                 pooled = torch.lerp(pooled, other_pooled, s["blend"])
         negative, negative_pooled = self._text.encode(s["negative_prompt"], negative=True)
         tokens = max(positive.shape[0], negative.shape[0])
-        self._cond = self._text.pad(positive, tokens).to(self.device, self.dtype)
-        self._uncond = self._text.pad(negative, tokens).to(self.device, self.dtype)
-        self._cond_pooled = None if pooled is None else pooled.to(self.device, self.dtype)
-        self._uncond_pooled = None if negative_pooled is None else negative_pooled.to(self.device, self.dtype)
+        state = {
+            "_cond": self._text.pad(positive, tokens).to(self.device, self.dtype),
+            "_uncond": self._text.pad(negative, tokens).to(self.device, self.dtype),
+            "_cond_pooled": None if pooled is None else pooled.to(self.device, self.dtype),
+            "_uncond_pooled": None if negative_pooled is None else negative_pooled.to(self.device, self.dtype),
+        }
         if self.sdxl:
-            self._time_ids = torch.tensor([[self.height, self.width, 0, 0, self.height, self.width]], device=self.device, dtype=self.dtype)
+            state["_time_ids"] = torch.tensor([[self.height, self.width, 0, 0, self.height, self.width]],
+                                              device=self.device, dtype=self.dtype)
+        return state
 
-    def _make_filter(self) -> None:
-        s = self._settings
-        self._filter = SimilarityFilter(s["similarity_threshold"], self._max_skip_frames, seed=s["seed"]) if s["similarity_filter"] else None
+    def _new_filter(self, s: dict):
+        if not s["similarity_filter"]:
+            return None
+        return SimilarityFilter(s["similarity_threshold"], self._max_skip_frames, seed=s["seed"])
 
     # ------------------------------------------------------------------ model calls
 
@@ -457,18 +423,3 @@ class StreamEngine:
         }
         return format_parameters(s["prompt"], s["negative_prompt"], {k: v for k, v in fields.items() if v is not None})
 
-
-def _number(name: str, value, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise UserError(f"{name} must be a number, got {value!r}")
-    if not low <= value <= high:
-        raise UserError(f"{name} must be between {low} and {high}, got {value}")
-    return float(value)
-
-
-def _whole(value, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
-        raise UserError(f"{name} must be a whole number, got {value!r}")
-    if not low <= int(value) <= high:
-        raise UserError(f"{name} must be from {low} to {high}, got {value}")
-    return int(value)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from atelier.models.save import save_model_folder
 from atelier.models.singlefile import save_single_file as _save_single_file
 from atelier.models.tokenizers import write_word_tokenizer
 
@@ -228,10 +229,8 @@ def tiny_pipeline(family: str, seed: int = 0, *, safety_checker: bool = False):
 
 
 def save_tiny_pipeline(pipe, folder) -> Path:
-    """Save as a diffusers folder (model_index.json + one subfolder per component, safetensors)."""
-    folder = Path(folder)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    """Save as a portable diffusers folder (`atelier.models.save_model_folder`, weights kept in float32)."""
+    return save_model_folder(pipe, folder, dtype=None)
 
 
 def save_single_file(pipe, path, **kwargs) -> Path:

@@ -2,18 +2,24 @@
 
 Module and optimizer state go to one safetensors file (tensors) plus the JSON skeleton of the
 nested state (numbers, lists, the names of the tensors), so resuming never unpickles anything.
-Written by hand because accelerate's save_state pickles the optimizer."""
+Written by hand because accelerate's save_state pickles the optimizer.
+
+Writing a checkpoint keeps the one before it (`<name>.previous.safetensors`); a checkpoint that
+cannot be read is set aside (`<name>.damaged`) and the previous one is loaded instead."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_bytes
+
+from atelier.core.io import atomic_open, remove_stale_temporaries
+from atelier.errors import UserError
 
 
 def _flatten(obj, prefix: str, tensors: dict):
@@ -40,43 +46,71 @@ def _unflatten(obj, tensors: dict):
     return obj
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def previous_path(path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
 
 
-def save_state(path: str | os.PathLike, state: dict) -> None:
+def save_state(path: str | os.PathLike, state: dict, keep_previous: bool = True) -> None:
     """Save a nested dict of tensors / numbers / lists as one safetensors file, atomically; the
-    nested structure rides in the file's metadata."""
+    nested structure rides in the file's metadata. The file it replaces becomes the previous one."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "s", tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    data = save_bytes(tensors, metadata={"atelier_state": json.dumps(skeleton)})
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # the new file is whole before the old one steps aside
+        if keep_previous and path.is_file():
+            os.replace(path, previous_path(path))
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """The state in `path`; ValueError (with the reason) when the file is not a readable checkpoint."""
     try:
-        save_file(tensors, tmp, metadata={"atelier_state": json.dumps(skeleton)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with safe_open(path, framework="pt") as f:
+            skeleton = json.loads((f.metadata() or {})["atelier_state"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        return _unflatten(skeleton, tensors)
+    except Exception as exc:  # safetensors raises its own SafetensorError, others raise what they find
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(reason[:200]) from None
 
 
-def load_state(path: str | os.PathLike) -> dict | None:
-    """The state saved at `path`, or None when there is none."""
+def load_state(path: str | os.PathLike, required=()) -> dict | None:
+    """The state saved at `path`, or None when there is none. A damaged file (or one without the
+    `required` keys) is renamed `<file>.damaged` and the previous checkpoint is used, with one line on
+    stderr; UserError when no good checkpoint is left."""
     path = Path(path)
-    if not path.exists():
-        return None
-    with safe_open(path, framework="pt") as f:
-        skeleton = json.loads(f.metadata()["atelier_state"])
-    return _unflatten(skeleton, load_file(path))
+    candidates = [p for p in (path, previous_path(path)) if p.is_file()]
+    problems = []
+    for candidate in candidates:
+        try:
+            state = read_state(candidate)
+            missing = [key for key in required if not isinstance(state, dict) or key not in state]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)} in it")
+        except ValueError as exc:
+            problems.append(f"{candidate} is damaged ({exc})")
+            os.replace(candidate, candidate.with_name(candidate.name + ".damaged"))
+            continue
+        if problems:
+            print(f"atelier: warning: {problems[0]}; resuming from the previous checkpoint {candidate}", file=sys.stderr)
+        return state
+    if problems:
+        raise UserError(f"{'; '.join(problems)}; no good checkpoint is left: run again to start this stage afresh")
+    return None
+
+
+def remove_stale_temp_files(folder) -> list[Path]:
+    """Delete the temporary files an interrupted atomic write (kill -9) left in `folder`:
+    `.NAME.XXXX.tmp` (atelier.core.io.atomic_open) and the older `.NAME.safetensors.XXXX`."""
+    folder = Path(folder)
+    removed = remove_stale_temporaries(folder)
+    if folder.is_dir():
+        for p in folder.glob(".*.safetensors.*"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed

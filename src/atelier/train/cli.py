@@ -73,8 +73,6 @@ def build_config(args):
     known = {f.name for f in fields(ToyTrainConfig)}
     for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps"):
         if getattr(args, name) is not None:
-            if getattr(args, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
             setattr(cfg, name, getattr(args, name))
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -87,7 +85,18 @@ def build_config(args):
             setattr(cfg, key, _parse_value(value, getattr(cfg, key)))
         except ValueError:
             raise UserError(f"--set {item!r}: {value!r} is not a valid {type(getattr(cfg, key)).__name__}") from None
+    cfg.check(lambda name: _flag(args, name))
     return cfg
+
+
+def _flag(args, name: str) -> str:
+    """How the user set a toyworld training setting: its own option, or --set NAME."""
+    own = {"seed": "--seed", "threads": "--threads"}
+    if name.endswith("_steps") and name[:-6] in STAGES and getattr(args, name, None) is not None:
+        return "--" + name.replace("_", "-")
+    if name in own:
+        return own[name]
+    return f"--set {name}"
 
 
 def check_resumable(cfg) -> None:
@@ -205,14 +214,10 @@ def inverter_config(args):
         raise UserError("IP-Adapter (--image_encoder_path / --ip_adapter_weight_name) is not supported: the "
                         "inverter and generator here are conditioned on text only, and these models have no "
                         "image encoder; leave both options out")
-    for name in ("learning_rate", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
-                 "checkpointing_steps", "validation_steps"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive")
-    if args.resolution is not None and args.resolution % 8:
-        raise UserError("--resolution must be a multiple of 8")
     keys = {f.name for f in fields(InverterConfig)}
-    return InverterConfig(**{k: v for k, v in vars(args).items() if k in keys and v is not None})
+    cfg = InverterConfig(**{k: v for k, v in vars(args).items() if k in keys and v is not None})
+    cfg.check()
+    return cfg
 
 
 def run_inverter(args) -> int:

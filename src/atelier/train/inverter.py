@@ -23,21 +23,19 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from atelier.edit.one_step import generate, invert, with_unet
 from atelier.core import vae as vae_calls
 from atelier.core.io import atomic_open
 from atelier.errors import UserError
+from atelier.train.loop import TrainLoop, lr_at, make_accelerator
+from atelier.train.options import check_all, check_number
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -70,6 +68,30 @@ class InverterConfig:
     seed: int = 0
     threads: int | None = None
     max_grad_norm: float = 1.0
+
+    def check(self) -> None:
+        """UserError naming the first option out of range (nan, inf, 0, negative), before any work."""
+        at_least_1 = dict(integer=True, minimum=1)
+        weight = dict(minimum=0)
+        rules = {name: at_least_1 for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                                              "checkpointing_steps", "validation_steps", "validation_images", "threads")}
+        rules.update(learning_rate=dict(above=0), seed=dict(integer=True, minimum=0), max_grad_norm=weight,
+                     resolution=dict(integer=True, minimum=8), noise_weight=weight, latent_weight=weight,
+                     perceptual_weight=weight, regularizer_weight=weight)
+        check_all(lambda name: f"--{name}", asdict(self), rules)
+        if self.resolution is not None and self.resolution % 8:
+            raise UserError("--resolution must be a multiple of 8")
+        lo_hi = self.regularizer_t
+        if not (isinstance(lo_hi, (list, tuple)) and len(lo_hi) == 2):
+            raise UserError(f"regularizer_t must be two timesteps (low, high), not {lo_hi!r}")
+        for t in lo_hi:
+            check_number("regularizer_t", t, integer=True, minimum=0, maximum=999)
+        if lo_hi[0] > lo_hi[1]:
+            raise UserError(f"regularizer_t must be (low, high) with low <= high, not {tuple(lo_hi)}")
+        if self.stage not in (1, 2):
+            raise UserError(f"--stage must be 1 or 2, not {self.stage!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"--mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
 
 
 # ---------------------------------------------------------------- data
@@ -156,33 +178,44 @@ def _pipeline(name):
     return load_pipeline(name, device="cpu", dtype=torch.float32)
 
 
-class Models:
-    """The frozen parts as Denoisers over the base model's text encoder and VAE, and the inverter."""
+def _freeze_pipeline(pipe, loop: TrainLoop) -> None:
+    """Every model of `pipe` frozen on the loop's device, in the weight dtype (the VAE per force_upcast)."""
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            loop.frozen(module)
 
-    def __init__(self, cfg: InverterConfig, need_teacher: bool):
+
+class Models:
+    """The frozen parts as Denoisers over the base model's text encoder and VAE, and the inverter
+    (fp32, trained); the frozen ones on the loop's device in its weight dtype."""
+
+    def __init__(self, cfg: InverterConfig, need_teacher: bool, loop: TrainLoop):
+        import copy
+
         from atelier.core.denoiser import Denoiser
         from atelier.edit.one_step import load_inverter
 
         base = _pipeline(cfg.pretrained_model_name_or_path)
         gen_pipe = base if cfg.pretrained_sb_generator == cfg.pretrained_model_name_or_path else _pipeline(cfg.pretrained_sb_generator)
+        gen_unet = gen_pipe.unet
+        if cfg.pretrained_inverter:
+            inverter = load_inverter(cfg.pretrained_inverter)
+        else:
+            inverter = copy.deepcopy(gen_unet)  # before the generator goes to the weight dtype
+        self.inverter = inverter.float().train().requires_grad_(True)
+        _freeze_pipeline(base, loop)
+        loop.frozen(gen_unet)
         self.den = Denoiser(base, cache_size=4096)
-        self.vae = base.vae.requires_grad_(False).eval()
-        base.text_encoder.requires_grad_(False)
-        gen_unet = gen_pipe.unet.requires_grad_(False).eval()
+        self.den.device = loop.device
+        self.vae = base.vae
         self.gen = with_unet(self.den, gen_unet, gen_pipe.scheduler.config.get("prediction_type", "epsilon"))
         self.teacher = None
         if need_teacher:
             t_pipe = _pipeline(cfg.pretrained_teacher_denoise)
-            self.teacher = with_unet(self.den, t_pipe.unet.requires_grad_(False).eval(),
+            self.teacher = with_unet(self.den, loop.frozen(t_pipe.unet),
                                      t_pipe.scheduler.config.get("prediction_type", "epsilon"))
-        if cfg.pretrained_inverter:
-            inverter = load_inverter(cfg.pretrained_inverter)
-        else:
-            import copy
-
-            inverter = copy.deepcopy(gen_unet)
-        self.inverter = inverter.float().train().requires_grad_(True)
         self.size = gen_unet.config.sample_size * base.vae_scale_factor
+        self.device = loop.device
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -199,7 +232,7 @@ def stage1_loss(m: Models, cfg: InverterConfig, captions, seed: int) -> tuple[to
     hidden, pooled = m.den.conditioning(captions)
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn((len(captions), m.gen.unet.config.in_channels, m.size // m.den.pipe.vae_scale_factor,
-                       m.size // m.den.pipe.vae_scale_factor), generator=g)
+                       m.size // m.den.pipe.vae_scale_factor), generator=g).to(m.device)
     with torch.no_grad():
         x0 = generate(m.gen, eps, hidden, pooled)
     eps_hat = invert(m.inv, x0, hidden, pooled)
@@ -211,6 +244,7 @@ def stage1_loss(m: Models, cfg: InverterConfig, captions, seed: int) -> tuple[to
 
 def stage2_loss(m: Models, cfg: InverterConfig, captions, x: torch.Tensor, seed: int, lpips=None):
     hidden, pooled = m.den.conditioning(captions)
+    x = x.to(m.device)
     z = m.encode(x)
     eps_hat = invert(m.inv, z, hidden, pooled)
     z_hat = generate(m.gen, eps_hat, hidden, pooled)
@@ -226,7 +260,7 @@ def stage2_loss(m: Models, cfg: InverterConfig, captions, x: torch.Tensor, seed:
     # SwiftEdit's regulariser: the teacher, shown x0 noised with eps_hat, should recover eps_hat.
     g = torch.Generator().manual_seed(seed)
     lo, hi = cfg.regularizer_t
-    t = torch.randint(lo, hi + 1, (len(captions),), generator=g)
+    t = torch.randint(lo, hi + 1, (len(captions),), generator=g).to(m.device)
     with torch.no_grad():
         a, b = m.teacher.coefficients(t)
         x_t = a * z + b * eps_hat.detach()
@@ -240,6 +274,7 @@ def stage2_loss(m: Models, cfg: InverterConfig, captions, x: torch.Tensor, seed:
 def inversion_psnr(m: Models, captions, x: torch.Tensor) -> float:
     """Mean PSNR (dB) of decode(G(F(x0, c), c)) against the source images."""
     hidden, pooled = m.den.conditioning(captions)
+    x = x.to(m.device)
     z = m.encode(x)
     out = m.decode(generate(m.gen, invert(m.inv, z, hidden, pooled), hidden, pooled))
     err = ((out - x) / 2).pow(2).flatten(1).mean(1).clamp(min=1e-10)
@@ -248,40 +283,28 @@ def inversion_psnr(m: Models, captions, x: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- the loop
 
-def _accelerator(cfg: InverterConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    out = Path(cfg.output_dir)
-    try:
-        return Accelerator(mixed_precision=cfg.mixed_precision,
-                           project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)))
-    except ValueError as exc:
-        raise UserError(f"--mixed_precision {cfg.mixed_precision}: {exc} (on CPU use no or bf16)") from None
-
-
 def train_inverter(cfg: InverterConfig) -> dict:
     """Run (or resume) one stage; returns a summary with the final UNet folder."""
-    from atelier.train.toyworld import Stage, lr_at
-
+    cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"stage{cfg.stage}"
-    if cfg.stage == 2 and not cfg.pretrained_inverter and (out / "stage1" / "final" / "config.json").is_file():
-        cfg.pretrained_inverter = str(out / "stage1" / "final")
-    (out / f"{name}.config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
-    stage = Stage(SimpleNamespace(out_dir=str(out), checkpoint_every=cfg.checkpointing_steps,
-                                  eval_every=cfg.validation_steps), name, cfg.max_train_steps)
-    final = stage.dir / "final"
-    if stage.done:
-        summary = json.loads((stage.dir / "done.json").read_text())
-        return {**summary, "final": str(final), "resumed_done": True}
     if cfg.train_data_manifest:
         read_manifest(cfg.train_data_manifest)  # a bad manifest fails before the models load
-    accelerator = _accelerator(cfg)
-    m = Models(cfg, need_teacher=cfg.stage == 2)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, project_dir=out,
+                                   logging_dir=cfg.logging_dir, flag="--mixed_precision")
+    loop = TrainLoop(out / name, cfg.max_train_steps, checkpoint_every=cfg.checkpointing_steps,
+                     eval_every=cfg.validation_steps, title=f"inverter {name}", accelerator=accelerator)
+    final = loop.dir / "final"
+    if loop.done:
+        summary = json.loads((loop.dir / "done.json").read_text())
+        return {**summary, "final": str(final), "resumed_done": True}
+    if cfg.stage == 2 and not cfg.pretrained_inverter and (out / "stage1" / "final" / "config.json").is_file():
+        cfg.pretrained_inverter = str(out / "stage1" / "final")
+    with atomic_open(out / f"{name}.config.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(asdict(cfg), indent=2, default=str))
+    m = Models(cfg, need_teacher=cfg.stage == 2, loop=loop)
     data = Data(cfg.train_data_manifest, cfg.resolution or m.size)
     if data.size != m.size:
         raise UserError(f"--resolution {data.size}: this generator works at {m.size}")
@@ -289,48 +312,38 @@ def train_inverter(cfg: InverterConfig) -> dict:
     if cfg.stage == 2 and cfg.lpips_weights:
         from atelier.evaluate.metrics import load_lpips_vgg
 
-        lpips = load_lpips_vgg(cfg.lpips_weights).requires_grad_(False).eval()
+        lpips = loop.frozen(load_lpips_vgg(cfg.lpips_weights))
     opt = torch.optim.AdamW(m.inverter.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-    stage.resume({"inverter": m.inverter}, opt)
-    inverter, opt = accelerator.prepare(m.inverter, opt)
+    (inverter,), opt = loop.prepare({"inverter": m.inverter}, opt)
     m.inv = with_unet(m.den, inverter)
     m.inv.dtype = torch.float32
     val_captions, val_x = Data(None, 64).batch(987_654, cfg.validation_images) if data.items is None else \
         data.batch(987_654, cfg.validation_images)
-    if not stage.log:
-        stage.log.append({"step": stage.step, "inversion_psnr": round(inversion_psnr(m, val_captions, val_x), 2)})
-    bar = tqdm(total=cfg.max_train_steps, initial=stage.step, desc=f"inverter {name}", dynamic_ncols=True)
-    while stage.step < cfg.max_train_steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(stage.step, cfg.max_train_steps, cfg.learning_rate, warmup=min(100, cfg.max_train_steps // 10))
-        total = 0.0
-        for micro in range(cfg.gradient_accumulation_steps):
-            seed = (cfg.seed * 1_000_003 + cfg.stage * 7919 + stage.step * 64 + micro) % 2**31
-            captions, x = data.batch(seed, cfg.train_batch_size, images=cfg.stage == 2)
-            with accelerator.autocast():
-                if cfg.stage == 1:
-                    loss, parts = stage1_loss(m, cfg, captions, seed)
-                else:
-                    loss, parts = stage2_loss(m, cfg, captions, x, seed, lpips)
-            accelerator.backward(loss / cfg.gradient_accumulation_steps)
-            total += loss.item() / cfg.gradient_accumulation_steps
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(inverter.parameters(), cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        modules = {"inverter": accelerator.unwrap_model(inverter)}
-        if stage.advance(total, modules, opt, bar, window=20):
-            psnr = inversion_psnr(m, val_captions, val_x)
-            stage.log.append({"step": stage.step, "inversion_psnr": round(psnr, 2), **{k: round(v, 5) for k, v in parts.items()}})
-            tqdm.write(f"[inverter {name}] step {stage.step}: inversion PSNR {psnr:.2f} dB, {parts}", file=sys.stderr)
-    bar.close()
-    unet = accelerator.unwrap_model(inverter).eval()
+    if not loop.log:
+        with loop.autocast():
+            loop.log.append({"step": loop.step, "inversion_psnr": round(inversion_psnr(m, val_captions, val_x), 2)})
+
+    def step(i, micro):
+        seed = (cfg.seed * 1_000_003 + cfg.stage * 7919 + i * 64 + micro) % 2**31
+        captions, x = data.batch(seed, cfg.train_batch_size, images=cfg.stage == 2)
+        if cfg.stage == 1:
+            return stage1_loss(m, cfg, captions, seed)
+        return stage2_loss(m, cfg, captions, x, seed, lpips)
+
+    def evaluate(parts):
+        psnr = inversion_psnr(m, val_captions, val_x)
+        return {"inversion_psnr": round(psnr, 2), **{k: round(v, 5) for k, v in parts.items()}}
+
+    loop.run(step, lr=lambda i: lr_at(i, cfg.max_train_steps, cfg.learning_rate, warmup=min(100, cfg.max_train_steps // 10)),
+             clip=cfg.max_grad_norm or None, evaluate=evaluate, window=20)
+    unet = loop.unwrap(inverter).eval()
     unet.save_pretrained(final, safe_serialization=True)
     write_info(final, cfg)
-    psnr = inversion_psnr(m, val_captions, val_x)
-    stage.finish({"inversion_psnr": round(psnr, 2), "final_loss": float(np.mean(stage.losses[-20:])), "log": stage.log})
-    return {"stage": cfg.stage, "steps": stage.step, "wall_time_s": round(stage.seconds, 1),
-            "inversion_psnr": round(psnr, 2), "final": str(final), "loss_plot": str(stage.dir / "loss.png")}
+    with loop.autocast():
+        psnr = inversion_psnr(m, val_captions, val_x)
+    loop.finish({"inversion_psnr": round(psnr, 2), "final_loss": float(np.mean(loop.losses[-20:])), "log": loop.log})
+    return {"stage": cfg.stage, "steps": loop.step, "wall_time_s": round(loop.seconds, 1),
+            "inversion_psnr": round(psnr, 2), "final": str(final), "loss_plot": str(loop.dir / "loss.png")}
 
 
 def write_info(folder: Path, cfg: InverterConfig) -> None:
@@ -343,16 +356,11 @@ def export_inverter(folder, out) -> str:
     """Copy a trained inverter as an fp16 safetensors UNet folder (atomically replacing `out`)."""
     from diffusers import UNet2DConditionModel
 
+    from atelier.models import save_model_folder
+
     folder, out = Path(folder), Path(out)
     unet = UNet2DConditionModel.from_pretrained(folder)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    if (folder / "atelier.json").is_file():
-        shutil.copy(folder / "atelier.json", tmp / "atelier.json")
-    for path in tmp.iterdir():
-        path.chmod(0o644)  # save_pretrained's temporary files are private
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    return str(out)
+    info = folder / "atelier.json"
+    files = {"atelier.json": info.read_text(encoding="utf-8")} if info.is_file() else None
+    return str(save_model_folder(unet, out, files=files))
 

@@ -18,10 +18,7 @@ Then `export` writes both as diffusers folders (fp16 safetensors) with an `ateli
 from __future__ import annotations
 
 import json
-import math
 import random
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,9 +28,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from atelier.core.io import atomic_open
+from atelier.core.prediction import model_target, x0_and_eps
 from atelier.toyworld.render import render
 from atelier.toyworld.scene import BASE_COLOURS, BASE_SHAPES, CELLS, SIZES, sample_scene, vocabulary
 from atelier.train.checkpoint import load_state, save_state
+from atelier.train.loop import TrainLoop, lr_at
+from atelier.train.options import check_all
+from atelier.train.options import check_all
 
 MAX_TOKENS = 32
 
@@ -107,7 +109,32 @@ class ToyTrainConfig:
     eval_images: int = 36  # judged generations per periodic evaluation
     eval_scenes: int = 500  # rendered scenes in the final VAE round-trip check
     n_objects_weights: tuple = (0.34, 0.33, 0.33)
+    mixed_precision: str = "no"  # accelerate's: frozen models in fp16 / bf16, trained ones in fp32
     extra: dict = field(default_factory=dict)
+
+    def check(self, flag_of=lambda name: name) -> None:
+        """UserError naming the first setting that is out of range (nan, inf, 0, negative)."""
+        from atelier.errors import UserError
+
+        whole, at_least_1 = dict(integer=True, minimum=0), dict(integer=True, minimum=1)
+        share = dict(minimum=0, maximum=1)
+        rules = {name: at_least_1 for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps",
+                                              "vae_batch", "text_batch", "unet_batch", "turbo_batch", "taesd_batch",
+                                              "checkpoint_every", "eval_every", "eval_images", "eval_scenes", "threads")}
+        rules.update({name: dict(above=0) for name in ("vae_lr", "text_lr", "unet_lr", "turbo_lr", "taesd_lr", "min_snr_gamma")})
+        rules.update(seed=whole, vae_full_steps=whole, turbo_pairs=whole, caption_dropout=share, turbo_random_t=share,
+                     ema_decay=dict(minimum=0, below=1), turbo_pair_share=dict(minimum=0, below=1),
+                     guidance=dict(minimum=0), turbo_teacher_weight=dict(minimum=0))
+        check_all(flag_of, asdict(self), rules)
+        weights = self.n_objects_weights
+        if not (isinstance(weights, (list, tuple)) and len(weights) == 3):
+            raise UserError(f"{flag_of('n_objects_weights')} must be three weights (1, 2, 3 objects), not {weights!r}")
+        for w in weights:
+            check_all(lambda _: flag_of("n_objects_weights"), {"w": w}, {"w": dict(minimum=0)})
+        if sum(weights) <= 0:
+            raise UserError(f"{flag_of('n_objects_weights')} must have a positive weight, not {weights!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"{flag_of('mixed_precision')} must be no, fp16 or bf16, not {self.mixed_precision!r}")
 
 
 # ---------------------------------------------------------------- data
@@ -153,102 +180,14 @@ def tokenize(tokenizer, captions):
 
 # ---------------------------------------------------------------- shared loop pieces
 
-class Stage:
-    """A resumable loop: holds the checkpoint path, loss log and the plot."""
-
-    def __init__(self, cfg: ToyTrainConfig, name: str, total: int):
-        self.cfg, self.name, self.total = cfg, name, total
-        self.dir = Path(cfg.out_dir) / name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.ckpt = self.dir / "checkpoint.safetensors"
-        self.losses: list[float] = []
-        self.log: list[dict] = []
-        self.step = 0
-        self.seconds_before = 0.0  # wall time of earlier runs of this stage (before a resume)
-        self.started = time.time()
-
-    @property
-    def seconds(self) -> float:
-        return self.seconds_before + time.time() - self.started
-
-    @property
-    def done(self) -> bool:
-        return (self.dir / "done.json").exists()
-
-    def resume(self, modules: dict, optimizer) -> None:
-        state = load_state(self.ckpt)
-        if state is None:
-            return
-        for key, module in modules.items():
-            module.load_state_dict(state[key])
-        optimizer.load_state_dict(state["optimizer"])
-        self.step, self.losses, self.log = state["step"], list(state["losses"]), list(state.get("log", []))
-        self.seconds_before, self.started = float(state.get("seconds", 0.0)), time.time()
-        print(f"[{self.name}] resumed at step {self.step}", file=sys.stderr)
-
-    def save(self, modules: dict, optimizer) -> None:
-        state = {key: m.state_dict() for key, m in modules.items()}
-        state.update(optimizer=optimizer.state_dict(), step=self.step, losses=self.losses, log=self.log,
-                     seconds=self.seconds)
-        save_state(self.ckpt, state)
-        self.plot()
-
-    def plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        if not self.losses:
-            return
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(self.losses, lw=0.5, alpha=0.4, label="loss")
-        k = max(1, len(self.losses) // 50)
-        smooth = np.convolve(self.losses, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(len(smooth)) + k - 1, smooth, lw=1.5, label=f"mean of {k}")
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(f"toyworld {self.name}")
-        ax.legend()
-        fig.tight_layout()
-        tmp = self.dir / ".loss.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(self.dir / "loss.png")
-
-    def advance(self, loss, modules: dict, optimizer, bar, window: int = 50) -> bool:
-        """Book one optimizer step: loss log, progress bar, periodic checkpoint. True when it is
-        time for a periodic evaluation (and at the last step)."""
-        self.losses.append(float(loss))
-        self.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(self.losses[-window:]):.4f}")
-        last = self.step == self.total
-        if self.step % self.cfg.checkpoint_every == 0 or last:
-            self.save(modules, optimizer)
-        return self.step % self.cfg.eval_every == 0 or last
-
-    def finish(self, summary: dict) -> None:
-        self.plot()
-        done = {"steps": self.step, "wall_time_s": round(self.seconds, 1), **summary}
-        tmp = self.dir / ".done.json"
-        tmp.write_text(json.dumps(done, indent=2))
-        tmp.replace(self.dir / "done.json")
+def stage_loop(cfg: ToyTrainConfig, name: str, total: int) -> TrainLoop:
+    return TrainLoop(Path(cfg.out_dir) / name, total, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
+                     title=f"toyworld {name}", mixed_precision=cfg.mixed_precision)
 
 
-def optimize(optimizer, loss, params=None, clip: float | None = 1.0) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-    optimizer.step()
-
-
-def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] on any device -> (N, H, W, 3) uint8."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ---------------------------------------------------------------- stage 1: VAE
@@ -256,45 +195,41 @@ def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
 def train_vae(cfg: ToyTrainConfig):
     from diffusers import AutoencoderKL
 
-    stage = Stage(cfg, "vae", cfg.vae_steps)
-    final = stage.dir / "final"
-    if stage.done:
+    loop = stage_loop(cfg, "vae", cfg.vae_steps)
+    final = loop.dir / "final"
+    if loop.done:
         return AutoencoderKL.from_pretrained(final)
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(**VAE_CONFIG)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    stage.resume({"vae": vae}, opt)
+    loop.prepare({"vae": vae}, torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0))
     vae.train()
-    bar = tqdm(total=cfg.vae_steps, initial=stage.step, desc="vae", dynamic_ncols=True)
-    while stage.step < cfg.vae_steps:
-        seed = step_seed(cfg, "vae", stage.step)
+
+    def step(i, micro):
+        seed = step_seed(cfg, "vae", i)
         _, _, x = scene_batch(seed, cfg.vae_batch, cfg.n_objects_weights)
-        if stage.step < cfg.vae_steps - cfg.vae_full_steps:
+        if i < cfg.vae_steps - cfg.vae_full_steps:
             g = torch.Generator().manual_seed(seed)
-            i, j = (int(v) * 4 for v in torch.randint(0, 9, (2,), generator=g))
-            x = x[:, :, i : i + 32, j : j + 32]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(stage.step, cfg.vae_steps, cfg.vae_lr)
+            r, c = (int(v) * 4 for v in torch.randint(0, 9, (2,), generator=g))
+            x = x[:, :, r : r + 32, c : c + 32]
+        x = x.to(loop.device)
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=torch.Generator().manual_seed(seed))
         recon = vae.decode(z).sample
         # L1 for sharp edges, MSE for colour precision, a whisper of KL to keep latents tame.
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        optimize(opt, loss, vae.parameters())
-        if stage.advance(loss, {"vae": vae}, opt, bar, window=20):
-            acc = vae_round_trip_accuracy(vae, n=min(96, cfg.eval_scenes), seed=10_000)
-            stage.log.append({"step": stage.step, "round_trip_judged_right": acc})
-            tqdm.write(f"[vae] step {stage.step}: round trip judged right {acc:.3f}")
-    bar.close()
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    loop.run(step, lr=lambda i: lr_at(i, cfg.vae_steps, cfg.vae_lr), clip=1.0, window=20,
+             evaluate=lambda parts: {"round_trip_judged_right": vae_round_trip_accuracy(vae, n=min(96, cfg.eval_scenes), seed=10_000)})
+    vae = loop.unwrap(vae)
     vae.eval()
     # Scale latents to unit variance, as SD's scaling_factor does.
     with torch.no_grad():
         _, _, x = scene_batch(123_456, 256)
-        std = float(vae.encode(x).latent_dist.mean.std())
+        std = float(vae.encode(x.to(loop.device)).latent_dist.mean.std())
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(final)
     acc = vae_round_trip_accuracy(vae, n=cfg.eval_scenes, seed=20_000)
-    stage.finish({"latent_std": std, "round_trip_judged_right": acc})
+    loop.finish({"latent_std": std, "round_trip_judged_right": acc})
     return vae
 
 
@@ -307,8 +242,7 @@ def vae_round_trip_accuracy(vae, n: int, seed: int) -> float:
     right = 0
     for start in range(0, n, 32):
         scenes, _, x = scene_batch(seed + start, min(32, n - start))
-        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        imgs = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        imgs = to_uint8(vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode()).sample)
         right += sum(judge(img, s).match for img, s in zip(imgs, scenes))
     vae.train(was_training)
     return right / n
@@ -348,116 +282,114 @@ class PhraseProbe(torch.nn.Module):
 def train_text_encoder(cfg: ToyTrainConfig, tokenizer):
     from transformers import CLIPTextModel
 
-    stage = Stage(cfg, "text", cfg.text_steps)
-    final = stage.dir / "final"
-    if stage.done:
+    loop = stage_loop(cfg, "text", cfg.text_steps)
+    final = loop.dir / "final"
+    if loop.done:
         return CLIPTextModel.from_pretrained(final)
     te = make_text_encoder(tokenizer, cfg.seed)
     probe = PhraseProbe(te.config.hidden_size)
     opt = torch.optim.AdamW(list(te.parameters()) + list(probe.parameters()), lr=cfg.text_lr, weight_decay=0.01)
-    stage.resume({"text_encoder": te, "probe": probe}, opt)
+    (te_model, probe_model), _ = loop.prepare({"text_encoder": te, "probe": probe}, opt)
     te.train()
-    bar = tqdm(total=cfg.text_steps, initial=stage.step, desc="text", dynamic_ncols=True)
-    while stage.step < cfg.text_steps:
-        rng = random.Random(step_seed(cfg, "text", stage.step))
+
+    def step(i, micro):
+        rng = random.Random(step_seed(cfg, "text", i))
         scenes = [sample_scene(rng, rng.randint(1, 3), BASE_SHAPES, tuple(BASE_COLOURS)) for _ in range(cfg.text_batch)]
         captions = [s.caption(rng) for s in scenes]
-        ids = tokenize(tokenizer, captions)
-        h = te(ids).last_hidden_state
+        h = te_model(tokenize(tokenizer, captions).to(loop.device)).last_hidden_state
         rows, cols, labels = [], [], []
         for b, (cap, s) in enumerate(zip(captions, scenes)):
             for pos, lab in phrase_targets(tokenizer, cap, s.objects):
                 rows.append(b)
                 cols.append(pos)
                 labels.append(lab)
-        logits = probe(h[torch.tensor(rows), torch.tensor(cols)])
-        labels = torch.tensor(labels)
-        loss = sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(stage.step, cfg.text_steps, cfg.text_lr)
-        optimize(opt, loss, clip=None)
-        stage.advance(loss, {"text_encoder": te, "probe": probe}, opt, bar, window=20)
-    bar.close()
+        logits = probe_model(h[torch.tensor(rows, device=loop.device), torch.tensor(cols, device=loop.device)])
+        labels = torch.tensor(labels, device=loop.device)
+        return sum(F.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits))
+
+    loop.run(step, lr=lambda i: lr_at(i, cfg.text_steps, cfg.text_lr), window=20)
+    te = loop.unwrap(te)
     te.eval()
     te.save_pretrained(final)
-    stage.finish({"final_loss": float(np.mean(stage.losses[-50:]))})
+    loop.finish({"final_loss": float(np.mean(loop.losses[-50:]))})
     return te
 
 
 # ---------------------------------------------------------------- stage 3: UNet
 
+def _alpha_beta(scheduler, t):
+    ab = scheduler.alphas_cumprod.to(t.device)[t].view(-1, 1, 1, 1)
+    return ab.sqrt(), (1 - ab).sqrt()
+
+
 def v_target(scheduler, x0, noise, t):
-    ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    return model_target(x0, noise, *_alpha_beta(scheduler, t), "v_prediction")
 
 
 def x0_from_v(scheduler, xt, v, t):
-    ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    return ab.sqrt() * xt - (1 - ab).sqrt() * v
+    return x0_and_eps(v, xt, *_alpha_beta(scheduler, t), "v_prediction")[0]
 
 
 class LatentSource:
     """Encodes seeded scene batches with the frozen VAE (scaled latents) and captions with the frozen
-    text encoder, dropping captions for classifier-free guidance."""
+    text encoder, dropping captions for classifier-free guidance; fp32 on the models' device."""
 
     def __init__(self, cfg, vae, te, tokenizer):
         self.cfg, self.vae, self.te, self.tok = cfg, vae, te, tokenizer
-        with torch.no_grad():
-            self.empty = te(tokenize(tokenizer, [""])).last_hidden_state
+        self.empty = self.encode_ids(tokenize(tokenizer, [""]))
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.te(ids.to(self.te.device)).last_hidden_state.float()
 
     @torch.no_grad()
     def batch(self, seed: int, size: int, dropout: float):
         scenes, captions, x = scene_batch(seed, size, self.cfg.n_objects_weights)
         rng = random.Random(seed + 1)
         captions = ["" if rng.random() < dropout else c for c in captions]
-        z = self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
-        cond = self.te(tokenize(self.tok, captions)).last_hidden_state
-        return z, cond, captions
+        z = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist.mode() * self.vae.config.scaling_factor
+        return z.float(), self.encode_ids(tokenize(self.tok, captions)), captions
 
 
 def train_unet(cfg: ToyTrainConfig, vae, te, tokenizer):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    stage = Stage(cfg, "unet", cfg.unet_steps)
-    final = stage.dir / "final"
-    if stage.done:
+    loop = stage_loop(cfg, "unet", cfg.unet_steps)
+    final = loop.dir / "final"
+    if loop.done:
         return UNet2DConditionModel.from_pretrained(final)
     torch.manual_seed(cfg.seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**UNET_CONFIG).to(loop.device)  # the EMA's shadow weights live beside it
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
-    ema_holder = _EmaHolder(ema)
+    vae, te = loop.frozen(vae, keep_original=True), loop.frozen(te, keep_original=True)
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     source = LatentSource(cfg, vae, te, tokenizer)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
-    stage.resume({"unet": unet, "ema": ema_holder}, opt)
-    snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
+    (model,), _ = loop.prepare({"unet": unet}, opt, extra={"ema": _EmaHolder(ema)})
+    snr = (scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)).to(loop.device)
     unet.train()
-    bar = tqdm(total=cfg.unet_steps, initial=stage.step, desc="unet", dynamic_ncols=True)
-    while stage.step < cfg.unet_steps:
-        seed = step_seed(cfg, "unet", stage.step)
+
+    def step(i, micro):
+        seed = step_seed(cfg, "unet", i)
         z, cond, _ = source.batch(seed, cfg.unet_batch, cfg.caption_dropout)
         g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), generator=g)
+        noise = torch.randn(z.shape, generator=g).to(loop.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), generator=g).to(loop.device)
         xt = scheduler.add_noise(z, noise, t)
-        pred = unet(xt, t, cond).sample
+        pred = model(xt, t, cond).sample
         # min-SNR-γ weighting for v-prediction (Hang et al. 2023): min(snr, γ) / (snr + 1)
         w = (torch.clamp(snr[t], max=cfg.min_snr_gamma) / (snr[t] + 1)).view(-1, 1, 1, 1)
-        loss = (w * (pred - v_target(scheduler, z, noise, t)) ** 2).mean()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(stage.step, cfg.unet_steps, cfg.unet_lr, warmup=200)
-        optimize(opt, loss, unet.parameters())
-        ema.step(unet.parameters())
-        if stage.advance(loss, {"unet": unet, "ema": ema_holder}, opt, bar):
-            eval_unet = _ema_copy(unet, ema)
-            res = quick_eval(eval_unet, vae, te, tokenizer, steps=20, guidance=cfg.guidance, turbo=False, n=cfg.eval_images)
-            stage.log.append({"step": stage.step, **res})
-            tqdm.write(f"[unet] step {stage.step}: {res}")
-    bar.close()
-    unet = _ema_copy(unet, ema)
+        return (w * (pred - v_target(scheduler, z, noise, t)) ** 2).mean()
+
+    def evaluate(parts):
+        return quick_eval(_ema_copy(unet, ema), vae, te, tokenizer, steps=20, guidance=cfg.guidance, turbo=False, n=cfg.eval_images)
+
+    loop.run(step, lr=lambda i: lr_at(i, cfg.unet_steps, cfg.unet_lr, warmup=200), clip=1.0,
+             after_step=lambda: ema.step(unet.parameters()), evaluate=evaluate)
+    unet = _ema_copy(loop.unwrap(unet), ema)
     unet.save_pretrained(final)
-    stage.finish({"final_loss": float(np.mean(stage.losses[-100:])), "log": stage.log})
+    loop.finish({"final_loss": float(np.mean(loop.losses[-100:])), "log": loop.log})
     return unet
 
 
@@ -521,13 +453,13 @@ def sample_images(unet, vae, te, tokenizer, *, n, steps, guidance, turbo, seed=0
         sched = EulerDiscreteScheduler(**{**SCHEDULER_CONFIG, "timestep_spacing": "trailing", "steps_offset": 0})
     else:
         sched = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
-    cond = te(tokenize(tokenizer, captions)).last_hidden_state
-    uncond = te(tokenize(tokenizer, [""] * n)).last_hidden_state
+    cond = te(tokenize(tokenizer, captions).to(te.device)).last_hidden_state.to(unet.dtype)
+    uncond = te(tokenize(tokenizer, [""] * n).to(te.device)).last_hidden_state.to(unet.dtype)
     g = torch.Generator().manual_seed(seed)
-    lat = sample_latents(unet, sched, torch.randn((n, 4, 16, 16), generator=g), cond, uncond, steps=steps, guidance=guidance)
-    x = vae.decode(lat / vae.config.scaling_factor).sample
-    imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return list(imgs), scenes
+    noise = torch.randn((n, 4, 16, 16), generator=g).to(unet.device, unet.dtype)
+    lat = sample_latents(unet, sched, noise, cond, uncond, steps=steps, guidance=guidance)
+    x = vae.decode((lat / vae.config.scaling_factor).to(vae.dtype)).sample
+    return list(to_uint8(x)), scenes
 
 
 @torch.no_grad()
@@ -561,8 +493,6 @@ def teacher_pairs(cfg: ToyTrainConfig, teacher, source: "LatentSource", path: Pa
     one. Generated in chunks and saved as they go, so a killed run resumes here too."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from atelier.train.checkpoint import load_state, save_state
-
     state = load_state(path) or {"noise": [], "ids": [], "z": []}
     done = sum(len(x) for x in state["noise"])
     bar = tqdm(total=cfg.turbo_pairs, initial=done, desc="turbo pairs", dynamic_ncols=True)
@@ -575,11 +505,11 @@ def teacher_pairs(cfg: ToyTrainConfig, teacher, source: "LatentSource", path: Pa
         captions = ["" if rng.random() < 0.05 else c for c in captions]
         ids = tokenize(source.tok, captions)
         noise = torch.randn((PAIR_CHUNK, 4, 16, 16), generator=torch.Generator().manual_seed(seed))
-        cond = source.te(ids).last_hidden_state
-        z = sample_latents(teacher, sched, noise, cond, source.empty, steps=20, guidance=cfg.guidance)
+        cond = source.encode_ids(ids)
+        z = sample_latents(teacher, sched, noise.to(source.empty.device), cond, source.empty, steps=20, guidance=cfg.guidance)
         state["noise"].append(noise)
         state["ids"].append(ids)
-        state["z"].append(z)
+        state["z"].append(z.float().cpu())
         done += PAIR_CHUNK
         bar.update(PAIR_CHUNK)
         if (k + 1) % 8 == 0 or done >= cfg.turbo_pairs:
@@ -593,61 +523,66 @@ def train_turbo(cfg: ToyTrainConfig, vae, te, tokenizer, teacher):
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    stage = Stage(cfg, "turbo", cfg.turbo_steps)
-    final = stage.dir / "final"
-    if stage.done:
+    loop = stage_loop(cfg, "turbo", cfg.turbo_steps)
+    final = loop.dir / "final"
+    if loop.done:
         return UNet2DConditionModel.from_pretrained(final)
     student = copy.deepcopy(teacher).train().requires_grad_(True)
-    teacher.eval().requires_grad_(False)
+    teacher = loop.frozen(teacher, keep_original=True)
+    vae, te = loop.frozen(vae, keep_original=True), loop.frozen(te, keep_original=True)
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     source = LatentSource(cfg, vae, te, tokenizer)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.turbo_lr, weight_decay=0.0)
-    stage.resume({"unet": student}, opt)
-    pairs = teacher_pairs(cfg, teacher, source, stage.dir / "pairs.safetensors") if cfg.turbo_pairs else None
+    (model,), _ = loop.prepare({"unet": student}, opt)
+    pairs = None
+    if cfg.turbo_pairs:
+        with loop.autocast():
+            pairs = teacher_pairs(cfg, teacher, source, loop.dir / "pairs.safetensors")
     n_pairs = int(round(cfg.turbo_batch * cfg.turbo_pair_share)) if pairs is not None else 0
     fixed = torch.tensor(TURBO_TIMESTEPS[1:] if n_pairs else TURBO_TIMESTEPS)  # t = 999 belongs to the pairs
-    bar = tqdm(total=cfg.turbo_steps, initial=stage.step, desc="turbo", dynamic_ncols=True)
-    while stage.step < cfg.turbo_steps:
-        seed = step_seed(cfg, "turbo", stage.step)
+    dev = loop.device
+
+    def step(i, micro):
+        seed = step_seed(cfg, "turbo", i)
         g = torch.Generator().manual_seed(seed)
         # Real data at t < 999 (what img2img and the later steps of 2-4 step sampling see): the data
         # itself plus the guided teacher's x0 at the same point.
         z, cond, captions = source.batch(seed, cfg.turbo_batch - n_pairs, 0.05)
-        noise = torch.randn(z.shape, generator=g)
+        noise = torch.randn(z.shape, generator=g).to(dev)
         b = z.shape[0]
         t = fixed[torch.randint(0, len(fixed), (b,), generator=g)]
         rand = torch.rand(b, generator=g) < cfg.turbo_random_t
-        t = torch.where(rand, torch.randint(0, 1000, (b,), generator=g), t)
+        t = torch.where(rand, torch.randint(0, 1000, (b,), generator=g), t).to(dev)
         xt = scheduler.add_noise(z, noise, t)
         with torch.no_grad():
-            out = teacher(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([source.empty.expand(b, -1, -1), cond])).sample
+            out = teacher(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([source.empty.expand(b, -1, -1), cond])).sample.float()
             u, c = out.chunk(2)
-            has_caption = torch.tensor([bool(cap) for cap in captions]).view(-1, 1, 1, 1)
+            has_caption = torch.tensor([bool(cap) for cap in captions], device=dev).view(-1, 1, 1, 1)
             v_teacher = torch.where(has_caption, u + cfg.guidance * (c - u), c)
             x0_teacher = x0_from_v(scheduler, xt, v_teacher, t)
-        x0_student = x0_from_v(scheduler, xt, student(xt, t, cond).sample, t)
+        x0_student = x0_from_v(scheduler, xt, model(xt, t, cond).sample, t)
         loss = F.mse_loss(x0_student, z) + cfg.turbo_teacher_weight * F.mse_loss(x0_student, x0_teacher)
         if n_pairs:
             # The 1-step map: from pure noise at t = 999 to where the teacher's trajectory ends.
             pick = torch.randint(0, len(pairs["z"]), (n_pairs,), generator=g)
-            t_max = torch.full((n_pairs,), TURBO_TIMESTEPS[0])
-            with torch.no_grad():
-                pair_cond = source.te(pairs["ids"][pick]).last_hidden_state
-            x0_pair = x0_from_v(scheduler, pairs["noise"][pick], student(pairs["noise"][pick], t_max, pair_cond).sample, t_max)
-            loss = (b * loss + n_pairs * (1 + cfg.turbo_teacher_weight) * F.mse_loss(x0_pair, pairs["z"][pick])) / cfg.turbo_batch
-        for group in opt.param_groups:
-            group["lr"] = lr_at(stage.step, cfg.turbo_steps, cfg.turbo_lr, warmup=50)
-        optimize(opt, loss, student.parameters())
-        if stage.advance(loss, {"unet": student}, opt, bar):
-            student.eval()
-            res = {f"{k}@{s}": v for s in (1, 4) for k, v in quick_eval(student, vae, te, tokenizer, steps=s, guidance=1.0, turbo=True, n=cfg.eval_images).items()}
-            student.train()
-            stage.log.append({"step": stage.step, **res})
-            tqdm.write(f"[turbo] step {stage.step}: {res}")
-    bar.close()
+            t_max = torch.full((n_pairs,), TURBO_TIMESTEPS[0], device=dev)
+            pair_cond = source.encode_ids(pairs["ids"][pick])
+            pair_noise = pairs["noise"][pick].to(dev)
+            x0_pair = x0_from_v(scheduler, pair_noise, model(pair_noise, t_max, pair_cond).sample, t_max)
+            loss = (b * loss + n_pairs * (1 + cfg.turbo_teacher_weight) * F.mse_loss(x0_pair, pairs["z"][pick].to(dev))) / cfg.turbo_batch
+        return loss
+
+    def evaluate(parts):
+        student.eval()
+        res = {f"{k}@{s}": v for s in (1, 4) for k, v in quick_eval(student, vae, te, tokenizer, steps=s, guidance=1.0, turbo=True, n=cfg.eval_images).items()}
+        student.train()
+        return res
+
+    loop.run(step, lr=lambda i: lr_at(i, cfg.turbo_steps, cfg.turbo_lr, warmup=50), clip=1.0, evaluate=evaluate)
+    student = loop.unwrap(student)
     student.eval()
     student.save_pretrained(final)
-    stage.finish({"final_loss": float(np.mean(stage.losses[-100:])), "log": stage.log})
+    loop.finish({"final_loss": float(np.mean(loop.losses[-100:])), "log": loop.log})
     return student
 
 
@@ -658,34 +593,31 @@ def train_taesd(cfg: ToyTrainConfig, vae):
     the VAE's scaled latent means, the decoder rebuilds the scene from them."""
     from diffusers import AutoencoderTiny
 
-    stage = Stage(cfg, "taesd", cfg.taesd_steps)
-    final = stage.dir / "final"
-    if stage.done:
+    loop = stage_loop(cfg, "taesd", cfg.taesd_steps)
+    final = loop.dir / "final"
+    if loop.done:
         return AutoencoderTiny.from_pretrained(final)
     torch.manual_seed(cfg.seed + 5)
     tiny = AutoencoderTiny(**TAESD_CONFIG)
-    opt = torch.optim.AdamW(tiny.parameters(), lr=cfg.taesd_lr, weight_decay=0.0)
-    stage.resume({"taesd": tiny}, opt)
+    vae = loop.frozen(vae, keep_original=True)
+    loop.prepare({"taesd": tiny}, torch.optim.AdamW(tiny.parameters(), lr=cfg.taesd_lr, weight_decay=0.0))
     tiny.train()
     scale = vae.config.scaling_factor
-    bar = tqdm(total=cfg.taesd_steps, initial=stage.step, desc="taesd", dynamic_ncols=True)
-    while stage.step < cfg.taesd_steps:
-        _, _, x = scene_batch(step_seed(cfg, "taesd", stage.step), cfg.taesd_batch, cfg.n_objects_weights)
+
+    def step(i, micro):
+        _, _, x = scene_batch(step_seed(cfg, "taesd", i), cfg.taesd_batch, cfg.n_objects_weights)
+        x = x.to(loop.device)
         with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean * scale
-        for group in opt.param_groups:
-            group["lr"] = lr_at(stage.step, cfg.taesd_steps, cfg.taesd_lr)
+            z = (vae.encode(x.to(vae.dtype)).latent_dist.mean * scale).float()
         recon = tiny.decode(z).sample
-        loss = F.mse_loss(tiny.encode(x).latents, z) + F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        optimize(opt, loss, tiny.parameters())
-        if stage.advance(loss, {"taesd": tiny}, opt, bar, window=20):
-            acc = tiny_round_trip_accuracy(tiny, vae, n=min(96, cfg.eval_scenes), seed=10_000)
-            stage.log.append({"step": stage.step, **acc})
-            tqdm.write(f"[taesd] step {stage.step}: judged right {acc}")
-    bar.close()
+        return F.mse_loss(tiny.encode(x).latents, z) + F.l1_loss(recon, x) + F.mse_loss(recon, x)
+
+    loop.run(step, lr=lambda i: lr_at(i, cfg.taesd_steps, cfg.taesd_lr), clip=1.0, window=20,
+             evaluate=lambda parts: tiny_round_trip_accuracy(tiny, vae, n=min(96, cfg.eval_scenes), seed=10_000))
+    tiny = loop.unwrap(tiny)
     tiny.eval()
     tiny.save_pretrained(final)
-    stage.finish(tiny_round_trip_accuracy(tiny, vae, n=cfg.eval_scenes, seed=20_000))
+    loop.finish(tiny_round_trip_accuracy(tiny, vae, n=cfg.eval_scenes, seed=20_000))
     return tiny
 
 
@@ -700,23 +632,19 @@ def tiny_round_trip_accuracy(tiny, vae, n: int, seed: int) -> dict:
     right = {"tiny_round_trip": 0, "vae_encode_tiny_decode": 0}
     for start in range(0, n, 32):
         scenes, _, x = scene_batch(seed + start, min(32, n - start))
-        z_vae = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        x = x.to(tiny.device, tiny.dtype)
+        z_vae = (vae.encode(x.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor).to(tiny.dtype)
         for key, z in (("tiny_round_trip", tiny.encode(x).latents), ("vae_encode_tiny_decode", z_vae)):
-            imgs = ((tiny.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            imgs = to_uint8(tiny.decode(z).sample)
             right[key] += sum(judge(img, scene).match for img, scene in zip(imgs, scenes))
     tiny.train(was_training)
     return {k: round(v / n, 4) for k, v in right.items()}
 
 
 def export_taesd(tiny, weights_dir: Path) -> str:
-    out = Path(weights_dir) / "toyworld-taesd"
-    tmp = out.with_name(".toyworld-taesd.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tiny.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    tiny.to(torch.float32)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    return str(out)
+    from atelier.models import save_model_folder
+
+    return str(save_model_folder(tiny, Path(weights_dir) / "toyworld-taesd"))
 
 
 # ---------------------------------------------------------------- export
@@ -724,6 +652,8 @@ def export_taesd(tiny, weights_dir: Path) -> str:
 def export_pipelines(cfg: ToyTrainConfig, vae, te, tokenizer, unet, turbo, weights_dir: Path) -> dict:
     """Write `toyworld` and `toyworld-turbo` as diffusers folders, weights in fp16 safetensors."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from atelier.models import save_model_folder
 
     paths = {}
     specs = {
@@ -739,17 +669,10 @@ def export_pipelines(cfg: ToyTrainConfig, vae, te, tokenizer, unet, turbo, weigh
             vae=vae, text_encoder=te, tokenizer=tokenizer, unet=model, scheduler=sched,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-        out = Path(weights_dir) / name
-        tmp = out.with_name(f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-        pipe.to(torch.float32)
         trained_with = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
         meta = {"name": name, "family": "toyworld", "defaults": defaults, "trained_with": trained_with,
                 "resolution": 64, "description": "atelier's toy-world model (shared/toyworld.md), trained on CPU"}
-        (tmp / "atelier.json").write_text(json.dumps(meta, indent=2, default=str))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.replace(out)
+        out = save_model_folder(pipe, Path(weights_dir) / name, files={"atelier.json": json.dumps(meta, indent=2, default=str)})
         paths[name] = str(out)
     return paths
 
@@ -759,11 +682,13 @@ def default_weights_dir() -> Path:
 
 
 def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo", "taesd"), weights_dir: Path | None = None) -> dict:
+    cfg.check()
     torch.set_num_threads(cfg.threads)
     started = time.time()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    with atomic_open(out / "config.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(asdict(cfg), indent=2, default=str))
     tokenizer = make_tokenizer(out / "tokenizer")
     vae = train_vae(cfg).eval().requires_grad_(False)
     te = train_text_encoder(cfg, tokenizer).eval().requires_grad_(False) if "text" in stages or "unet" in stages else None
@@ -778,5 +703,6 @@ def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo", "taes
         if done.is_file():
             stage_times[name] = json.loads(done.read_text()).get("wall_time_s")
     summary = {"wall_time_s": round(time.time() - started, 1), "stage_times_s": stage_times, "exported": paths}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with atomic_open(out / "summary.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(summary, indent=2))
     return summary

@@ -1,9 +1,18 @@
 // atelier live: draws the chosen source into a canvas at the model's size, sends it to /ws as JPEG
 // at a steady rate, and draws the frames that come back. The server keeps only the latest frame
 // of each session, so sending faster than it can serve costs nothing but dropped frames.
+// A server started with --auth-token is opened as /?token=...; the page passes the token on.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const TOKEN = new URLSearchParams(location.search).get("token");
+
+// A same-origin URL for `path`, carrying the server's token when the page was given one.
+function withToken(path) {
+  const url = new URL(path, location.href);
+  if (TOKEN) url.searchParams.set("token", TOKEN);
+  return url;
+}
 
 const state = {
   config: null,          // GET /api/settings
@@ -149,8 +158,9 @@ function drawSource() {
 // ---------------------------------------------------------------------------------- the stream
 
 function connect() {
-  const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(`${scheme}://${location.host}/ws?format=jpeg`);
+  const url = withToken("/ws?format=jpeg");
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(url);
   ws.binaryType = "blob";
   state.ws = ws;
   setConnection("connecting", "");
@@ -172,8 +182,10 @@ function connect() {
 function onMessage(message) {
   if (message.type === "hello") {
     state.session = message.session;
-    $("snapshot").href = message.snapshot;
-    $("mjpeg").href = message.mjpeg;
+    for (const id of ["snapshot", "mjpeg"]) {  // private to this session: the URLs carry its key
+      const url = withToken(message[id]);
+      $(id).href = url.pathname + url.search;
+    }
     $("mjpeg").classList.remove("disabled");
     const initial = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value };
     for (const key of state.dirty) initial[key] = controlValue(key);
@@ -351,7 +363,8 @@ function note(text, isError = false) {
 
 async function init() {
   makeToyObjects();
-  const response = await fetch("/api/settings");
+  const response = await fetch(withToken("/api/settings"));
+  if (!response.ok) throw new Error(response.status === 401 ? "this server needs its token: open the page as /?token=..." : `GET /api/settings: ${response.status}`);
   state.config = await response.json();
   const { width, height, model, ip_adapter: ipAdapter } = state.config;
   for (const id of ["input", "output"]) { $(id).width = width; $(id).height = height; }

@@ -1,0 +1,234 @@
+"""The one training loop every atelier trainer runs (the toy-world stages, the inverter; LoRA,
+IP-Adapter and try-on trainers plug in the same way).
+
+A trainer builds its models, hands the trainable ones and the optimizer to `TrainLoop.prepare` (which
+resumes them from the last good checkpoint), puts its frozen models on the loop's device with
+`frozen`, and calls `run` with a step function `step(step, micro) -> loss` or `(loss, parts)`. The
+loop owns the rest: the learning-rate schedule, gradient accumulation and mixed precision through
+accelerate, gradient clipping, the loss log, atomic checkpoints every `checkpoint_every` steps
+(model, optimizer and any extra state), evaluation every `eval_every` steps, and the loss plot.
+
+    loop = TrainLoop("runs/x/stage", total_steps=1000, checkpoint_every=100)
+    frozen_vae = loop.frozen(vae)
+    (model,), opt = loop.prepare({"model": model}, torch.optim.AdamW(model.parameters(), 1e-4))
+    loop.run(lambda step, micro: loss_of(model, batch(step, micro)), lr=lambda step: 1e-4, clip=1.0)
+    loop.finish({"final_loss": loop.losses[-1]})
+
+Every step's data must come from a seed derived from the step (and micro-batch), so a resumed run
+makes exactly the steps an uninterrupted one makes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atelier.core.io import atomic_open
+from atelier.errors import UserError
+from atelier.train.checkpoint import load_state, remove_stale_temp_files, save_state
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, project_dir=None,
+                     logging_dir=None, flag: str = "mixed_precision"):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    project = None
+    if project_dir is not None:
+        project = ProjectConfiguration(project_dir=str(project_dir),
+                                       logging_dir=str(Path(project_dir) / (logging_dir or "logs")))
+    try:
+        return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
+                           project_config=project)
+    except ValueError as exc:
+        raise UserError(f"{flag} {mixed_precision}: {str(exc).splitlines()[0]} (on CPU use no or bf16)") from None
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine decay to a tenth of `base`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class TrainLoop:
+    """A resumable loop over `total_steps` optimizer steps, writing into `run_dir`:
+    checkpoint.safetensors (and the previous one), loss.png, and done.json when finished."""
+
+    def __init__(self, run_dir, total_steps: int, *, checkpoint_every: int, eval_every: int | None = None,
+                 name: str | None = None, title: str | None = None, mixed_precision: str = "no",
+                 gradient_accumulation_steps: int = 1, accelerator=None):
+        self.dir = Path(run_dir)
+        self.name = name or self.dir.name
+        self.title = title or self.name
+        self.total, self.checkpoint_every, self.eval_every = total_steps, checkpoint_every, eval_every
+        self.accelerator = accelerator or make_accelerator(mixed_precision, gradient_accumulation_steps)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(self.dir)
+        self.ckpt = self.dir / "checkpoint.safetensors"
+        self.losses: list[float] = []
+        self.log: list[dict] = []
+        self.step = 0
+        self.seconds_before = 0.0  # wall time of earlier runs of this stage (before a resume)
+        self.started = time.time()
+        self.state: dict = {}  # name -> object with state_dict / load_state_dict, checkpointed
+        self.models: list = []
+        self.optimizer = None
+
+    # ------------------------------------------------------------ placement
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of frozen models: half under mixed precision (trainable models stay fp32)."""
+        return WEIGHT_DTYPES.get(self.accelerator.mixed_precision, torch.float32)
+
+    def frozen(self, module, *, keep_original: bool = False):
+        """`module` without gradients, in eval mode, on the device in the weight dtype. A VAE whose
+        config asks for `force_upcast` stays fp32 under fp16, as diffusers' pipelines keep it.
+        With `keep_original`, a dtype change happens on a copy (the caller still exports the original)."""
+        dtype = self.weight_dtype
+        config = getattr(module, "config", None)
+        if dtype == torch.float16 and getattr(config, "force_upcast", False):
+            dtype = torch.float32
+        current = next(module.parameters(), torch.empty(0)).dtype
+        if keep_original and current != dtype:
+            module = copy.deepcopy(module)
+        return module.requires_grad_(False).eval().to(self.device, dtype)
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.time() - self.started
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / "done.json").exists()
+
+    def prepare(self, trainable: dict, optimizer, extra: dict | None = None):
+        """Resume `trainable` modules, `extra` state and the optimizer from the last good checkpoint,
+        then hand them to accelerate (device placement, mixed precision, distributed wrapping).
+        Returns the prepared modules (in `trainable`'s order) and optimizer."""
+        self.state = {**trainable, **(extra or {})}
+        state = load_state(self.ckpt, required=("step", "losses", "optimizer", *self.state))
+        if state is not None:
+            for key, module in self.state.items():
+                module.load_state_dict(state[key])
+            optimizer.load_state_dict(state["optimizer"])
+            self.step, self.losses, self.log = int(state["step"]), list(state["losses"]), list(state.get("log", []))
+            self.seconds_before, self.started = float(state.get("seconds", 0.0)), time.time()
+            print(f"[{self.name}] resumed at step {self.step}", file=sys.stderr)
+        *models, self.optimizer = self.accelerator.prepare(*trainable.values(), optimizer)
+        self.models = models
+        return models, self.optimizer
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+
+    def save(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        state = {key: module.state_dict() for key, module in self.state.items()}
+        state.update(optimizer=self.optimizer.state_dict(), step=self.step, losses=self.losses, log=self.log,
+                     seconds=self.seconds)
+        save_state(self.ckpt, state)
+        self.plot()
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not self.losses or not self.accelerator.is_main_process:
+            return
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(self.losses, lw=0.5, alpha=0.4, label="loss")
+        k = max(1, len(self.losses) // 50)
+        smooth = np.convolve(self.losses, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(len(smooth)) + k - 1, smooth, lw=1.5, label=f"mean of {k}")
+        if min(self.losses) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(self.title)
+        ax.legend()
+        fig.tight_layout()
+        with atomic_open(self.dir / "loss.png", "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        plt.close(fig)
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self, step_fn, *, lr=None, clip: float | None = None, after_step=None, evaluate=None,
+            window: int = 50) -> None:
+        """Train until `total_steps`. `step_fn(step, micro)` returns the loss of one micro-batch (or
+        `(loss, parts)`, a dict of floats handed to `evaluate`); `lr(step)` the learning rate of the
+        step; `after_step()` runs after each optimizer step (an EMA update); `evaluate(parts)` returns
+        a dict for the log, every `eval_every` steps and at the last (under autocast, no gradients)."""
+        from tqdm.auto import tqdm
+
+        if self.optimizer is None:
+            raise RuntimeError("TrainLoop.prepare() first")
+        acc, opt = self.accelerator, self.optimizer
+        micro_steps = acc.gradient_accumulation_steps
+        params = [p for group in opt.param_groups for p in group["params"]]
+        bar = tqdm(total=self.total, initial=self.step, desc=self.title, dynamic_ncols=True,
+                   disable=not acc.is_main_process)
+        while self.step < self.total:
+            if lr is not None:
+                rate = lr(self.step)
+                for group in opt.param_groups:
+                    group["lr"] = rate
+            total, parts = 0.0, {}
+            for micro in range(micro_steps):
+                with acc.accumulate(*self.models):
+                    with acc.autocast():
+                        out = step_fn(self.step, micro)
+                    loss, parts = out if isinstance(out, tuple) else (out, {})
+                    acc.backward(loss)
+                    total += loss.item() / micro_steps
+                    if clip is not None and acc.sync_gradients:
+                        acc.clip_grad_norm_(params, clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
+            self.losses.append(total)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(self.losses[-window:]):.4f}")
+            last = self.step == self.total
+            if evaluate is not None and self.eval_every and (self.step % self.eval_every == 0 or last):
+                with acc.autocast(), torch.no_grad():
+                    entry = evaluate(parts)
+                if entry:
+                    self.log.append({"step": self.step, **entry})
+                    tqdm.write(f"[{self.name}] step {self.step}: {entry}", file=sys.stderr)
+            if self.step % self.checkpoint_every == 0 or last:
+                self.save()
+        bar.close()
+
+    def finish(self, summary: dict) -> dict:
+        """Write done.json (steps, wall time and `summary`) and the final loss plot."""
+        done = {"steps": self.step, "wall_time_s": round(self.seconds, 1), **summary}
+        if self.accelerator.is_main_process:
+            self.plot()
+            with atomic_open(self.dir / "done.json", "w", encoding="utf-8") as f:
+                f.write(json.dumps(done, indent=2))
+        return done
