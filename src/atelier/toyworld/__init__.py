@@ -1,4 +1,4 @@
-"""The toy world (shared/toyworld.md): captioned 64×64 scenes of coloured shapes, an exact judge,
+"""The toy world (docs/toyworld.md): captioned 64×64 scenes of coloured shapes, an exact judge,
 edit cases, and the built-in `toyworld` / `toyworld-turbo` models trained by atelier."""
 
 from .edits import EDIT_TYPES, EditCase, EditScore, edit_cases, make_edit, psnr, score_edit

@@ -1,4 +1,4 @@
-"""Scenes of the toy world (see shared/toyworld.md, the contract): objects, seeded sampling,
+"""Scenes of the toy world (see docs/toyworld.md, the contract): objects, seeded sampling,
 captions and the caption parser."""
 
 from __future__ import annotations

@@ -671,7 +671,7 @@ def export_pipelines(cfg: ToyTrainConfig, vae, te, tokenizer, unet, turbo, weigh
         )
         trained_with = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
         meta = {"name": name, "family": "toyworld", "defaults": defaults, "trained_with": trained_with,
-                "resolution": 64, "description": "atelier's toy-world model (shared/toyworld.md), trained on CPU"}
+                "resolution": 64, "description": "atelier's toy-world model (docs/toyworld.md), trained on CPU"}
         out = save_model_folder(pipe, Path(weights_dir) / name, files={"atelier.json": json.dumps(meta, indent=2, default=str)})
         paths[name] = str(out)
     return paths
