@@ -191,30 +191,29 @@ def _prompt(graph: _Graph, link, which: str) -> tuple[str | None, int | None]:
     return (text if isinstance(text, str) else None), _clip_skip(graph, inputs.get("clip"))
 
 
-def _clip_skip(graph: _Graph, link) -> int | None:
-    found = graph.node(link)
-    seen = set()
+def _upstream(graph: _Graph, link, via: str):
+    """The nodes met walking up from `link`, each time through its `via` input (cycles end it)."""
+    found, seen = graph.node(link), set()
     while found is not None and found[0] not in seen:
-        nid, node = found
-        seen.add(nid)
+        seen.add(found[0])
+        yield found
+        link = found[1]["inputs"].get(via)
+        found = graph.node(link) if link is not None else None
+
+
+def _clip_skip(graph: _Graph, link) -> int | None:
+    for _, node in _upstream(graph, link, "clip"):  # LoRA loaders pass the clip on; the model path reports them
         kind, inputs = node.get("class_type"), node["inputs"]
         if kind == "CLIPSetLastLayer":
             layer = graph.value(inputs.get("stop_at_clip_layer"), ("value", "int"))
             return -layer if isinstance(layer, int) and layer < 0 else None
         if kind in CHECKPOINT_LOADERS:
             return None
-        if "clip" not in inputs:
-            return None
-        found = graph.node(inputs["clip"])  # LoRA loaders pass the clip on; the model path reports them
     return None
 
 
 def _checkpoint(graph: _Graph, link) -> str | None:
-    found = graph.node(link)
-    seen = set()
-    while found is not None and found[0] not in seen:
-        nid, node = found
-        seen.add(nid)
+    for nid, node in _upstream(graph, link, "model"):
         kind, inputs = node.get("class_type"), node["inputs"]
         if kind in CHECKPOINT_LOADERS:
             name = graph.value(inputs.get("ckpt_name"), ("ckpt_name", "value"))
@@ -224,7 +223,6 @@ def _checkpoint(graph: _Graph, link) -> str | None:
             return None
         extra = inputs.get("lora_name")
         graph.note(f"the model passes through {kind} (node {nid}{f': {extra}' if extra else ''})")
-        found = graph.node(inputs["model"])
     graph.note("the sampler's model is not connected to a checkpoint loader")
     return None
 
