@@ -21,13 +21,6 @@ from atelier.generate import parse_parameters, read_parameters, save_png
 FAST = ["--steps", "2", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from atelier.testing import save_tiny_pipeline, tiny_pipeline
-
-    return str(save_tiny_pipeline(tiny_pipeline("sd1"), tmp_path_factory.mktemp("models") / "tiny-sd1"))
-
-
 def run(argv, capsys):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

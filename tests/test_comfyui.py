@@ -86,13 +86,6 @@ def comfy_png(path, graph=None, *, workflow=True, size=16):
     return path
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from atelier.testing import save_tiny_pipeline, tiny_pipeline
-
-    return str(save_tiny_pipeline(tiny_pipeline("sd1"), tmp_path_factory.mktemp("models") / "tiny-sd1"))
-
-
 def run(argv, capsys):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from atelier.core.io import atomic_dir
 from atelier.errors import UserError
 from atelier.models.families import FAMILIES, ModelFamily, detect_family, read_defaults_file
 from atelier.models.singlefile import inspect_checkpoint, modelspec_summary
@@ -263,9 +262,7 @@ def bundled_config_dir(name: str) -> Path:
     stamp = json.dumps(bundle, sort_keys=True)
     if (target / ".bundle.json").is_file() and (target / ".bundle.json").read_text(encoding="utf-8") == stamp:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         (tmp / "model_index.json").write_text(json.dumps(bundle["model_index"], indent=2), encoding="utf-8")
         for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
             if component in bundle:
@@ -279,11 +276,6 @@ def bundled_config_dir(name: str) -> Path:
         if "atelier" in bundle:
             (tmp / "atelier.json").write_text(json.dumps(bundle["atelier"], indent=2), encoding="utf-8")
         (tmp / ".bundle.json").write_text(stamp, encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

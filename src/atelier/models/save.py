@@ -19,11 +19,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from atelier.core.io import atomic_dir
 
 CLIP_TEXT_MODEL_TYPES = ("clip_text_model",)
 _TEXT_PREFIXES = ("text_model.", "text_projection.")
@@ -59,24 +59,12 @@ def save_model_folder(model, out, *, dtype=torch.float16, files: dict[str, str] 
     restored afterwards. files: extra text files written into the folder (e.g. atelier.json).
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = out.with_name(f".{out.name}.old")
-    try:
+    with atomic_dir(out) as tmp:
         with _cast(model, dtype):
             model.save_pretrained(tmp, safe_serialization=True)
         make_portable(tmp)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)  # mkdtemp and save_pretrained's temp files are private
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
