@@ -28,12 +28,13 @@ import time
 from collections import deque
 from typing import Callable, Protocol
 
+from atelier.core.facts import MAX_IMAGE_SIDE
 from atelier.errors import UserError
 
 log = logging.getLogger("atelier.server")
 
 MAX_FRAME_BYTES = 8 * 1024 * 1024
-MAX_FRAME_SIDE = 4096  # as for image files (atelier.core.facts.MAX_IMAGE_SIDE)
+MAX_FRAME_SIDE = MAX_IMAGE_SIDE  # the limit for image files applies to frames too
 FRAME_FORMATS = ("JPEG", "PNG", "WEBP")
 OUTPUT_FORMATS = ("jpeg", "png")
 MAX_PENDING_COMMANDS = 32
