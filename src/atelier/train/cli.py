@@ -10,9 +10,10 @@ from pathlib import Path
 
 from atelier.errors import UserError
 
-STAGES = ("vae", "text", "unet", "turbo", "taesd")
-# What each stage needs trained (or resumed) first.
-NEEDS = {"vae": (), "text": (), "unet": ("vae", "text"), "turbo": ("vae", "text", "unet"), "taesd": ("vae",)}
+STAGES = ("vae", "text", "unet", "turbo", "taesd", "clip", "ip")
+# What each stage needs trained (or resumed) first. clip and ip start from the exported toyworld model.
+NEEDS = {"vae": (), "text": (), "unet": ("vae", "text"), "turbo": ("vae", "text", "unet"), "taesd": ("vae",),
+         "clip": (), "ip": ("clip",)}
 # Fields that may differ between the run that wrote a checkpoint and the one resuming it.
 _RESUME_FREE = {"out_dir", "threads", "checkpoint_every", "eval_every"}
 
@@ -26,7 +27,8 @@ def register(subparsers) -> None:
         "toyworld", help="train toyworld and toyworld-turbo from a seed (resumable)",
         description=(
             "Train the toy-world VAE, text encoder, UNet and the distilled turbo UNet, then export "
-            "`toyworld` and `toyworld-turbo` as diffusers folders. Every stage checkpoints to "
+            "`toyworld` and `toyworld-turbo` as diffusers folders; then the tiny autoencoder `toyworld-taesd`, "
+            "the toy CLIP `toyworld-clip` and the IP-Adapter `toyworld-ip`. Every stage checkpoints to "
             "OUT_DIR/<stage>/checkpoint.safetensors and draws OUT_DIR/<stage>/loss.png; kill it and run "
             "the same command again to resume. About 80 minutes on 2 CPU cores with the defaults."
         ),
@@ -37,9 +39,10 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     t.add_argument("--stages", default=",".join(STAGES),
-                   help="comma-separated stages (default vae,text,unet,turbo,taesd); the stages they "
-                        "need are trained or resumed too (unet needs vae and text; turbo needs unet; taesd needs vae)")
-    for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps"):
+                   help="comma-separated stages (default all: vae,text,unet,turbo,taesd,clip,ip); the stages they "
+                        "need are trained or resumed too (unet needs vae and text; turbo needs unet; taesd needs vae; "
+                        "clip starts from the exported toyworld; ip needs clip)")
+    for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps", "clip_steps", "ip_steps"):
         t.add_argument("--" + name.replace("_", "-"), type=int, help=f"override {name}")
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any training setting, e.g. --set unet_lr=3e-4 (see --show-config)")
@@ -47,6 +50,7 @@ def register(subparsers) -> None:
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
     t.set_defaults(func=run_toyworld)
     register_inverter(sub)
+    register_ip_adapter(sub)
 
 
 def _parse_value(text: str, current):
@@ -71,7 +75,7 @@ def build_config(args):
 
     cfg = ToyTrainConfig(out_dir=args.out_dir, seed=args.seed, threads=args.threads)
     known = {f.name for f in fields(ToyTrainConfig)}
-    for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps"):
+    for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps", "clip_steps", "ip_steps"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     for item in args.set:
@@ -248,4 +252,64 @@ def run_prepare_inverter_data(args) -> int:
         print_json(summary)
     else:
         print(f"{summary['manifest']}: {summary['images']} images, {summary['captioned']} with captions")
+    return 0
+
+
+# ---------------------------------------------------------------- IP-Adapter
+
+def register_ip_adapter(sub) -> None:
+    """`atelier train ip-adapter`, with the option names of the IP-Adapter training script."""
+    a = sub.add_parser(
+        "ip-adapter", help="train an IP-Adapter (image prompt) for a base model (resumable)",
+        description=(
+            "Train a base IP-Adapter (4 image tokens) for any SD 1.x / 2.x / SDXL / toy-world model, with the recipe "
+            "of the IP-Adapter training script: only the image projection and the new to_k_ip / to_v_ip layers train "
+            "(initialised from to_k / to_v); image, text and both are dropped 5%% of the time each. Data: "
+            "--data_json_file (a JSON list of {\"image_file\": ..., \"text\": ...}), or rendered toy scenes for the "
+            "toy-world models. Checkpoints every --checkpointing_steps into OUTPUT_DIR (run the same command again "
+            "to resume), OUTPUT_DIR/loss.png, validation grids in OUTPUT_DIR/validation/; the adapter is written to "
+            "OUTPUT_DIR/final (ip-adapter.safetensors in the h94 layout + image_encoder/): pass it with --ip-adapter. "
+            "Works under `accelerate launch -m atelier.cli train ip-adapter ...`."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a.add_argument("--pretrained_model_name_or_path", default="toyworld", help="the base model (frozen)")
+    a.add_argument("--image_encoder_path", help="CLIP vision model folder (default for the toy-world models: toyworld-clip)")
+    a.add_argument("--pretrained_ip_adapter_path", help="continue from this adapter (file or folder)")
+    a.add_argument("--data_json_file", help="JSON list of {\"image_file\": PATH, \"text\": CAPTION} (JSON Lines read too)")
+    a.add_argument("--data_root_path", default="", help="folder the image_file paths are relative to (default: the JSON's)")
+    a.add_argument("--output_dir", default="runs/ip-adapter")
+    a.add_argument("--logging_dir", default="logs", help="accelerate's logging folder, inside OUTPUT_DIR")
+    a.add_argument("--resolution", type=int, help="training size (default: the model's)")
+    a.add_argument("--learning_rate", type=float, default=1e-4)
+    a.add_argument("--weight_decay", type=float, default=1e-2)
+    a.add_argument("--train_batch_size", type=int, default=16)
+    a.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    a.add_argument("--max_train_steps", type=int, default=2000)
+    a.add_argument("--checkpointing_steps", type=int, default=100)
+    a.add_argument("--validation_steps", type=int, default=500, help="a validation grid (and the toy judge's score) every N steps")
+    a.add_argument("--num_validation_images", type=int, default=8)
+    a.add_argument("--drop_rate", type=float, default=0.05, help="probability of dropping the image, the text, and both, each")
+    a.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--threads", type=int, help="torch CPU threads")
+    a.add_argument("--json", action="store_true", help="print the summary as JSON")
+    a.set_defaults(func=run_ip_adapter)
+
+
+def run_ip_adapter(args) -> int:
+    from atelier.cli import print_json
+    from atelier.train.ip_adapter import IPAdapterConfig
+
+    keys = {f.name for f in fields(IPAdapterConfig)}
+    cfg = IPAdapterConfig(**{k: v for k, v in vars(args).items() if k in keys and v is not None})
+    cfg.check()
+    from atelier.train.ip_adapter import train_ip_adapter
+
+    summary = train_ip_adapter(cfg)
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"IP-Adapter: {summary['final']}   (atelier generate --ip-adapter {summary['final']} --ip-image REF.png ...); "
+              f"{summary.get('wall_time_s', 0) / 60:.1f} min")
     return 0

@@ -193,8 +193,8 @@ class TrainLoop:
         while self.step < self.total:
             if lr is not None:
                 rate = lr(self.step)
-                for group in opt.param_groups:
-                    group["lr"] = rate
+                for group in opt.param_groups:  # a group's "lr_scale" keeps its rate relative
+                    group["lr"] = rate * group.get("lr_scale", 1.0)
             total, parts = 0.0, {}
             for micro in range(micro_steps):
                 with acc.accumulate(*self.models):

@@ -13,6 +13,11 @@ Four stages, each resumable from its last checkpoint (kill it, run the same comm
            (pairs precomputed once); at the other trailing timesteps (and random ones, for img2img)
            it learns the real x0 and the guided teacher's x0 there.
 Then `export` writes both as diffusers folders (fp16 safetensors) with an `atelier.json` of defaults.
+Two more stages give the toy world eyes, starting from the exported `toyworld`:
+5. clip    `toyworld-clip`, a CLIPModel trained contrastively on scenes and captions (train/toyworld_clip.py).
+6. ip      `toyworld-ip`, a base IP-Adapter for `toyworld` over toyworld-clip's vision tower
+           (train/ip_adapter.py: the IP-Adapter training script's recipe); both toy models name it
+           in their atelier.json, so `--ip-image` needs no other option.
 """
 
 from __future__ import annotations
@@ -104,6 +109,13 @@ class ToyTrainConfig:
     taesd_steps: int = 1500
     taesd_batch: int = 32
     taesd_lr: float = 1e-3
+    # toyworld-clip and toyworld-ip
+    clip_steps: int = 1500
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    ip_steps: int = 1500
+    ip_batch: int = 16
+    ip_lr: float = 1e-4
     checkpoint_every: int = 200
     eval_every: int = 500
     eval_images: int = 36  # judged generations per periodic evaluation
@@ -119,9 +131,11 @@ class ToyTrainConfig:
         whole, at_least_1 = dict(integer=True, minimum=0), dict(integer=True, minimum=1)
         share = dict(minimum=0, maximum=1)
         rules = {name: at_least_1 for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps",
+                                              "clip_steps", "ip_steps", "clip_batch", "ip_batch",
                                               "vae_batch", "text_batch", "unet_batch", "turbo_batch", "taesd_batch",
                                               "checkpoint_every", "eval_every", "eval_images", "eval_scenes", "threads")}
-        rules.update({name: dict(above=0) for name in ("vae_lr", "text_lr", "unet_lr", "turbo_lr", "taesd_lr", "min_snr_gamma")})
+        rules.update({name: dict(above=0) for name in ("vae_lr", "text_lr", "unet_lr", "turbo_lr", "taesd_lr", "clip_lr",
+                                                       "ip_lr", "min_snr_gamma")})
         rules.update(seed=whole, vae_full_steps=whole, turbo_pairs=whole, caption_dropout=share, turbo_random_t=share,
                      ema_decay=dict(minimum=0, below=1), turbo_pair_share=dict(minimum=0, below=1),
                      guidance=dict(minimum=0), turbo_teacher_weight=dict(minimum=0))
@@ -672,6 +686,8 @@ def export_pipelines(cfg: ToyTrainConfig, vae, te, tokenizer, unet, turbo, weigh
         trained_with = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
         meta = {"name": name, "family": "toyworld", "defaults": defaults, "trained_with": trained_with,
                 "resolution": 64, "description": "atelier's toy-world model (docs/toyworld.md), trained on CPU"}
+        if (Path(weights_dir) / "toyworld-ip").is_dir():
+            meta["ip_adapter"] = "toyworld-ip"
         out = save_model_folder(pipe, Path(weights_dir) / name, files={"atelier.json": json.dumps(meta, indent=2, default=str)})
         paths[name] = str(out)
     return paths
@@ -681,24 +697,30 @@ def default_weights_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "toyworld" / "weights"
 
 
-def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo", "taesd"), weights_dir: Path | None = None) -> dict:
+def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo", "taesd", "clip", "ip"),
+              weights_dir: Path | None = None) -> dict:
     cfg.check()
     torch.set_num_threads(cfg.threads)
     started = time.time()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    weights_dir = Path(weights_dir or default_weights_dir())
     with atomic_open(out / "config.json", "w", encoding="utf-8") as f:
         f.write(json.dumps(asdict(cfg), indent=2, default=str))
-    tokenizer = make_tokenizer(out / "tokenizer")
-    vae = train_vae(cfg).eval().requires_grad_(False)
-    te = train_text_encoder(cfg, tokenizer).eval().requires_grad_(False) if "text" in stages or "unet" in stages else None
-    unet = train_unet(cfg, vae, te, tokenizer).eval().requires_grad_(False) if "unet" in stages else None
-    turbo = train_turbo(cfg, vae, te, tokenizer, unet) if "turbo" in stages else None
-    paths = export_pipelines(cfg, vae, te, tokenizer, unet, turbo, weights_dir or default_weights_dir()) if unet is not None else {}
-    if "taesd" in stages:
-        paths["toyworld-taesd"] = export_taesd(train_taesd(cfg, vae), weights_dir or default_weights_dir())
+    paths = {}
+    if any(s in stages for s in ("vae", "text", "unet", "turbo", "taesd")):
+        tokenizer = make_tokenizer(out / "tokenizer")
+        vae = train_vae(cfg).eval().requires_grad_(False)
+        te = train_text_encoder(cfg, tokenizer).eval().requires_grad_(False) if "text" in stages or "unet" in stages else None
+        unet = train_unet(cfg, vae, te, tokenizer).eval().requires_grad_(False) if "unet" in stages else None
+        turbo = train_turbo(cfg, vae, te, tokenizer, unet) if "turbo" in stages else None
+        paths = export_pipelines(cfg, vae, te, tokenizer, unet, turbo, weights_dir) if unet is not None else {}
+        if "taesd" in stages:
+            paths["toyworld-taesd"] = export_taesd(train_taesd(cfg, vae), weights_dir)
+    if "clip" in stages or "ip" in stages:
+        paths.update(train_eyes(cfg, stages, weights_dir))
     stage_times = {}
-    for name in ("vae", "text", "unet", "turbo", "taesd"):
+    for name in ("vae", "text", "unet", "turbo", "taesd", "clip", "ip"):
         done = out / name / "done.json"
         if done.is_file():
             stage_times[name] = json.loads(done.read_text()).get("wall_time_s")
@@ -706,3 +728,52 @@ def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo", "taes
     with atomic_open(out / "summary.json", "w", encoding="utf-8") as f:
         f.write(json.dumps(summary, indent=2))
     return summary
+
+
+# ---------------------------------------------------------------- stages 5 and 6: clip, ip
+
+def train_eyes(cfg: ToyTrainConfig, stages, weights_dir: Path) -> dict:
+    """toyworld-clip, then toyworld-ip for the exported `toyworld` (named by both toy models)."""
+    from atelier.errors import UserError
+    from atelier.train.ip_adapter import IPAdapterConfig, train_ip_adapter
+    from atelier.train.toyworld_clip import ClipTrainConfig, export_clip, export_vision_tower, train_clip
+
+    base = weights_dir / "toyworld"
+    if not (base / "model_index.json").is_file():
+        raise UserError(f"the clip and ip stages start from the exported toyworld model, and {base} has none: "
+                        "train the unet stage first (or pass --weights-dir with the built-in models)")
+    out = Path(cfg.out_dir)
+    paths = {}
+    clip, tokenizer = train_clip(ClipTrainConfig(out_dir=str(out / "clip"), base_model=str(base), seed=cfg.seed,
+                                                 steps=cfg.clip_steps, batch=cfg.clip_batch, lr=cfg.clip_lr,
+                                                 checkpoint_every=cfg.checkpoint_every,
+                                                 mixed_precision=cfg.mixed_precision))
+    paths["toyworld-clip"] = str(export_clip(clip, tokenizer, weights_dir / "toyworld-clip"))
+    if "ip" not in stages:
+        return paths
+    vision = export_vision_tower(clip, out / "clip" / "vision")
+    summary = train_ip_adapter(IPAdapterConfig(
+        pretrained_model_name_or_path=str(base), image_encoder_path=str(vision), output_dir=str(out / "ip"),
+        train_batch_size=cfg.ip_batch, learning_rate=cfg.ip_lr, max_train_steps=cfg.ip_steps,
+        checkpointing_steps=cfg.checkpoint_every, validation_steps=cfg.eval_every, num_validation_images=cfg.eval_images,
+        mixed_precision=cfg.mixed_precision, seed=cfg.seed))
+    paths["toyworld-ip"] = str(ship_adapter(Path(summary["final"]), weights_dir))
+    return paths
+
+
+def ship_adapter(final: Path, weights_dir: Path) -> Path:
+    """Copy a trained adapter folder to weights_dir/toyworld-ip and make both toy models name it."""
+    import shutil
+
+    from atelier.core.io import atomic_dir
+
+    with atomic_dir(weights_dir / "toyworld-ip") as tmp:
+        shutil.copytree(final, tmp, dirs_exist_ok=True)
+    for model in ("toyworld", "toyworld-turbo"):
+        info = weights_dir / model / "atelier.json"
+        if info.is_file():
+            meta = json.loads(info.read_text(encoding="utf-8"))
+            meta["ip_adapter"] = "toyworld-ip"
+            with atomic_open(info, "w", encoding="utf-8") as f:
+                f.write(json.dumps(meta, indent=2))
+    return weights_dir / "toyworld-ip"
