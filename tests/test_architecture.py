@@ -24,7 +24,7 @@ ALLOWED = {
     "edit": {"core", "models", "prompts", "samplers", "image_prompts"},
     "stream": {"core", "models", "prompts", "image_prompts"},
     "evaluate": {"core", "models", "edit", "toyworld"},  # evaluates the editing methods
-    "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate"},  # trains edit's inverter
+    "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate", "image_prompts"},  # edit's inverter, adapters
     "server": {"core", "models", "prompts", "stream", "edit"},  # the app: serves the stream and its edit mode
 }
 TOP_LEVEL = {"cli", "errors", "_lazy", "__init__", "__main__"}

@@ -76,20 +76,26 @@ class Denoiser:
         return (abar.sqrt().float().view(-1, 1, 1, 1).to(self.device, self.dtype),
                 (1 - abar).sqrt().float().view(-1, 1, 1, 1).to(self.device, self.dtype))
 
-    def output(self, x_t: torch.Tensor, t, hidden: torch.Tensor, pooled=None) -> torch.Tensor:
+    def output(self, x_t: torch.Tensor, t, hidden: torch.Tensor, pooled=None, image_embeds=None) -> torch.Tensor:
+        """The UNet's raw output. `image_embeds`: one tensor per loaded IP-Adapter, (B, ...) each, for
+        a UNet with IP-Adapter layers (diffusers' `added_cond_kwargs["image_embeds"]`)."""
         batch = len(x_t)
         t = torch.as_tensor(t, device=self.device).reshape(-1).expand(batch)
-        kwargs = {}
+        added = {}
         if self.sdxl:
             h, w = (s * self.pipe.vae_scale_factor for s in x_t.shape[-2:])
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype).expand(batch, -1)
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+            added.update(text_embeds=pooled, time_ids=time_ids)
+        if image_embeds is not None:
+            added["image_embeds"] = list(image_embeds)
+        kwargs = {"added_cond_kwargs": added} if added else {}
         return self.unet(x_t, t, encoder_hidden_states=hidden, return_dict=False, **kwargs)[0]
 
-    def x0_eps(self, x_t: torch.Tensor, t, hidden: torch.Tensor, pooled=None):
+    def x0_eps(self, x_t: torch.Tensor, t, hidden: torch.Tensor, pooled=None, image_embeds=None):
         """Predicted clean latent and noise for every item of a batch (all at timestep t)."""
         alpha, beta = self.coefficients(t)
-        return x0_and_eps(self.output(x_t, t, hidden, pooled), x_t, alpha, beta, self.prediction_type)
+        out = self.output(x_t, t, hidden, pooled, image_embeds)
+        return x0_and_eps(out, x_t, alpha, beta, self.prediction_type)
 
     # ------------------------------------------------------------ pixels
 

@@ -21,7 +21,7 @@ import torch
 
 from atelier.errors import UserError
 from atelier.image_prompts.references import ImagePrompt, check_scale, infotext_fields, open_reference
-from atelier.image_prompts.sources import PICKLE_HELP, PICKLE_SUFFIXES, AdapterFiles, resolve_adapter
+from atelier.image_prompts.sources import PICKLE_HELP, PICKLE_SUFFIXES, AdapterFiles, model_adapter, resolve_adapter
 
 # What each kind of image projection reads from the CLIP vision model (as diffusers' pipelines choose:
 # the projected image embedding for the plain adapter, the penultimate hidden states otherwise).
@@ -60,11 +60,7 @@ def read_adapter(path: Path, *, allow_pickle: bool = False) -> dict:
             flat = load_file(path)
         except (SafetensorError, OSError) as exc:
             raise UserError(f"cannot read {path} as an IP-Adapter ({exc})") from None
-        state = {"image_proj": {}, "ip_adapter": {}}
-        for key, value in flat.items():
-            group, _, rest = key.partition(".")
-            if group in state:
-                state[group][rest] = value
+        state = grouped(flat)
     else:
         raise UserError(f"IP-Adapter {path.name}: expected a .safetensors file")
     if not isinstance(state, dict) or not state.get("image_proj") or not state.get("ip_adapter"):
@@ -154,9 +150,12 @@ def load_ip_adapter(pipe, source=None, *, variant=None, weight_name=None, image_
     """Load one adapter, or several at once (`source` a list; `variant` / `weight_name` a value or a
     list), into `pipe` with diffusers' `load_ip_adapter`, replacing any adapters loaded before.
     `source` is a path (h94 layout folder, folder, adapter file) or a hub id read from the HF cache;
-    None means h94/IP-Adapter from the cache. Returns the IPAdapters that make image prompts."""
+    None means the model's own adapter (a built-in toy-world model's `toyworld-ip`), else h94/IP-Adapter
+    from the cache. Returns the IPAdapters that make image prompts."""
     from atelier.models import detect_family
 
+    if source is None:
+        source = model_adapter(getattr(pipe, "name_or_path", None))
     sources = list(source) if isinstance(source, (list, tuple)) else [source]
     family = detect_family(pipe).family
     variants, names = _as_list(variant, len(sources)), _as_list(weight_name, len(sources))
@@ -375,3 +374,62 @@ def _owner(prompts) -> IPAdapters:
         raise UserError("image prompts must all come from one IPAdapters: load the adapters together with "
                         "load_ip_adapter(pipe, [source, ...]) and make each with adapters.reference(...)")
     return next(iter(owners.values()))
+
+
+# ---------------------------------------------------------------- h94 state dicts of a UNet's adapter
+
+def ip_attention_processors(unet) -> list:
+    """The UNet's IP-Adapter cross-attention processors, in the order h94 numbers them (1, 3, 5, ...)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
+
+    return [p for n, p in unet.attn_processors.items()
+            if n.endswith("attn2.processor") and isinstance(p, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0))]
+
+
+def adapter_state_dict(unet, index: int = 0) -> dict:
+    """The h94 flat state dict (`image_proj.proj.weight`, `ip_adapter.1.to_k_ip.weight`, ...) of the
+    base adapter number `index` loaded in `unet`: what `load_ip_adapter` reads back, and what the
+    IP-Adapter repository's own code and ComfyUI read. diffusers has only the other direction."""
+    from diffusers.models.embeddings import ImageProjection
+
+    proj = unet.encoder_hid_proj.image_projection_layers[index]
+    if not isinstance(proj, ImageProjection):
+        raise UserError(f"writing {type(proj).__name__} adapters is not supported: only base IP-Adapters (4 tokens)")
+    state = {f"image_proj.{k.replace('image_embeds', 'proj')}": v for k, v in proj.state_dict().items()}
+    for k, processor in enumerate(ip_attention_processors(unet)):
+        state[f"ip_adapter.{2 * k + 1}.to_k_ip.weight"] = processor.to_k_ip[index].weight
+        state[f"ip_adapter.{2 * k + 1}.to_v_ip.weight"] = processor.to_v_ip[index].weight
+    return state
+
+
+def new_adapter_state(unet, image_embed_dim: int, *, seed: int = 0) -> dict:
+    """A fresh base adapter for `unet` as the IP-Adapter training script makes one: the image projection
+    (Linear to 4 tokens, LayerNorm) newly initialised, every `to_k_ip` / `to_v_ip` a copy of its layer's
+    `to_k` / `to_v`. Returns the {"image_proj": ..., "ip_adapter": ...} groups diffusers loads."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        cross = unet.config.cross_attention_dim
+        proj = torch.nn.Linear(image_embed_dim, 4 * cross)
+        norm = torch.nn.LayerNorm(cross)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    image_proj = {"proj.weight": proj.weight.data, "proj.bias": proj.bias.data,
+                  "norm.weight": norm.weight.data, "norm.bias": norm.bias.data}
+    layers = {}
+    names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    for k, name in enumerate(names):
+        attention = unet.get_submodule(name.removesuffix(".processor"))
+        layers[f"{2 * k + 1}.to_k_ip.weight"] = attention.to_k.weight.detach().clone().float()
+        layers[f"{2 * k + 1}.to_v_ip.weight"] = attention.to_v.weight.detach().clone().float()
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+def grouped(flat: dict) -> dict:
+    """h94 flat keys -> the {"image_proj": ..., "ip_adapter": ...} groups."""
+    state = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        group, _, rest = key.partition(".")
+        if group in state:
+            state[group][rest] = value
+    return state

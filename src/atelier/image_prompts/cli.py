@@ -106,13 +106,13 @@ def plan(args, model_source: str, *, from_image=None) -> ImagePromptPlan:
         scale = parse_scale(args.ip_scale)
     else:
         scale = recorded[0].scale if recorded else 1.0
-    if args.ip_adapter is None and _is_builtin(model_source):
-        raise UserError(f"the built-in model {model_source} has no IP-Adapter yet: --ip-image needs --ip-adapter "
-                        "SOURCE (an adapter trained for it)")
+    source = args.ip_adapter
+    if source is None and _is_builtin(model_source):
+        source = _builtin_adapter(model_source)
     return ImagePromptPlan(
         references=references,
         scale=scale,
-        source=args.ip_adapter,
+        source=source,
         weight_name=recorded[0].name if recorded and args.ip_adapter is None else None,
         image_encoder=args.ip_image_encoder,
         allow_pickle=bool(getattr(args, "allow_pickle", False)),
@@ -135,6 +135,18 @@ def _recorded(path) -> list:
 
     text = read_parameters(path)
     return recorded_image_prompts(parse_parameters(text)) if text else []
+
+
+def _builtin_adapter(model_source) -> str:
+    """The shipped adapter of a built-in model, or one clear error."""
+    from atelier.image_prompts.sources import model_adapter
+    from atelier.models.loader import resolve_model_path
+
+    folder = model_adapter(resolve_model_path(model_source))
+    if folder is None:
+        raise UserError(f"the built-in model {model_source} has no IP-Adapter: --ip-image needs --ip-adapter "
+                        "SOURCE (an adapter trained for it)")
+    return str(folder)
 
 
 def _is_builtin(model_source) -> bool:

@@ -95,6 +95,24 @@ def is_h94_layout(folder: Path) -> bool:
     return any((folder / sub).is_dir() for sub in H94_FOLDERS)
 
 
+def model_adapter(model_folder) -> Path | None:
+    """The adapter a model folder names as its own in `atelier.json` ("ip_adapter": a folder beside the
+    model, or a path relative to it): how the built-in toy-world models find `toyworld-ip`."""
+    import json
+
+    if not model_folder:
+        return None
+    info = Path(model_folder) / "atelier.json"
+    try:
+        name = json.loads(info.read_text(encoding="utf-8")).get("ip_adapter") if info.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(name, str) or not name:
+        return None
+    folder = (Path(model_folder).parent / name) if "/" not in name else (Path(model_folder) / name)
+    return folder if folder.is_dir() else None
+
+
 def resolve_adapter(source, *, family: str, variant: str | None = None, weight_name: str | None = None,
                     image_encoder=None) -> AdapterFiles:
     """The adapter file and image encoder folder behind `source` (see the module docstring) for a
