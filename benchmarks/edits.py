@@ -87,8 +87,17 @@ def methods_for(model: str, pipe, editor: Editor):
                                                      EditSettings(seed=seed, **kw)).image
 
     if model == "toyworld-turbo":
+        from atelier.image_prompts.sources import model_adapter
+
+        image_branch = {}
+        if model_adapter(getattr(pipe, "name_or_path", None)) is not None:  # toyworld-ip: the source as image prompt
+            own = Editor(load_pipeline(model))  # its own pipeline: the adapter stays out of the other methods' UNet
+            image_branch = {"one-step (inverter, image branch)": lambda case, image, seed: own.edit(
+                image, case.source_caption, case.target_caption,
+                EditSettings(method="one-step", image_branch="on", seed=seed)).image}
         return {
-            "one-step (inverter)": ours(method="one-step"),  # SwiftEdit with the built-in toyworld-inverter
+            "one-step (inverter)": ours(method="one-step", image_branch="off"),  # SwiftEdit with toyworld-inverter
+            **image_branch,
             "turbo (4 steps, noise mask)": ours(method="turbo"),
             "turbo (4 steps, attention mask)": ours(method="turbo", mask_from="attention"),
             "turbo, no mask (inversion only)": ours(method="turbo", mask_from="none"),

@@ -334,9 +334,9 @@ def test_cli_refusals_are_one_line(model, h94, refs, tmp_path, capsys, monkeypat
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     out = ["--out", tmp_path / "x.png", "--steps", "2", "--quiet"]
     cases = [
-        (["generate", "a red circle", "--ip-image", refs[0], *out], "the built-in model toyworld has no IP-Adapter yet"),
+        (["generate", "a red circle", "--ip-image", refs[0], *out], "the built-in model toyworld has no IP-Adapter"),
         (["img2img", refs[1], "a red circle", "--model", "toyworld-turbo", "--ip-image", refs[0], *out],
-         "toyworld-turbo has no IP-Adapter yet"),
+         "toyworld-turbo has no IP-Adapter"),
         (["generate", "a red circle", "--model", model, "--ip-image", refs[0], *out],
          "'h94/IP-Adapter' file models/ip-adapter_sd15.safetensors is not in the Hugging Face cache"),
         (["generate", "a red circle", "--model", model, "--ip-scale", "0.5", *out], "--ip-scale needs --ip-image"),
@@ -346,6 +346,12 @@ def test_cli_refusals_are_one_line(model, h94, refs, tmp_path, capsys, monkeypat
           *out], "is not valid JSON"),
         (["edit", refs[1], "--source", "a red circle", "--target", "a blue circle", "--model", model, "--ip-image", refs[0],
           "--ip-adapter", h94, "--mask-from", "attention", "--out", tmp_path / "e.png"], "--mask-from attention/both"),
+        (["edit", refs[1], "--source", "a red circle", "--target", "a blue circle", "--model", "toyworld-turbo",
+          "--method", "one-step", "--ip-image", refs[0], "--out", tmp_path / "e.png"],
+         "--ip-image does not apply to --method one-step: its image branch takes the image being edited"),
+        (["edit", refs[1], "--source", "a red circle", "--target", "a blue circle", "--model", "toyworld-turbo",
+          "--method", "one-step", "--ip-adapter", h94, "--image-branch", "off", "--out", tmp_path / "e.png"],
+         "nothing would use the adapter"),
     ]
     for argv, message in cases:
         code, _, err = cli(argv, capsys)

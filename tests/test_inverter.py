@@ -31,6 +31,27 @@ def turbo():
     return load_pipeline("toyworld-turbo")
 
 
+@pytest.fixture(scope="module")
+def toy_adapter(tmp_path_factory, turbo):
+    """A tiny IP-Adapter folder for toyworld-turbo (ip-adapter.safetensors + image_encoder/), random weights."""
+    from safetensors.torch import save_file
+
+    from atelier.testing.ip_adapters import base_adapter, save_encoder
+
+    folder = tmp_path_factory.mktemp("toy-ip")
+    save_encoder(folder / "image_encoder")
+    save_file(base_adapter(turbo.unet), folder / "ip-adapter.safetensors")
+    return folder
+
+
+@pytest.fixture
+def turbo_ip():
+    """A toyworld-turbo of its own: the image-branch tests load adapters into it."""
+    from atelier.models import load_pipeline
+
+    return load_pipeline("toyworld-turbo")
+
+
 def _tiny(tmp_path, **kw) -> InverterConfig:
     settings = dict(output_dir=str(tmp_path / "run"), train_batch_size=2, max_train_steps=4,
                     checkpointing_steps=2, validation_steps=100, validation_images=2)
@@ -40,8 +61,16 @@ def _tiny(tmp_path, **kw) -> InverterConfig:
 # ---------------------------------------------------------------------------- training
 
 
-def test_stage1_resumes_after_a_kill_exactly(tmp_path, monkeypatch, capsys):
-    straight = train_inverter(_tiny(tmp_path / "a"))
+def _image_branch_options(mode, adapter_folder) -> dict:
+    """The ablation's modes: (a) text only, (b) a pretrained adapter, frozen, (c) the branch trained from scratch."""
+    return {"text": {}, "frozen": {"ip_adapter": str(adapter_folder)},
+            "trained": {"train_ip_adapter": True, "image_encoder_path": str(adapter_folder / "image_encoder")}}[mode]
+
+
+@pytest.mark.parametrize("mode", ["text", "frozen", "trained"])
+def test_stage1_resumes_after_a_kill_exactly(tmp_path, monkeypatch, capsys, mode, toy_adapter):
+    options = _image_branch_options(mode, toy_adapter)
+    straight = train_inverter(_tiny(tmp_path / "a", **options))
     losses = load_state(tmp_path / "a" / "run" / "stage1" / "checkpoint.safetensors")["losses"]
 
     real, calls = inv_mod.stage1_loss, {"n": 0}
@@ -54,19 +83,36 @@ def test_stage1_resumes_after_a_kill_exactly(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(inv_mod, "stage1_loss", dies_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        train_inverter(_tiny(tmp_path / "b"))
+        train_inverter(_tiny(tmp_path / "b", **options))
     assert load_state(tmp_path / "b" / "run" / "stage1" / "checkpoint.safetensors")["step"] == 2
     monkeypatch.setattr(inv_mod, "stage1_loss", real)
-    resumed = train_inverter(_tiny(tmp_path / "b"))
+    resumed = train_inverter(_tiny(tmp_path / "b", **options))
     assert "resumed at step 2" in capsys.readouterr().err  # progress talk goes to stderr, --json to stdout
     again = load_state(tmp_path / "b" / "run" / "stage1" / "checkpoint.safetensors")["losses"]
     np.testing.assert_allclose(again, losses, rtol=1e-4)
     assert resumed["steps"] == straight["steps"] == 4
     run = tmp_path / "b" / "run" / "stage1"
     assert (run / "loss.png").is_file() and (run / "final" / "config.json").is_file()
-    assert json.loads((run / "final" / "atelier.json").read_text())["kind"] == "inverter"
+    info = json.loads((run / "final" / "atelier.json").read_text())
+    assert info["kind"] == "inverter"
     # finished: running again only reports
-    assert train_inverter(_tiny(tmp_path / "b"))["resumed_done"]
+    assert train_inverter(_tiny(tmp_path / "b", **options))["resumed_done"]
+    if mode == "text":
+        assert "ip_adapter" not in info and "ip_adapter" not in resumed
+    elif mode == "frozen":  # G ran with the adapter as it is; the inverter records which one
+        assert info["ip_adapter"]["weights"] == str((toy_adapter / "ip-adapter.safetensors").resolve())
+        assert not info["ip_adapter"]["trained"] and not (run / "final" / "ip-adapter.safetensors").exists()
+    else:  # the branch trained with F, written beside it, resumed exactly with it (checkpoint and optimizer)
+        from safetensors.torch import load_file
+
+        assert info["ip_adapter"] == {"weights": "ip-adapter.safetensors", "name": "ip-adapter", "trained": True,
+                                      "image_encoder": str((toy_adapter / "image_encoder").resolve())}
+        trained = load_file(run / "final" / "ip-adapter.safetensors")
+        start = load_file(tmp_path / "b" / "run" / "ip-adapter-init.safetensors")
+        assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in trained)
+        straight_adapter = load_file(tmp_path / "a" / "run" / "stage1" / "final" / "ip-adapter.safetensors")
+        for key in trained:
+            torch.testing.assert_close(trained[key], straight_adapter[key], rtol=1e-4, atol=1e-6)
 
 
 def test_manifest_and_stage2_on_it(tmp_path, capsys):
@@ -118,7 +164,8 @@ def test_stage2_with_lpips_weights_through_the_cli(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--image_encoder_path", "h94/IP-Adapter"], "IP-Adapter"),
+        (["--image_encoder_path", "h94/IP-Adapter"], "--image_encoder_path h94/IP-Adapter: not a CLIP vision model folder"),
+        (["--train_ip_adapter"], "--train_ip_adapter needs --image_encoder_path DIR"),
         (["--max_train_steps", "0"], "--max_train_steps must be a whole number at least 1, not 0"),
         (["--train_data_manifest", "missing.jsonl", "--stage", "2"], "not found"),
     ],
@@ -149,6 +196,132 @@ def test_masked_attention_is_the_edit_prompt_inside_and_the_source_outside(turbo
             rescale.remove(den.unet)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     assert not any(type(p).__name__ == "_MaskedProcessor" for p in den.unet.attn_processors.values())
+
+
+# ---------------------------------------------------------------------------- the image branch (IP-Adapter)
+
+SOURCE = "a large red circle at the top left and a small purple triangle at the bottom right"
+TARGET = SOURCE.replace("red", "blue")
+
+
+def _edit(pipe, **kw):
+    return Editor(pipe).edit(render_pil(parse_caption(SOURCE)), SOURCE, TARGET, EditSettings(method="one-step", **kw))
+
+
+def test_image_branch_changes_the_edit_and_off_is_the_text_only_edit(turbo_ip, toy_adapter):
+    from atelier.core.infotext import parse_parameters
+    from atelier.image_prompts import load_ip_adapter
+
+    plain, plain_whole = _edit(turbo_ip), _edit(turbo_ip, mask_from="none")
+    assert plain.image_branch is None and "Image branch" not in plain.parameters(SOURCE, TARGET, "m")
+    load_ip_adapter(turbo_ip, toy_adapter)  # an adapter the caller loaded: the source image is its image prompt
+    branch = _edit(turbo_ip)
+    assert branch.image_branch == "ip-adapter"
+    assert not np.array_equal(np.asarray(branch.image), np.asarray(plain.image))
+    fields = parse_parameters(branch.parameters(SOURCE, TARGET, "m"))
+    assert (fields["Image branch"], fields["IP edit scale"], fields["IP keep scale"]) == ("ip-adapter", "0.2", "1.0")
+    assert not np.array_equal(np.asarray(_edit(turbo_ip, ip_edit_scale=1.0).image), np.asarray(branch.image))
+    # off: the adapter's tokens are left out, the text-only edit bit for bit (the UNet still gets embeddings)
+    assert np.array_equal(np.asarray(_edit(turbo_ip, image_branch="off").image), np.asarray(plain.image))
+    assert np.array_equal(np.asarray(_edit(turbo_ip, image_branch="off", mask_from="none").image), np.asarray(plain_whole.image))
+    assert _edit(turbo_ip, mask_from="none").image_branch == "ip-adapter"
+
+
+@torch.no_grad()
+def test_image_scales_act_inside_and_outside_the_mask_in_mid_and_up_blocks_only(turbo_ip, toy_adapter):
+    from atelier.image_prompts import load_ip_adapter
+
+    load_ip_adapter(turbo_ip, toy_adapter)
+    unet = turbo_ip.unet
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(16, 16)
+    mask[:8] = 1  # the top half of the 8x8 grid (64 query positions) is inside
+    inside = torch.zeros(64, dtype=torch.bool)
+    inside[:32] = True
+    text = torch.randn(2, 5, 128, generator=g)  # (source, target) prompts
+    tokens = [torch.randn(1, 1, 4, 128, generator=g)]
+
+    def run(name, edit=0.2, keep=1.0, mask=mask):
+        original = unet.attn_processors[name]
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        hidden = torch.randn(1, 64, attn.to_q.in_features, generator=torch.Generator().manual_seed(1))
+        processor = MaskedPromptAttention(mask, text[:1], image_scales=(edit, keep)).processor_for(name, original)
+        return processor(attn, hidden, (text[1:], tokens))[0], original(attn, hidden, (text[1:], tokens))[0]
+
+    names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    up = next(n for n in names if n.startswith("up_blocks."))
+    down = next(n for n in names if n.startswith("down_blocks."))
+    base = run(up)[0]
+    changed = (run(up, edit=0.7)[0] != base).any(-1)
+    assert changed[inside].all() and not changed[~inside].any()  # ip_edit_scale: inside only
+    changed = (run(up, keep=0.3)[0] != base).any(-1)
+    assert changed[~inside].all() and not changed[inside].any()  # ip_keep_scale: outside only
+    assert torch.equal(run(down, edit=0.7, keep=0.3)[0], run(down)[0])  # down blocks: the adapter's own scale
+    # inside everywhere at ip_edit_scale 1: diffusers' own IP-Adapter attention with the target prompt
+    ours, theirs = run(up, edit=1.0, mask=torch.ones(16, 16))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    ours, theirs = run(down, mask=torch.ones(16, 16))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_one_step_edit_uses_the_adapter_its_inverter_was_trained_with(tmp_path, turbo_ip, toy_adapter, capsys):
+    from atelier.train.inverter import export_inverter
+
+    trained = train_inverter(_tiny(tmp_path, max_train_steps=1, train_ip_adapter=True,
+                                   image_encoder_path=str(toy_adapter / "image_encoder")))
+    exported = export_inverter(trained["final"], tmp_path / "exported")
+    assert (tmp_path / "exported" / "ip-adapter.safetensors").is_file()
+    result = _edit(turbo_ip, inverter=exported)
+    assert result.image_branch == "ip-adapter"
+    assert _edit(turbo_ip, inverter=exported, image_branch="off").image_branch is None
+    render_pil(parse_caption(SOURCE)).save(tmp_path / "in.png")
+    edit = ["edit", str(tmp_path / "in.png"), "--source", SOURCE, "--target", TARGET, "--model", "toyworld-turbo",
+            "--method", "one-step", "--inverter", exported]
+    assert main(edit + ["--out", str(tmp_path / "out.png")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png").convert("RGB")), np.asarray(result.image))
+    from atelier.core.images import read_parameters
+
+    assert "Image branch: ip-adapter, IP edit scale: 0.2, IP keep scale: 1.0" in read_parameters(tmp_path / "out.png")
+    # the recorded adapter gone: one line naming it
+    (tmp_path / "exported" / "ip-adapter.safetensors").unlink()
+    capsys.readouterr()
+    assert main(edit + ["--out", str(tmp_path / "out2.png")]) == 2
+    err = capsys.readouterr().err  # (progress bars of the model loading before it)
+    assert "the inverter was trained with the IP-Adapter" in err and err.count("atelier: error:") == 1
+
+
+def test_image_branch_refusals_are_one_line(tmp_path, toy_adapter, capsys):
+    from safetensors.torch import save_file
+
+    from atelier.testing import tiny_pipeline
+    from atelier.testing.ip_adapters import base_adapter
+
+    sd1_adapter = tmp_path / "sd1" / "ip-adapter.safetensors"
+    sd1_adapter.parent.mkdir()
+    save_file(base_adapter(tiny_pipeline("sd1").unet), sd1_adapter)
+    lone = tmp_path / "lone" / "ip-adapter.safetensors"  # no image_encoder/ beside it
+    lone.parent.mkdir()
+    lone.write_bytes((toy_adapter / "ip-adapter.safetensors").read_bytes())
+    train = ["train", "inverter", "--output_dir", str(tmp_path / "o"), "--max_train_steps", "1", "--train_batch_size", "1"]
+    image = tmp_path / "in.png"
+    render_pil(parse_caption(SOURCE)).save(image)
+    edit = ["edit", str(image), "--source", SOURCE, "--target", TARGET, "--model", "toyworld-turbo", "--method", "one-step",
+            "--out", str(tmp_path / "e.png")]
+    cases = [
+        (train + ["--ip_adapter", str(sd1_adapter), "--image_encoder_path", str(toy_adapter / "image_encoder")],
+         "is made for 32-wide cross-attention models; this model is 128-wide"),
+        (train + ["--ip_adapter_weight_name", str(lone)], "no image encoder found for ip-adapter.safetensors"),
+        (train + ["--image_encoder_path", str(toy_adapter / "image_encoder")], "--image_encoder_path needs an adapter"),
+        (edit + ["--ip-adapter", str(sd1_adapter), "--ip-image-encoder", str(toy_adapter / "image_encoder")],
+         "is made for 32-wide cross-attention models"),
+        (edit + ["--ip-adapter", str(lone)], "no image encoder found"),
+        (edit + ["--ip-edit-scale", "-1"], "ip_edit_scale (--ip-edit-scale) must be"),
+    ]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars of model loading
+        assert err.startswith("atelier: error: ") and words in err, (argv, err)
+    assert "--image_encoder_path DIR" in (main(train + ["--ip_adapter_weight_name", str(lone)]), capsys.readouterr().err)[1]
 
 
 # ---------------------------------------------------------------------------- the shipped inverter

@@ -24,12 +24,17 @@ class AttentionHook:
     def processor(self):
         raise NotImplementedError
 
+    def processor_for(self, name: str, original):
+        """The processor to put at layer `name` in place of `original` (default: `self.processor()`);
+        a hook that needs the replaced processor's own weights (an IP-Adapter's) overrides this."""
+        return self.processor()
+
     def _wanted(self, name: str) -> bool:
         return self.layers == "all" or name.endswith(f"{self.layers}.processor")
 
     def install(self, unet) -> None:
         self._saved = dict(unet.attn_processors)
-        unet.set_attn_processor({name: (self.processor() if self._wanted(name) else proc)
+        unet.set_attn_processor({name: (self.processor_for(name, proc) if self._wanted(name) else proc)
                                  for name, proc in self._saved.items()})
 
     def remove(self, unet) -> None:
@@ -59,10 +64,13 @@ def attend(attn, query: torch.Tensor, context: torch.Tensor, attention_mask, bat
     return probs, attn.batch_to_head_dim(torch.bmm(probs, value))
 
 
-def attend_sdpa(attn, query: torch.Tensor, context: torch.Tensor, attention_mask, batch: int) -> torch.Tensor:
-    """The output (B, Q, C) of the same attention as `attend`, through scaled_dot_product_attention."""
-    key = attn.head_to_batch_dim(attn.to_k(context))
-    value = attn.head_to_batch_dim(attn.to_v(context))
+def attend_sdpa(attn, query: torch.Tensor, context: torch.Tensor, attention_mask, batch: int,
+                to_k=None, to_v=None) -> torch.Tensor:
+    """The output (B, Q, C) of the same attention as `attend`, through scaled_dot_product_attention;
+    `to_k` / `to_v` replace the layer's own projections (an IP-Adapter's to_k_ip / to_v_ip)."""
+    to_k, to_v = (to_k, to_v) if to_k is not None else (attn.to_k, attn.to_v)
+    key = attn.head_to_batch_dim(to_k(context))
+    value = attn.head_to_batch_dim(to_v(context))
     mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
     return attn.batch_to_head_dim(out)

@@ -42,6 +42,14 @@ def register(subparsers) -> None:
                         "toyworld-inverter for toyworld-turbo)")
     p.add_argument("--edit-scale", type=float, default=1.0, help="one-step: cross-attention scale of the target prompt inside the mask")
     p.add_argument("--keep-scale", type=float, default=1.0, help="one-step: cross-attention scale of the source prompt outside the mask")
+    p.add_argument("--image-branch", default="auto", choices=("auto", "on", "off"),
+                   help="one-step: SwiftEdit's image branch, the image being edited as the generator's image prompt "
+                        "(IP-Adapter). auto: on when the inverter was trained with an adapter or --ip-adapter names "
+                        "one; on: also with the model's own adapter; off: text only")
+    p.add_argument("--ip-edit-scale", type=float, default=0.2,
+                   help="one-step image branch: weight of the image prompt's attention inside the mask (mid and up blocks)")
+    p.add_argument("--ip-keep-scale", type=float, default=1.0,
+                   help="one-step image branch: weight of the image prompt's attention outside the mask (mid and up blocks)")
     p.add_argument("--model", default="toyworld", help="a diffusers folder, .safetensors file, hub id or built-in name")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="schedule length (default 25; turbo 4)")
@@ -67,7 +75,8 @@ def _settings(args):
         method=args.method, steps=args.steps, strength=args.strength, guidance_scale=args.guidance,
         mask_from=args.mask_from, mask_threshold=args.mask_threshold, mask_dilate=args.mask_dilate,
         paste_back=not args.no_paste_back, seed=args.seed, inverter=args.inverter,
-        edit_scale=args.edit_scale, keep_scale=args.keep_scale))
+        edit_scale=args.edit_scale, keep_scale=args.keep_scale, image_branch=args.image_branch,
+        ip_edit_scale=args.ip_edit_scale, ip_keep_scale=args.ip_keep_scale))
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -179,7 +188,7 @@ def run_edit(args) -> int:
 
     settings = _settings(args)
     cases, skipped = _check_batch(args) if args.cases else (_check_single(args), [])
-    image_prompts = image_prompts_cli.plan(args, args.model)
+    image_prompts = image_prompts_cli.plan(args, args.model, one_step=args.method == "one-step")
     summary = [{"image": c["image"], "out": str(c["out"]), "skipped": True} for c in skipped]
     if skipped and not args.json:
         print(f"skipped {len(skipped)} of {len(cases) + len(skipped)} cases whose output exists (--overwrite redoes them)")
@@ -198,8 +207,8 @@ def _run(args, settings, cases: list[dict], image_prompts) -> list[dict]:
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
     ip_fields = image_prompts.apply_to_edit(pipe, resolve_settings(pipe, settings))  # bad options fail before any work
     editor = Editor(pipe)
-    if settings.method == "one-step":
-        editor.one_step(settings.inverter)  # a missing or unfit inverter fails before any work
+    if settings.method == "one-step":  # a missing or unfit inverter or adapter fails before any work
+        editor.one_step(settings.inverter).image_branch(settings.image_branch)
     summary = []
     for case in cases:
         try:

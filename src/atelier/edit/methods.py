@@ -11,7 +11,8 @@ prompts disagree about changes.
     img2img   plain img2img with the target prompt: StreamDiffusion's behaviour, a baseline
     one-step  SwiftEdit (one_step.py): a learned inverter maps the image to the one-step generator's
               noise, the mask comes from the inverter's noise under the two prompts, and one
-              generator call with mask-rescaled cross-attention makes the edit
+              generator call with mask-rescaled cross-attention makes the edit; with an IP-Adapter
+              (the image branch) the source image is also the generator's image prompt
 Masks: "noise" (DiffEdit's noise difference), "attention" (changed words' cross-attention) or "both"
 (their intersection, as LEDITS++ intersects its two masks). Outside the mask the source pixels are
 pasted back, so the background is exactly the input.
@@ -52,6 +53,9 @@ class EditSettings:
     inverter: str | None = None  # one-step: an inverter folder or built-in name (default: the model's)
     edit_scale: float = 1.0  # one-step: cross-attention to the target prompt inside the mask, times this
     keep_scale: float = 1.0  # one-step: cross-attention to the source prompt outside the mask, times this
+    image_branch: str = "auto"  # one-step: the source image as image prompt (IP-Adapter): auto, on, off (one_step.py)
+    ip_edit_scale: float = 0.2  # one-step image branch: the image prompt's attention inside the mask (mid, up blocks)
+    ip_keep_scale: float = 1.0  # one-step image branch: the image prompt's attention outside the mask (mid, up blocks)
     extra: dict = field(default_factory=dict)
 
 
@@ -61,6 +65,7 @@ class EditResult:
     mask: Image.Image | None
     settings: EditSettings
     seconds: float
+    image_branch: str | None = None  # one-step: the IP-Adapter whose image prompt was the source image
 
     def parameters(self, source: str, target: str, model: str | None) -> str:
         """A1111-style infotext: the target as the prompt, the edit's settings after it."""
@@ -70,6 +75,8 @@ class EditResult:
         fields = {"Steps": s.steps, "Sampler": f"edit {s.method}", "CFG scale": s.guidance_scale, "Seed": s.seed,
                   "Size": f"{self.image.width}x{self.image.height}", "Model": model, "Denoising strength": s.strength,
                   "Edit source": source, "Edit mask": f"{s.mask_from} >= {s.mask_threshold}" if s.method != "img2img" else None}
+        if self.image_branch:
+            fields.update({"Image branch": self.image_branch, "IP edit scale": s.ip_edit_scale, "IP keep scale": s.ip_keep_scale})
         return format_parameters(target, "", fields)
 
 
@@ -77,7 +84,8 @@ class EditResult:
 LIMITS = {"steps": (1, 1000, True, False), "strength": (0, 1, False, True), "guidance_scale": (0, 50, False, False),
           "mask_threshold": (0, 1, False, False), "mask_dilate": (0, 64, True, False), "mask_t": (0, 999, True, False),
           "mask_samples": (1, 64, True, False), "seed": (0, 2**64 - 1, True, False),
-          "edit_scale": (0, 10, False, False), "keep_scale": (0, 10, False, False)}
+          "edit_scale": (0, 10, False, False), "keep_scale": (0, 10, False, False),
+          "ip_edit_scale": (0, 10, False, False), "ip_keep_scale": (0, 10, False, False)}
 CLI_OPTIONS = {"guidance_scale": "--guidance", "mask_t": None, "mask_samples": None}  # others: --the-field-name
 
 
@@ -115,6 +123,11 @@ def resolve_settings(pipe, settings: EditSettings) -> EditSettings:
         raise UserError(f"unknown edit method {settings.method!r}; choose from auto, {', '.join(METHOD_NAMES)}")
     if settings.mask_from not in MASK_SOURCES:
         raise UserError(f"--mask-from must be one of {', '.join(MASK_SOURCES)}, got {settings.mask_from!r}")
+    if settings.image_branch not in ("auto", "on", "off"):
+        raise UserError(f"--image-branch must be auto, on or off, got {settings.image_branch!r}")
+    if settings.image_branch == "on" and method != "one-step":
+        raise UserError("the image branch (--image-branch on) is the one-step method's; the other methods take "
+                        "a reference image with --ip-image")
     if method == "one-step":
         if settings.mask_from not in ("noise", "none"):
             raise UserError("the one-step method makes its mask from the inverter's noise: use --mask-from noise or none")
@@ -180,13 +193,16 @@ class Editor:
         image = self.check_image(image)
         started = time.perf_counter()
         box = (0, 0, image.width, image.height)
-        image = padded(image, size_step(self.pipe))
+        source_image, image = image, padded(image, size_step(self.pipe))
         if s.method == "img2img":
             return EditResult(self._run_img2img(image, target, s).crop(box), None, s, time.perf_counter() - started)
         pixels = _pixels(image)
         x0 = self.den.encode_image(pixels)
+        branch = None
         if s.method == "one-step":
-            latents, latent_mask = self.one_step(s.inverter).edit_latents(x0, source, target, s)
+            one = self.one_step(s.inverter)
+            branch = one.image_branch(s.image_branch)
+            latents, latent_mask = one.edit_latents(x0, source, target, s, source_image, branch)
         else:
             latent_mask = self.mask(x0, source, target, s)
             generator = torch.Generator("cpu").manual_seed(s.seed)
@@ -199,15 +215,17 @@ class Editor:
             mask_image = Image.fromarray((soft.numpy() * 255).round().astype(np.uint8), "L").crop(box)
             if s.paste_back:
                 edited = soft * edited + (1 - soft) * pixels
-        return EditResult(_image(edited).crop(box), mask_image, s, time.perf_counter() - started)
+        return EditResult(_image(edited).crop(box), mask_image, s, time.perf_counter() - started,
+                          image_branch=" + ".join(branch.names) if branch is not None else None)
 
     def one_step(self, inverter: str | None = None):
-        """The SwiftEdit editor for an inverter (loaded once per name)."""
-        from atelier.edit.one_step import OneStepEditor, default_inverter, load_inverter
+        """The SwiftEdit editor for an inverter (loaded once per name), with the adapter it was trained with."""
+        from atelier.edit.one_step import OneStepEditor, default_inverter, inverter_folder, load_inverter, recorded_adapter
 
         name = inverter or default_inverter(self.pipe)
         if name not in self._one_step:
-            self._one_step[name] = OneStepEditor(self.den, load_inverter(name, device=self.den.device, dtype=self.den.dtype))
+            inverter_unet = load_inverter(name, device=self.den.device, dtype=self.den.dtype)
+            self._one_step[name] = OneStepEditor(self.den, inverter_unet, recorded_adapter(inverter_folder(name)))
         return self._one_step[name]
 
     def mask(self, x0: torch.Tensor, source: str, target: str, s: EditSettings) -> torch.Tensor | None:

@@ -6,10 +6,13 @@
     mask        SwiftEdit's self-guided mask: |F(x0, c_edit) - F(x0, c_src)| averaged over channels,
                 smoothed, normalised to [0, 1] and thresholded (EditSettings.mask_threshold)
     edit        one generator call on eps_hat with the edit prompt, through an attention processor
-                that rescales cross-attention by the mask (SwiftEdit's ARaM, text-only: the toy models
-                have no IP-Adapter image branch): inside the mask the edit prompt's attention output
-                times `edit_scale`, outside it the source prompt's times `keep_scale`, so the
-                background is regenerated from the description it was inverted with
+                that rescales cross-attention by the mask (SwiftEdit's ARaM): inside the mask the edit
+                prompt's attention output times `edit_scale`, outside it the source prompt's times
+                `keep_scale`, so the background is regenerated from the description it was inverted with
+    image       SwiftEdit's image branch, when an IP-Adapter is at hand (`image_branch`): the source
+    branch      image itself is the image prompt of G; in the mid and up blocks its attention output
+                is weighed by `ip_edit_scale` inside the mask (0.2: the edit may leave the source's
+                look) and `ip_keep_scale` outside (1), in the down blocks by the adapter's own scale
     paste back  outside the pixel mask the source pixels are kept, as in the other methods
 
 `Denoiser`s share the pipeline's prompt encoding; `with_unet` swaps in another UNet (the inverter,
@@ -50,9 +53,10 @@ def invert(inv_den, x0: torch.Tensor, hidden: torch.Tensor, pooled=None) -> torc
                           None if pooled is None else pooled.to(inv_den.dtype))
 
 
-def generate(gen_den, noise: torch.Tensor, hidden: torch.Tensor, pooled=None) -> torch.Tensor:
-    """x0 = G(noise, c): the one-step generator's clean-latent prediction from noise at t = 999."""
-    return gen_den.x0_eps(noise, GENERATOR_TIMESTEP, hidden, pooled)[0]
+def generate(gen_den, noise: torch.Tensor, hidden: torch.Tensor, pooled=None, image_embeds=None) -> torch.Tensor:
+    """x0 = G(noise, c): the one-step generator's clean-latent prediction from noise at t = 999
+    (`image_embeds`: the image prompt of a generator with IP-Adapters, see Denoiser.output)."""
+    return gen_den.x0_eps(noise, GENERATOR_TIMESTEP, hidden, pooled, image_embeds)[0]
 
 
 def noise_difference_mask(eps_src: torch.Tensor, eps_edit: torch.Tensor) -> torch.Tensor:
@@ -119,20 +123,57 @@ def check_inverter_fits(inverter, pipe) -> None:
                         f"{ucfg.cross_attention_dim}): train one for it")
 
 
+# ---------------------------------------------------------------- the image branch's adapter
+
+IMAGE_BRANCH_MODES = ("auto", "on", "off")
+ADAPTER_FILE = "ip-adapter.safetensors"  # a trained image branch, beside the inverter's weights
+
+
+def recorded_adapter(folder) -> dict | None:
+    """The IP-Adapter an inverter was trained with (`ip_adapter` in its atelier.json): {"weights": file,
+    "image_encoder": folder, "name", "trained"}, paths made absolute (a trained one lies beside it)."""
+    import json
+
+    info = Path(folder) / "atelier.json"
+    record = json.loads(info.read_text(encoding="utf-8")).get("ip_adapter") if info.is_file() else None
+    if not record:
+        return None
+    weights = Path(record["weights"])
+    return {**record, "weights": str(weights if weights.is_absolute() else Path(folder) / weights)}
+
+
+def ip_adapter_loaded(unet) -> bool:
+    """Whether `unet` holds IP-Adapters (its calls then need image_embeds)."""
+    return getattr(unet.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+
+
 # ---------------------------------------------------------------- attention rescaling
 
 class MaskedPromptAttention(AttentionHook):
-    """Cross-attention by region: the edit prompt inside the mask (output times `edit_scale`), the
-    source prompt outside it (times `keep_scale`). Installed on every attn2 of the generator for
-    one call, like masks.CrossAttentionStore; self-attention is left alone."""
+    """Cross-attention by region (SwiftEdit's ARaM): the edit prompt inside the mask (output times
+    `edit_scale`), the source prompt outside it (times `keep_scale`). Installed on every attn2 of the
+    generator for one call, like masks.CrossAttentionStore; self-attention is left alone.
 
-    def __init__(self, mask: torch.Tensor, source_hidden: torch.Tensor, edit_scale: float = 1.0, keep_scale: float = 1.0):
+    With `image_scales` = (ip_edit_scale, ip_keep_scale) on a UNet holding IP-Adapters, the image
+    prompt's attention is added as the replaced IPAdapterAttnProcessor2_0 computes it (its own
+    to_k_ip / to_v_ip): in the mid and up blocks times ip_edit_scale inside the mask and ip_keep_scale
+    outside, in the down blocks times the adapter's own scale. Without `image_scales` the image tokens
+    are left out (text only)."""
+
+    def __init__(self, mask: torch.Tensor, source_hidden: torch.Tensor, edit_scale: float = 1.0, keep_scale: float = 1.0,
+                 image_scales: tuple[float, float] | None = None):
         self.mask = mask.float()  # (h, w), latent resolution, values in [0, 1]
         self.source_hidden = source_hidden  # (1 or B, L, C)
         self.edit_scale, self.keep_scale = edit_scale, keep_scale
+        self.image_scales = image_scales
 
     def processor(self):
         return _MaskedProcessor(self)
+
+    def processor_for(self, name: str, original):
+        if self.image_scales is None or not hasattr(original, "to_k_ip"):
+            return _MaskedProcessor(self)
+        return _MaskedProcessor(self, image_layer=original, down_block=name.startswith("down_blocks."))
 
     def grid_mask(self, tokens: int, dtype, device) -> torch.Tensor:
         """The mask at a query grid of `tokens` positions, shaped (1, tokens, 1)."""
@@ -144,11 +185,16 @@ class MaskedPromptAttention(AttentionHook):
 
 
 class _MaskedProcessor:
-    def __init__(self, owner: MaskedPromptAttention):
+    def __init__(self, owner: MaskedPromptAttention, image_layer=None, down_block: bool = False):
         self.owner = owner
+        self.image_layer = image_layer  # the IPAdapterAttnProcessor2_0 this replaces: to_k_ip, to_v_ip, scale
+        self.down_block = down_block
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         owner = self.owner
+        image_tokens = None
+        if isinstance(encoder_hidden_states, tuple):  # with IP-Adapters: (text, [image tokens of each adapter])
+            encoder_hidden_states, image_tokens = encoder_hidden_states
 
         def inner(query, edit_context, mask, batch):
             source_context = owner.source_hidden.to(edit_context).expand(batch, -1, -1)
@@ -157,40 +203,118 @@ class _MaskedProcessor:
             out_edit = attend_sdpa(attn, query, edit_context, mask, batch)
             out_source = attend_sdpa(attn, query, source_context, None, batch)
             m = owner.grid_mask(out_edit.shape[1], out_edit.dtype, out_edit.device)
-            return m * owner.edit_scale * out_edit + (1 - m) * owner.keep_scale * out_source
+            out = m * owner.edit_scale * out_edit + (1 - m) * owner.keep_scale * out_source
+            if self.image_layer is not None and image_tokens is not None:
+                out = out + self.image_attention(attn, query, image_tokens, m, batch)
+            return out
 
         return cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, inner)
+
+    def image_attention(self, attn, query, image_tokens, m, batch):
+        """The image prompts' attention outputs, each weighed: by the adapter's scale in a down block,
+        elsewhere by ip_edit_scale inside the mask and ip_keep_scale outside."""
+        layer, (edit, keep) = self.image_layer, self.owner.image_scales
+        total = 0
+        for tokens, to_k, to_v, scale in zip(image_tokens, layer.to_k_ip, layer.to_v_ip, layer.scale):
+            tokens = tokens.reshape(batch, -1, tokens.shape[-1])  # (B, references x tokens, C)
+            out = attend_sdpa(attn, query, tokens, None, batch, to_k=to_k, to_v=to_v)
+            total = total + (scale if self.down_block else m * edit + (1 - m) * keep) * out
+        return total
 
 
 # ---------------------------------------------------------------- the edit
 
 class OneStepEditor:
-    """An inverter bound to an Editor's Denoiser (the generator)."""
+    """An inverter bound to an Editor's Denoiser (the generator), with the IP-Adapter it was trained
+    with, if any (`adapter`: recorded_adapter's dict)."""
 
-    def __init__(self, den, inverter):
+    def __init__(self, den, inverter, adapter: dict | None = None):
         check_inverter_fits(inverter, den.pipe)
         self.den = den
         self.inv = with_unet(den, inverter)
+        self.adapter = adapter
+        self._loaded = None  # the IPAdapters this editor loaded into the pipeline
+
+    # ------------------------------------------------------------ the image branch
+
+    def image_branch(self, mode: str = "auto"):
+        """The IPAdapters of the image branch, or None (text only). "off": none. Otherwise, in order:
+        adapters the caller loaded into the pipeline (`load_ip_adapter`, CLI --ip-adapter), the adapter
+        the inverter was trained with (loaded now), and with "on" only the model's own adapter
+        (`load_ip_adapter(pipe, None)`); "auto" stays text only when neither of the first two is there."""
+        if mode not in IMAGE_BRANCH_MODES:
+            raise UserError(f"image_branch must be one of {', '.join(IMAGE_BRANCH_MODES)}, not {mode!r}")
+        if mode == "off":
+            return None
+        held = getattr(self.den.unet, "atelier_ip_adapters", None)
+        if held is not None and (held is self._loaded or not getattr(held, "image_branch_only", False)):
+            return held
+        if self.adapter is not None:
+            return self._load(self.adapter["weights"], self.adapter.get("image_encoder"))
+        return self._load(None, None) if mode == "on" else None
+
+    def _load(self, weights, image_encoder):
+        from atelier.image_prompts.adapters import load_ip_adapter
+
+        try:
+            adapters = load_ip_adapter(self.den.pipe, weights, image_encoder=image_encoder)
+        except UserError as exc:
+            if weights is None:
+                raise UserError(f"the image branch needs an IP-Adapter for this model: {exc}") from None
+            raise UserError(f"the inverter was trained with the IP-Adapter {weights}: {exc}") from None
+        adapters.image_branch_only = True  # loaded here: another inverter's own adapter may replace it
+        self._loaded = adapters
+        return adapters
+
+    def image_embeds(self, adapters, image=None, batch: int = 1):
+        """The generator's `image_embeds`: `image` (PIL) as every adapter's image prompt; zeros when the
+        pipeline holds adapters that this call leaves out (the UNet wants them); None without adapters."""
+        if adapters is not None and image is not None:
+            embeds = []
+            for index in range(len(adapters.adapters)):
+                positive = adapters.embeddings(adapters.reference(image, adapter=index))[0][None]  # (1, 1, ...)
+                embeds.append(positive.expand(batch, *positive.shape[1:]))
+            return embeds
+        if not ip_adapter_loaded(self.den.unet):
+            return None
+        held = adapters or getattr(self.den.unet, "atelier_ip_adapters", None)
+        if held is None:
+            raise UserError("the generator holds IP-Adapters that atelier did not load: unload them "
+                            "(pipe.unload_ip_adapter()) or load them with atelier.image_prompts.load_ip_adapter")
+        return [e.to(self.den.device, self.den.dtype) for e in held.zero_embeds(batch)]
+
+    # ------------------------------------------------------------ inversion and edit
 
     @torch.no_grad()
-    def reconstruct(self, x0: torch.Tensor, prompt: str) -> torch.Tensor:
-        """G(F(x0, c), c): the inversion round trip, in latents."""
+    def reconstruct(self, x0: torch.Tensor, prompt: str, image=None, adapters=None) -> torch.Tensor:
+        """G(F(x0, c), c): the inversion round trip, in latents (with `adapters`, `image` (PIL, the source
+        of x0) as the generator's image prompt, at the adapter's scale)."""
         hidden, pooled = self.den.conditioning([prompt] * len(x0))
-        return generate(self.den, invert(self.inv, x0, hidden, pooled).to(self.den.dtype), hidden, pooled)
+        embeds = self.image_embeds(adapters, image, len(x0))
+        return generate(self.den, invert(self.inv, x0, hidden, pooled).to(self.den.dtype), hidden, pooled, embeds)
 
     @torch.no_grad()
-    def edit_latents(self, x0: torch.Tensor, source: str, target: str, s) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def edit_latents(self, x0: torch.Tensor, source: str, target: str, s, image=None,
+                     adapters=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The edited latents and the latent mask (None with mask_from "none"). With `adapters` (the image
+        branch, see `image_branch`), `image` (PIL, the source) is the image prompt, weighed by ARaM."""
         from atelier.edit.masks import binary_mask
 
         hidden, pooled = self.den.conditioning([source, target])
         eps = invert(self.inv, x0.expand(2, -1, -1, -1), hidden, pooled).to(self.den.dtype)
         eps_src = eps[:1]
         tgt_hidden, tgt_pooled = hidden[1:], None if pooled is None else pooled[1:]
-        if s.mask_from == "none":
+        embeds = self.image_embeds(adapters, image)
+        if s.mask_from == "none" and embeds is None:
             return generate(self.den, eps_src, tgt_hidden, tgt_pooled), None
-        soft = noise_difference_mask(eps_src, eps[1:])
-        mask = binary_mask(soft, s.mask_threshold, s.mask_dilate).to(x0.device, x0.dtype)
-        rescale = MaskedPromptAttention(mask, hidden[:1], edit_scale=s.edit_scale, keep_scale=s.keep_scale)
+        if s.mask_from == "none":  # the whole image is the edit region
+            mask = torch.ones(x0.shape[-2:], device=x0.device, dtype=x0.dtype)
+        else:
+            soft = noise_difference_mask(eps_src, eps[1:])
+            mask = binary_mask(soft, s.mask_threshold, s.mask_dilate).to(x0.device, x0.dtype)
+        image_scales = (s.ip_edit_scale, s.ip_keep_scale) if adapters is not None else None
+        rescale = MaskedPromptAttention(mask, hidden[:1], edit_scale=s.edit_scale, keep_scale=s.keep_scale,
+                                        image_scales=image_scales)
         with rescale.installed(self.den.unet):
-            x = generate(self.den, eps_src, tgt_hidden, tgt_pooled)
-        return x, mask
+            x = generate(self.den, eps_src, tgt_hidden, tgt_pooled, embeds)
+        return x, None if s.mask_from == "none" else mask

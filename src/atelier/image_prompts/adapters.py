@@ -226,15 +226,31 @@ class IPAdapters:
         hidden = self.adapters[prompt.adapter].hidden_states
         key = (prompt.sha256, hidden)
         if key not in self._cache:
-            pixels = self.processor(prompt.image, return_tensors="pt").pixel_values
-            device = getattr(self.pipe, "_execution_device", None) or self.encoder.device
-            with torch.no_grad():
-                self._cache[key] = self.pipe.encode_image(pixels, device, 1, hidden)
+            self._cache[key] = self._encode(prompt.image, hidden)
             self.encoded += 1
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         return self._cache[key]
+
+    def _encode(self, images, hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive, negative) embeddings of a PIL image or a list of them, by the pipeline's `encode_image`."""
+        pixels = self.processor(images, return_tensors="pt").pixel_values
+        device = getattr(self.pipe, "_execution_device", None) or self.encoder.device
+        with torch.no_grad():
+            return self.pipe.encode_image(pixels, device, 1, hidden)
+
+    def batch_embeds(self, images: list) -> list[torch.Tensor]:
+        """The UNet's `image_embeds` when each row of a batch has its own image prompt (one PIL image per
+        row, every loaded adapter): one (B, 1, ...) tensor per adapter, not cached (training batches)."""
+        return [self._encode(list(images), a.hidden_states)[0][:, None] for a in self.adapters]
+
+    def zero_embeds(self, batch: int = 1) -> list[torch.Tensor]:
+        """Stand-in `image_embeds` (zeros, one (batch, 1, ...) tensor per adapter) for UNet calls that
+        leave the adapters out (scale 0, or a processor that ignores the image tokens)."""
+        config = self.encoder.config
+        shape = lambda a: (batch, 1, 1, config.hidden_size) if a.hidden_states else (batch, 1, config.projection_dim)  # noqa: E731
+        return [torch.zeros(shape(a), device=self.encoder.device, dtype=self.encoder.dtype) for a in self.adapters]
 
     def _groups(self, prompts: list[ImagePrompt]) -> list[list[ImagePrompt]]:
         groups = [[p for p in prompts if p.adapter == i] for i in range(len(self.adapters))]
@@ -316,11 +332,8 @@ class IPAdapters:
     def idle_kwargs(self, *, guidance_scale: float) -> dict:
         """Arguments that leave every adapter out (scale 0; the UNet still wants embeddings)."""
         self.pipe.set_ip_adapter_scale([0.0] * len(self.adapters))
-        config = self.encoder.config
         cfg = guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
-        shape = lambda a: (1, 1, 1, config.hidden_size) if a.hidden_states else (1, 1, config.projection_dim)  # noqa: E731
-        embeds = [torch.zeros(shape(a), device=self.encoder.device, dtype=self.encoder.dtype) for a in self.adapters]
-        return {"ip_adapter_image_embeds": [torch.cat([e, e]) if cfg else e for e in embeds]}
+        return {"ip_adapter_image_embeds": [torch.cat([e, e]) if cfg else e for e in self.zero_embeds()]}
 
     def infotext_fields(self, prompts: list[ImagePrompt]) -> dict:
         return infotext_fields(self.names, prompts)

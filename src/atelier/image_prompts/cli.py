@@ -1,6 +1,9 @@
 """The image-prompt options of `atelier generate`, `img2img` and `edit` (--ip-image, --ip-scale,
 --ip-adapter, --ip-image-encoder): checked before the model loads, applied after.
 
+`atelier edit --method one-step` takes no reference: its image branch (SwiftEdit) uses the image being
+edited as the image prompt, so there --ip-adapter (and --ip-image-encoder) only choose the adapter.
+
 Heavy imports happen inside the functions, so `atelier --help` stays quick.
 """
 
@@ -38,6 +41,7 @@ class ImagePromptPlan:
     weight_name: str | None = None
     image_encoder: str | None = None
     allow_pickle: bool = False
+    one_step: bool = False  # the adapter of the one-step image branch: no references
 
     def load(self, pipe) -> list:
         from atelier.image_prompts.adapters import load_ip_adapter
@@ -55,12 +59,16 @@ class ImagePromptPlan:
             request.image_prompts = list(prompts)
 
     def apply_to_edit(self, pipe, settings) -> dict:
-        """Load the adapter and hook it into the UNet calls of an edit; the fields to record."""
+        """Load the adapter and hook it into the UNet calls of an edit; the fields to record (one-step: the
+        edit records its image branch itself)."""
+        if self.one_step:
+            if self.source is not None:
+                from atelier.image_prompts.adapters import load_ip_adapter
+
+                load_ip_adapter(pipe, self.source, image_encoder=self.image_encoder, allow_pickle=self.allow_pickle)
+            return {}
         if not self.references:
             return {}
-        if settings.method == "one-step":
-            raise UserError("--ip-image does not work with the one-step method yet (its masked attention replaces "
-                            "the adapter's): use --method ddpm, diffedit, turbo or img2img")
         if settings.mask_from in ("attention", "both"):
             raise UserError("--ip-image cannot be combined with --mask-from attention/both (the attention store "
                             "replaces the adapter's attention): use --mask-from noise or none")
@@ -69,9 +77,12 @@ class ImagePromptPlan:
         return prompts[0].owner.infotext_fields(prompts)
 
 
-def plan(args, model_source: str, *, from_image=None) -> ImagePromptPlan:
+def plan(args, model_source: str, *, from_image=None, one_step: bool = False) -> ImagePromptPlan:
     """Check the image-prompt options before any model work. With `from_image` (generate --from), the
-    reference it was made with must be given again with --ip-image, and must be the same file."""
+    reference it was made with must be given again with --ip-image, and must be the same file. With
+    `one_step` (atelier edit --method one-step), the options of the image branch."""
+    if one_step:
+        return _one_step_plan(args)
     recorded = _recorded(from_image) if from_image else []
     if len(recorded) > 1:
         raise UserError(f"{from_image} was made with {len(recorded)} IP-Adapters; the command line takes one: "
@@ -117,6 +128,24 @@ def plan(args, model_source: str, *, from_image=None) -> ImagePromptPlan:
         image_encoder=args.ip_image_encoder,
         allow_pickle=bool(getattr(args, "allow_pickle", False)),
     )
+
+
+def _one_step_plan(args) -> ImagePromptPlan:
+    """The one-step method's image branch takes the edited image as its image prompt: no --ip-image and
+    no --ip-scale; --ip-adapter picks the adapter (else the inverter's own, see --image-branch)."""
+    if getattr(args, "ip_image", None):
+        raise UserError("--ip-image does not apply to --method one-step: its image branch takes the image being edited "
+                        "as the image prompt (SwiftEdit); choose the adapter with --ip-adapter and switch the branch "
+                        "with --image-branch on/off")
+    if getattr(args, "ip_scale", None) is not None:
+        raise UserError("--ip-scale does not apply to --method one-step: its image branch is weighed by --ip-edit-scale "
+                        "(inside the mask) and --ip-keep-scale (outside)")
+    if getattr(args, "ip_image_encoder", None) is not None and getattr(args, "ip_adapter", None) is None:
+        raise UserError("--ip-image-encoder needs --ip-adapter SOURCE")
+    if getattr(args, "ip_adapter", None) is not None and getattr(args, "image_branch", "auto") == "off":
+        raise UserError("--ip-adapter with --image-branch off: nothing would use the adapter; leave one of them out")
+    return ImagePromptPlan(source=getattr(args, "ip_adapter", None), image_encoder=getattr(args, "ip_image_encoder", None),
+                           allow_pickle=bool(getattr(args, "allow_pickle", False)), one_step=True)
 
 
 def with_fields(parameters: str, fields: dict) -> str:

@@ -52,19 +52,22 @@ def _cast(model, dtype):
                 module.to(original)
 
 
-def save_model_folder(model, out, *, dtype=torch.float16, files: dict[str, str] | None = None) -> Path:
+def save_model_folder(model, out, *, dtype=torch.float16, files: dict[str, str | bytes] | None = None) -> Path:
     """Save a diffusers pipeline or model as a portable folder at `out`, atomically replacing it.
 
     dtype: the storage dtype of the weights (None keeps each module's own); the modules are
-    restored afterwards. files: extra text files written into the folder (e.g. atelier.json).
+    restored afterwards. files: extra files written into the folder (text, e.g. atelier.json, or bytes).
     """
     out = Path(out)
     with atomic_dir(out) as tmp:
         with _cast(model, dtype):
             model.save_pretrained(tmp, safe_serialization=True)
         make_portable(tmp)
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        for name, content in (files or {}).items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content, encoding="utf-8")
     return out
 
 

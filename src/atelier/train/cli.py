@@ -176,8 +176,18 @@ def register_inverter(sub) -> None:
     i.add_argument("--pretrained_teacher_denoise", default="toyworld", help="multi-step teacher (stage 2 regulariser)")
     i.add_argument("--pretrained_sb_generator", default="toyworld-turbo", help="the frozen one-step generator G")
     i.add_argument("--pretrained_inverter", help="start from this inverter folder (stage 2 default: OUTPUT_DIR/stage1/final)")
-    i.add_argument("--image_encoder_path", help="IP-Adapter image encoder (SwiftEdit's image branch): not supported")
-    i.add_argument("--ip_adapter_weight_name", help="IP-Adapter weights file: not supported")
+    i.add_argument("--image_encoder_path", metavar="DIR",
+                   help="image branch (SwiftEdit's IP-Adapter): the CLIP vision folder of the adapter (default: found "
+                        "beside it)")
+    i.add_argument("--ip_adapter_weight_name", metavar="FILE",
+                   help="image branch: the adapter file G runs with, the source image as its image prompt (a path, or "
+                        "a file name inside --ip_adapter / the model's own adapter / h94/IP-Adapter in the HF cache)")
+    i.add_argument("--ip_adapter", metavar="SOURCE",
+                   help="image branch: an adapter folder (ip-adapter.safetensors + image_encoder/), file, h94/IP-Adapter "
+                        "layout or cached hub id")
+    i.add_argument("--train_ip_adapter", action="store_true",
+                   help="train the image branch (image projection, to_k_ip, to_v_ip) with the inverter: from scratch "
+                        "(needs --image_encoder_path), or from the adapter given; written beside the inverter")
     i.add_argument("--output_dir", default="runs/inverter")
     i.add_argument("--logging_dir", default="logs", help="accelerate's logging folder, inside OUTPUT_DIR")
     i.add_argument("--stage", type=int, default=1, choices=(1, 2))
@@ -214,10 +224,6 @@ def register_inverter(sub) -> None:
 def inverter_config(args):
     from atelier.train.inverter import InverterConfig
 
-    if args.image_encoder_path or args.ip_adapter_weight_name:
-        raise UserError("IP-Adapter (--image_encoder_path / --ip_adapter_weight_name) is not supported: the "
-                        "inverter and generator here are conditioned on text only, and these models have no "
-                        "image encoder; leave both options out")
     keys = {f.name for f in fields(InverterConfig)}
     cfg = InverterConfig(**{k: v for k, v in vars(args).items() if k in keys and v is not None})
     cfg.check()
@@ -238,6 +244,8 @@ def run_inverter(args) -> int:
     else:
         print(f"stage {cfg.stage}: inverter in {summary['final']}; inversion PSNR {summary.get('inversion_psnr')} dB; "
               f"{summary.get('wall_time_s', 0) / 60:.1f} min")
+        if summary.get("ip_adapter"):
+            print(f"image branch: {summary['ip_adapter']}")
         if summary.get("exported"):
             print(f"exported: {summary['exported']}   (atelier edit --method one-step --inverter {summary['exported']} ...)")
     return 0

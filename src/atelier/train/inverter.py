@@ -14,7 +14,15 @@ should re-create x0. Two stages, each a resumable loop (kill it, run the same co
            Perceptual loss: LPIPS (VGG) on decoded images when --lpips_weights are given; without
            them (the default: no downloads) latent MSE + pixel L1 + pixel MSE on decoded images.
 
-G, the teacher, the VAE and the text encoder stay frozen; only F trains. Runs under accelerate's
+Image branch (SwiftEdit's IP-Adapter): with --ip_adapter / --ip_adapter_weight_name (and
+--image_encoder_path) G runs with the source image as its image prompt (x0 itself in stage 1, where x0
+is made text-only; the real image in stage 2), and so does the teacher when the adapter fits it. The
+adapter is frozen, or with --train_ip_adapter trained with F (its image projection and to_k_ip /
+to_v_ip; from scratch as the IP-Adapter training script initialises one, unless an adapter is given
+to start from) and written beside the inverter as ip-adapter.safetensors. atelier.json records it, so
+`atelier edit --method one-step --inverter FOLDER` runs G with the same adapter.
+
+G, the teacher, the VAE and the text encoder stay frozen; only F (and a trained image branch) train. Runs under accelerate's
 Accelerator (mixed precision, `accelerate launch`); checkpoints are safetensors (atelier.train.
 checkpoint), the loss curve is OUTPUT_DIR/stage{1,2}/loss.png, the trained UNet OUTPUT_DIR/stage{N}/final.
 """
@@ -23,6 +31,8 @@ from __future__ import annotations
 
 import json
 import random
+import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from atelier.edit.one_step import generate, invert, with_unet
+from atelier.edit.one_step import ADAPTER_FILE, generate, invert, recorded_adapter, with_unet
 from atelier.core import vae as vae_calls
 from atelier.core.io import atomic_open
 from atelier.errors import UserError
@@ -68,6 +78,14 @@ class InverterConfig:
     seed: int = 0
     threads: int | None = None
     max_grad_norm: float = 1.0
+    image_encoder_path: str | None = None  # image branch: the CLIP vision folder of the adapter
+    ip_adapter_weight_name: str | None = None  # image branch: an adapter file, or its name inside --ip_adapter
+    ip_adapter: str | None = None  # image branch: an adapter folder, file, h94 layout or cached hub id
+    train_ip_adapter: bool = False  # image branch trained with the inverter (from scratch without an adapter)
+
+    @property
+    def image_branch(self) -> bool:
+        return bool(self.ip_adapter or self.ip_adapter_weight_name or self.train_ip_adapter)
 
     def check(self) -> None:
         """UserError naming the first option out of range (nan, inf, 0, negative), before any work."""
@@ -92,6 +110,18 @@ class InverterConfig:
             raise UserError(f"--stage must be 1 or 2, not {self.stage!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
+        self.check_image_branch()
+
+    def check_image_branch(self) -> None:
+        encoder = self.image_encoder_path
+        if encoder is not None and not (Path(encoder).expanduser() / "config.json").is_file():
+            raise UserError(f"--image_encoder_path {encoder}: not a CLIP vision model folder (no config.json)")
+        if encoder is not None and not self.image_branch:
+            raise UserError("--image_encoder_path needs an adapter: --ip_adapter_weight_name FILE, --ip_adapter SOURCE, "
+                            "or --train_ip_adapter to train one from scratch")
+        if self.train_ip_adapter and encoder is None and not (self.ip_adapter or self.ip_adapter_weight_name):
+            raise UserError("--train_ip_adapter needs --image_encoder_path DIR: the CLIP vision model whose image "
+                            "embeddings the new adapter reads")
 
 
 # ---------------------------------------------------------------- data
@@ -203,19 +233,29 @@ class Models:
         else:
             inverter = copy.deepcopy(gen_unet)  # before the generator goes to the weight dtype
         self.inverter = inverter.float().train().requires_grad_(True)
+        self.branch = ImageBranch(cfg, gen_pipe, loop) if cfg.image_branch else None
         _freeze_pipeline(base, loop)
-        loop.frozen(gen_unet)
+        _freeze_pipeline(gen_pipe, loop)
         self.den = Denoiser(base, cache_size=4096)
         self.den.device = loop.device
         self.vae = base.vae
         self.gen = with_unet(self.den, gen_unet, gen_pipe.scheduler.config.get("prediction_type", "epsilon"))
-        self.teacher = None
+        if self.branch is not None and self.branch.trained:
+            self.branch.make_trainable()
+        self.teacher, self.teacher_sees_image = None, False
         if need_teacher:
             t_pipe = _pipeline(cfg.pretrained_teacher_denoise)
+            self.teacher_sees_image = self.branch is not None and self.branch.add_to(t_pipe.unet)
             self.teacher = with_unet(self.den, loop.frozen(t_pipe.unet),
                                      t_pipe.scheduler.config.get("prediction_type", "epsilon"))
+            if self.teacher_sees_image and self.branch.trained:
+                self.branch.share_with(t_pipe.unet)
         self.size = gen_unet.config.sample_size * base.vae_scale_factor
         self.device = loop.device
+
+    def image_embeds(self, pixels: torch.Tensor):
+        """G's image_embeds with `pixels` ([-1, 1]) as the image prompts; None without an image branch."""
+        return None if self.branch is None else self.branch.embeds(pixels)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -226,6 +266,125 @@ class Models:
         return vae_calls.decode(self.vae, z).float().clamp(-1, 1)
 
 
+class ImageBranch:
+    """SwiftEdit's image branch on the generator: an IP-Adapter loaded through diffusers (a pretrained
+    one, or a fresh one the IP-Adapter training script's way), the source images as image prompts."""
+
+    def __init__(self, cfg: InverterConfig, gen_pipe, loop: TrainLoop):
+        from atelier.image_prompts.adapters import load_ip_adapter
+
+        self.trained = cfg.train_ip_adapter
+        if self.trained and loop.accelerator.num_processes > 1:
+            raise UserError("--train_ip_adapter trains on one process; run it without a multi-process `accelerate launch`")
+        source, weight_name = cfg.ip_adapter, cfg.ip_adapter_weight_name
+        if weight_name and source is None and Path(weight_name).expanduser().is_file():
+            source, weight_name = weight_name, None
+        if self.trained and source is None and weight_name is None:
+            source = fresh_adapter_file(gen_pipe.unet, cfg.image_encoder_path, Path(cfg.output_dir), cfg.seed)
+        try:
+            self.adapters = load_ip_adapter(gen_pipe, source, weight_name=weight_name, image_encoder=cfg.image_encoder_path)
+        except UserError as exc:
+            raise UserError(str(exc).replace("CLI --ip-image-encoder", "--image_encoder_path DIR")) from None
+        self.unet = gen_pipe.unet
+        self.files = self.adapters.adapters[0].files
+        if self.trained and self.adapters.adapters[0].kind != "base":
+            raise UserError(f"--train_ip_adapter trains base adapters (4 image tokens); {self.files.name} is a "
+                            f"{self.adapters.adapters[0].kind} adapter")
+
+    def embeds(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        return self.adapters.batch_embeds(to_pil(pixels))
+
+    def parameters_module(self) -> torch.nn.Module:
+        """The trainable image branch: G's image projection and every to_k_ip / to_v_ip."""
+        from atelier.image_prompts.adapters import ip_attention_processors
+
+        return torch.nn.ModuleDict({"image_proj": self.unet.encoder_hid_proj,
+                                    "layers": torch.nn.ModuleList(ip_attention_processors(self.unet))})
+
+    def make_trainable(self) -> None:
+        self.module = self.parameters_module().float().train().requires_grad_(True)
+
+    def add_to(self, unet) -> bool:
+        """Load the same adapter into another UNet (the teacher) if it fits it; whether it did."""
+        from atelier.image_prompts.adapters import check_fits_unet, read_adapter
+
+        state = read_adapter(self.files.weights)
+        try:
+            check_fits_unet(state, unet, self.files.name)
+        except UserError as exc:
+            print(f"[inverter] the teacher runs without the image branch: {exc}", file=sys.stderr)
+            return False
+        unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+        return True
+
+    def share_with(self, unet) -> None:
+        """Make `unet`'s adapter layers the generator's own modules (a trained branch: one set of weights)."""
+        from atelier.image_prompts.adapters import ip_attention_processors
+
+        unet.encoder_hid_proj = self.unet.encoder_hid_proj
+        for theirs, ours in zip(ip_attention_processors(unet), ip_attention_processors(self.unet)):
+            theirs.to_k_ip, theirs.to_v_ip = ours.to_k_ip, ours.to_v_ip
+
+    @contextmanager
+    def left_out(self):
+        """G without its image prompt (every adapter at scale 0: diffusers then skips it, the text-only output)."""
+        from atelier.image_prompts.adapters import ip_attention_processors
+
+        processors = ip_attention_processors(self.unet)
+        saved = [list(p.scale) for p in processors]
+        for p in processors:
+            p.scale = [0.0] * len(p.scale)
+        try:
+            yield
+        finally:
+            for p, scale in zip(processors, saved):
+                p.scale = scale
+
+    def idle_embeds(self, batch: int) -> list[torch.Tensor]:
+        return self.adapters.zero_embeds(batch)
+
+    def record(self) -> dict:
+        """What the inverter's atelier.json says about the adapter (see one_step.recorded_adapter)."""
+        encoder = str(Path(self.files.image_encoder).resolve())
+        if self.trained:
+            return {"weights": ADAPTER_FILE, "image_encoder": encoder, "name": Path(ADAPTER_FILE).stem, "trained": True}
+        return {"weights": str(Path(self.files.weights).resolve()), "image_encoder": encoder, "name": self.files.name,
+                "trained": False}
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        from atelier.image_prompts.adapters import adapter_state_dict
+
+        state = {k: v.detach().float().contiguous().cpu() for k, v in adapter_state_dict(self.unet).items()}
+        save_file(state, Path(folder) / ADAPTER_FILE)
+
+
+def fresh_adapter_file(unet, image_encoder, out: Path, seed: int) -> Path:
+    """A new base adapter for `unet` (image projection fresh, to_k_ip / to_v_ip copied from to_k / to_v),
+    written as an h94 file so that it loads like any other; the same for the same seed."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig
+
+    from atelier.image_prompts.adapters import new_adapter_state
+
+    embed_dim = CLIPVisionConfig.from_pretrained(str(Path(image_encoder).expanduser())).projection_dim
+    state = new_adapter_state(unet, embed_dim, seed=seed)
+    flat = {f"{group}.{k}": v.contiguous() for group, part in state.items() for k, v in part.items()}
+    path = out / "ip-adapter-init.safetensors"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(flat, path)
+    return path
+
+
+def to_pil(pixels: torch.Tensor) -> list:
+    """(B, 3, H, W) in [-1, 1] -> PIL images, as the image prompts of a batch."""
+    from PIL import Image
+
+    arrays = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
 # ---------------------------------------------------------------- losses
 
 def stage1_loss(m: Models, cfg: InverterConfig, captions, seed: int) -> tuple[torch.Tensor, dict]:
@@ -234,20 +393,30 @@ def stage1_loss(m: Models, cfg: InverterConfig, captions, seed: int) -> tuple[to
     eps = torch.randn((len(captions), m.gen.unet.config.in_channels, m.size // m.den.pipe.vae_scale_factor,
                        m.size // m.den.pipe.vae_scale_factor), generator=g).to(m.device)
     with torch.no_grad():
-        x0 = generate(m.gen, eps, hidden, pooled)
+        x0 = generate_text_only(m, eps, hidden, pooled)
+        embeds = m.image_embeds(m.decode(x0)) if m.branch is not None else None
     eps_hat = invert(m.inv, x0, hidden, pooled)
-    x_hat = generate(m.gen, eps_hat, hidden, pooled)
+    x_hat = generate(m.gen, eps_hat, hidden, pooled, embeds)
     noise = F.mse_loss(eps_hat, eps)
     latent = F.mse_loss(x_hat, x0)
     return cfg.noise_weight * noise + cfg.latent_weight * latent, {"noise": noise.item(), "latent": latent.item()}
+
+
+def generate_text_only(m: Models, eps, hidden, pooled):
+    """G(eps, c) without an image prompt (stage 1's samples)."""
+    if m.branch is None:
+        return generate(m.gen, eps, hidden, pooled)
+    with m.branch.left_out():
+        return generate(m.gen, eps, hidden, pooled, m.branch.idle_embeds(len(eps)))
 
 
 def stage2_loss(m: Models, cfg: InverterConfig, captions, x: torch.Tensor, seed: int, lpips=None):
     hidden, pooled = m.den.conditioning(captions)
     x = x.to(m.device)
     z = m.encode(x)
+    embeds = m.image_embeds(x)
     eps_hat = invert(m.inv, z, hidden, pooled)
-    z_hat = generate(m.gen, eps_hat, hidden, pooled)
+    z_hat = generate(m.gen, eps_hat, hidden, pooled, embeds)
     pixels = m.decode(z_hat)
     parts = {"latent": F.mse_loss(z_hat, z)}
     if lpips is not None:
@@ -264,7 +433,7 @@ def stage2_loss(m: Models, cfg: InverterConfig, captions, x: torch.Tensor, seed:
     with torch.no_grad():
         a, b = m.teacher.coefficients(t)
         x_t = a * z + b * eps_hat.detach()
-        _, eps_teacher = m.teacher.x0_eps(x_t, t, hidden, pooled)
+        _, eps_teacher = m.teacher.x0_eps(x_t, t, hidden, pooled, embeds if m.teacher_sees_image else None)
     parts["regulariser"] = F.mse_loss(eps_hat, eps_teacher)
     loss = cfg.perceptual_weight * perceptual + cfg.regularizer_weight * parts["regulariser"]
     return loss, {k: v.item() for k, v in parts.items()}
@@ -276,15 +445,29 @@ def inversion_psnr(m: Models, captions, x: torch.Tensor) -> float:
     hidden, pooled = m.den.conditioning(captions)
     x = x.to(m.device)
     z = m.encode(x)
-    out = m.decode(generate(m.gen, invert(m.inv, z, hidden, pooled), hidden, pooled))
+    out = m.decode(generate(m.gen, invert(m.inv, z, hidden, pooled), hidden, pooled, m.image_embeds(x)))
     err = ((out - x) / 2).pow(2).flatten(1).mean(1).clamp(min=1e-10)
     return float((10 * torch.log10(1 / err)).mean())
 
 
 # ---------------------------------------------------------------- the loop
 
+def continue_from_stage1(cfg: InverterConfig) -> None:
+    """Stage 2 starts from OUTPUT_DIR/stage1/final unless told otherwise, and a trained image branch
+    (--train_ip_adapter) goes on from the adapter stage 1 trained."""
+    stage1 = Path(cfg.output_dir) / "stage1" / "final"
+    if cfg.stage != 2 or cfg.pretrained_inverter or not (stage1 / "config.json").is_file():
+        return
+    cfg.pretrained_inverter = str(stage1)
+    adapter = recorded_adapter(stage1)
+    if cfg.train_ip_adapter and adapter and not (cfg.ip_adapter or cfg.ip_adapter_weight_name):
+        cfg.ip_adapter = adapter["weights"]
+        cfg.image_encoder_path = cfg.image_encoder_path or adapter["image_encoder"]
+
+
 def train_inverter(cfg: InverterConfig) -> dict:
     """Run (or resume) one stage; returns a summary with the final UNet folder."""
+    continue_from_stage1(cfg)
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -300,8 +483,6 @@ def train_inverter(cfg: InverterConfig) -> dict:
     if loop.done:
         summary = json.loads((loop.dir / "done.json").read_text())
         return {**summary, "final": str(final), "resumed_done": True}
-    if cfg.stage == 2 and not cfg.pretrained_inverter and (out / "stage1" / "final" / "config.json").is_file():
-        cfg.pretrained_inverter = str(out / "stage1" / "final")
     with atomic_open(out / f"{name}.config.json", "w", encoding="utf-8") as f:
         f.write(json.dumps(asdict(cfg), indent=2, default=str))
     m = Models(cfg, need_teacher=cfg.stage == 2, loop=loop)
@@ -313,8 +494,10 @@ def train_inverter(cfg: InverterConfig) -> dict:
         from atelier.evaluate.metrics import load_lpips_vgg
 
         lpips = loop.frozen(load_lpips_vgg(cfg.lpips_weights))
-    opt = torch.optim.AdamW(m.inverter.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-    (inverter,), opt = loop.prepare({"inverter": m.inverter}, opt)
+    trained_branch = {"ip_adapter": m.branch.module} if m.branch is not None and m.branch.trained else {}
+    params = [p for module in (m.inverter, *trained_branch.values()) for p in module.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    (inverter,), opt = loop.prepare({"inverter": m.inverter}, opt, extra=trained_branch)
     m.inv = with_unet(m.den, inverter)
     m.inv.dtype = torch.float32
     val_captions, val_x = Data(None, 64).batch(987_654, cfg.validation_images) if data.items is None else \
@@ -338,17 +521,25 @@ def train_inverter(cfg: InverterConfig) -> dict:
              clip=cfg.max_grad_norm or None, evaluate=evaluate, window=20)
     unet = loop.unwrap(inverter).eval()
     unet.save_pretrained(final, safe_serialization=True)
-    write_info(final, cfg)
+    if trained_branch:
+        m.branch.save(final)
+    write_info(final, cfg, None if m.branch is None else m.branch.record())
     with loop.autocast():
         psnr = inversion_psnr(m, val_captions, val_x)
     loop.finish({"inversion_psnr": round(psnr, 2), "final_loss": float(np.mean(loop.losses[-20:])), "log": loop.log})
-    return {"stage": cfg.stage, "steps": loop.step, "wall_time_s": round(loop.seconds, 1),
-            "inversion_psnr": round(psnr, 2), "final": str(final), "loss_plot": str(loop.dir / "loss.png")}
+    summary = {"stage": cfg.stage, "steps": loop.step, "wall_time_s": round(loop.seconds, 1),
+               "inversion_psnr": round(psnr, 2), "final": str(final), "loss_plot": str(loop.dir / "loss.png")}
+    if m.branch is not None:
+        record = m.branch.record()
+        summary["ip_adapter"] = str(final / record["weights"]) if record["trained"] else record["weights"]
+    return summary
 
 
-def write_info(folder: Path, cfg: InverterConfig) -> None:
+def write_info(folder: Path, cfg: InverterConfig, ip_adapter: dict | None = None) -> None:
     info = {"kind": "inverter", "method": "SwiftEdit inversion network", "generator": cfg.pretrained_sb_generator,
             "timestep": 999, "stage": cfg.stage, "trained_with": {k: v for k, v in asdict(cfg).items() if k != "output_dir"}}
+    if ip_adapter is not None:
+        info["ip_adapter"] = ip_adapter  # the image branch G ran with: `atelier edit --method one-step` loads it
     (Path(folder) / "atelier.json").write_text(json.dumps(info, indent=2, default=str))
 
 
@@ -360,7 +551,6 @@ def export_inverter(folder, out) -> str:
 
     folder, out = Path(folder), Path(out)
     unet = UNet2DConditionModel.from_pretrained(folder)
-    info = folder / "atelier.json"
-    files = {"atelier.json": info.read_text(encoding="utf-8")} if info.is_file() else None
-    return str(save_model_folder(unet, out, files=files))
+    files = {name: (folder / name).read_bytes() for name in ("atelier.json", ADAPTER_FILE) if (folder / name).is_file()}
+    return str(save_model_folder(unet, out, files=files or None))
 
