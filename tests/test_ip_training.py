@@ -1,0 +1,122 @@
+"""Training image prompts: the toy CLIP (contrastive, exported so its vision tower is an IP-Adapter image
+encoder) and `atelier train ip-adapter` on tiny components (the recipe's trainable set, exact resume
+after a kill, an h94 adapter that diffusers and --ip-adapter load, and refusals in one line)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from atelier.cli import main
+from atelier.generate import GenerationRequest, generate
+from atelier.image_prompts import load_ip_adapter, read_adapter
+from atelier.testing import save_tiny_pipeline, tiny_pipeline
+from atelier.testing.ip_adapters import save_encoder
+from atelier.train import ip_adapter as ip_mod
+from atelier.train.checkpoint import load_state
+from atelier.train.ip_adapter import IPAdapterConfig, train_ip_adapter
+
+
+@pytest.fixture(scope="module")
+def tiny_sd1(tmp_path_factory):
+    return save_tiny_pipeline(tiny_pipeline("sd1"), tmp_path_factory.mktemp("sd1") / "model")
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return save_encoder(tmp_path_factory.mktemp("enc") / "image_encoder", projection_dim=16)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The training script's data file: a JSON list of {"image_file", "text"}."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    items = []
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+        items.append({"image_file": f"{k}.png", "text": "a red circle" if k % 2 else "a blue square"})
+    (folder / "data.json").write_text(json.dumps(items))
+    return folder / "data.json"
+
+
+def _cfg(tmp_path, tiny_sd1, encoder, data, **kw) -> IPAdapterConfig:
+    settings = dict(pretrained_model_name_or_path=str(tiny_sd1), image_encoder_path=str(encoder),
+                    data_json_file=str(data), output_dir=str(tmp_path / "run"), train_batch_size=2,
+                    max_train_steps=4, checkpointing_steps=2, validation_steps=4, num_validation_images=2,
+                    learning_rate=1e-2)
+    return IPAdapterConfig(**{**settings, **kw})
+
+
+def test_ip_adapter_trains_only_the_adapter_resumes_exactly_and_loads_back(tmp_path, tiny_sd1, encoder, data,
+                                                                           monkeypatch, capsys):
+    straight = train_ip_adapter(_cfg(tmp_path / "a", tiny_sd1, encoder, data))
+    losses = load_state(tmp_path / "a" / "run" / "checkpoint.safetensors")["losses"]
+
+    real, calls = ip_mod.Data.batch, {"n": 0}
+
+    def dies_at_step_3(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the validation references, steps 1 and 2, then killed
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ip_mod.Data, "batch", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_ip_adapter(_cfg(tmp_path / "b", tiny_sd1, encoder, data))
+    monkeypatch.setattr(ip_mod.Data, "batch", real)
+    resumed = train_ip_adapter(_cfg(tmp_path / "b", tiny_sd1, encoder, data))
+    assert "resumed at step 2" in capsys.readouterr().err
+    np.testing.assert_allclose(load_state(tmp_path / "b" / "run" / "checkpoint.safetensors")["losses"], losses, rtol=1e-5)
+    assert resumed["steps"] == straight["steps"] == 4
+    run = tmp_path / "b" / "run"
+    assert (run / "loss.png").is_file() and list((run / "validation").glob("step_*.png"))
+
+    # the h94 layout: only the projection and to_k_ip / to_v_ip, one pair per cross-attention layer
+    final = run / "final"
+    state = read_adapter(final / "ip-adapter.safetensors")
+    assert sorted(state["image_proj"]) == ["norm.bias", "norm.weight", "proj.bias", "proj.weight"]
+    pipe = tiny_pipeline("sd1")
+    attn2 = [n for n in pipe.unet.attn_processors if n.endswith("attn2.processor")]
+    assert sorted(state["ip_adapter"]) == sorted(f"{2 * k + 1}.{w}_ip.weight" for k in range(len(attn2)) for w in ("to_k", "to_v"))
+    # the recipe's initialisation moved: to_k_ip started as to_k and trained
+    to_k = pipe.unet.get_submodule(attn2[0].removesuffix(".processor")).to_k.weight
+    assert not torch.allclose(state["ip_adapter"]["1.to_k_ip.weight"].float(), to_k, atol=1e-4)
+
+    # it loads back through atelier (and so through diffusers' load_ip_adapter) and steers the image
+    adapters = load_ip_adapter(pipe, final)
+    ref = tmp_path / "ref.png"
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(ref)
+    request = dict(seed=1, steps=2, width=16, height=16, cfg_scale=5.0)
+    plain = generate(pipe, GenerationRequest("a red circle", **request), progress=False)[0].image
+    steered = generate(pipe, GenerationRequest("a red circle", image_prompts=[adapters.reference(ref)], **request),
+                       progress=False)[0].image
+    assert not np.array_equal(np.asarray(plain), np.asarray(steered))
+    assert train_ip_adapter(_cfg(tmp_path / "b", tiny_sd1, encoder, data))["resumed_done"]
+
+
+def test_continuing_from_an_adapter_starts_where_it_ended(tmp_path, tiny_sd1, encoder, data):
+    first = train_ip_adapter(_cfg(tmp_path / "a", tiny_sd1, encoder, data, max_train_steps=2))
+    second = _cfg(tmp_path / "b", tiny_sd1, encoder, data, max_train_steps=1, pretrained_ip_adapter_path=first["final"],
+                  learning_rate=1e-12)
+    train_ip_adapter(second)
+    a = read_adapter(f"{first['final']}/ip-adapter.safetensors")
+    b = read_adapter(tmp_path / "b" / "run" / "final" / "ip-adapter.safetensors")
+    for group in ("image_proj", "ip_adapter"):
+        for key in a[group]:
+            torch.testing.assert_close(a[group][key].float(), b[group][key].float(), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max_train_steps", "0"], "--max_train_steps must be a whole number at least 1"),
+    (["--drop_rate", "0.5"], "--drop_rate must be"),
+    (["--data_json_file", "missing.json"], "--data_json_file not found"),
+    (["--pretrained_model_name_or_path", "{model}", "--data_json_file", "{data}"], "--image_encoder_path is required"),
+])
+def test_train_ip_adapter_cli_refuses_in_one_line(args, words, tmp_path, tiny_sd1, data, capsys):
+    args = [a.format(model=tiny_sd1, data=data) for a in args]
+    assert main(["train", "ip-adapter", "--output_dir", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "Traceback" not in err and len(err.splitlines()) == 1
