@@ -203,6 +203,9 @@ def register_inverter(sub) -> None:
     i.add_argument("--lpips_weights", nargs="+", default=[], metavar="FILE",
                    help="LPIPS VGG weights for stage 2's perceptual loss (else latent MSE + pixel L1 + MSE)")
     i.add_argument("--regularizer_weight", type=float, default=1.0, help="stage 2: weight of the teacher regulariser")
+    i.add_argument("--partial_captions", type=float, default=0.0, metavar="P",
+                   help="stage 2: share of captions cut to a random subset of their phrases (how users word edits: "
+                        "'a red circle' of a three-object scene)")
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--threads", type=int, help="torch CPU threads")
     i.add_argument("--export_dir", help="also write the final inverter here as an fp16 safetensors UNet folder")

@@ -78,6 +78,7 @@ class InverterConfig:
     seed: int = 0
     threads: int | None = None
     max_grad_norm: float = 1.0
+    partial_captions: float = 0.0  # stage 2: share of captions cut to a random subset of their phrases
     image_encoder_path: str | None = None  # image branch: the CLIP vision folder of the adapter
     ip_adapter_weight_name: str | None = None  # image branch: an adapter file, or its name inside --ip_adapter
     ip_adapter: str | None = None  # image branch: an adapter folder, file, h94 layout or cached hub id
@@ -95,7 +96,8 @@ class InverterConfig:
                                               "checkpointing_steps", "validation_steps", "validation_images", "threads")}
         rules.update(learning_rate=dict(above=0), seed=dict(integer=True, minimum=0), max_grad_norm=weight,
                      resolution=dict(integer=True, minimum=8), noise_weight=weight, latent_weight=weight,
-                     perceptual_weight=weight, regularizer_weight=weight)
+                     perceptual_weight=weight, regularizer_weight=weight,
+                     partial_captions=dict(minimum=0, maximum=1))
         check_all(lambda name: f"--{name}", asdict(self), rules)
         if self.resolution is not None and self.resolution % 8:
             raise UserError("--resolution must be a multiple of 8")
@@ -178,12 +180,30 @@ def _load_image(path: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 
-class Data:
-    """Captions and images in [-1, 1]: from a manifest, or rendered toy scenes (seeded)."""
+def caption_phrases(caption: str) -> list[str]:
+    """The phrases of a list-like caption ("a, b and c" -> [a, b, c]): toy-world scene captions, tag lists."""
+    parts = [p.strip() for chunk in caption.split(",") for p in chunk.split(" and ")]
+    return [p for p in parts if p]
 
-    def __init__(self, manifest, size: int):
+
+def partial_caption(caption: str, rng: random.Random) -> str:
+    """A random non-empty subset of the caption's phrases, in random order: a caption as users write
+    one for an edit ("make the red circle blue" names one object of the scene)."""
+    phrases = caption_phrases(caption)
+    if len(phrases) < 2:
+        return caption
+    keep = rng.sample(phrases, rng.randint(1, len(phrases) - 1))
+    return keep[0] if len(keep) == 1 else ", ".join(keep[:-1]) + " and " + keep[-1]
+
+
+class Data:
+    """Captions and images in [-1, 1]: from a manifest, or rendered toy scenes (seeded). With
+    `partial` > 0, that share of the captions is cut to a random subset of its phrases."""
+
+    def __init__(self, manifest, size: int, partial: float = 0.0):
         self.items = read_manifest(manifest) if manifest else None
         self.size = size
+        self.partial = partial
         if self.items is None and size != 64:
             raise UserError(f"the toy-scene stand-in data is 64x64, but the model works at {size}: "
                             "give --train_data_manifest (see `atelier train prepare-inverter-data`)")
@@ -193,11 +213,15 @@ class Data:
             from atelier.train.toyworld import scene_batch
 
             _, captions, x = scene_batch(seed, n)
-            return captions, x
-        rng = random.Random(seed)
-        picks = [self.items[rng.randrange(len(self.items))] for _ in range(n)]
-        x = torch.stack([_load_image(p["image"], self.size) for p in picks]) if images else None
-        return [p["caption"] for p in picks], x
+        else:
+            rng = random.Random(seed)
+            picks = [self.items[rng.randrange(len(self.items))] for _ in range(n)]
+            x = torch.stack([_load_image(p["image"], self.size) for p in picks]) if images else None
+            captions = [p["caption"] for p in picks]
+        if self.partial > 0:
+            rng = random.Random(seed * 31 + 7)
+            captions = [partial_caption(c, rng) if rng.random() < self.partial else c for c in captions]
+        return captions, x
 
 
 # ---------------------------------------------------------------- models
@@ -486,7 +510,7 @@ def train_inverter(cfg: InverterConfig) -> dict:
     with atomic_open(out / f"{name}.config.json", "w", encoding="utf-8") as f:
         f.write(json.dumps(asdict(cfg), indent=2, default=str))
     m = Models(cfg, need_teacher=cfg.stage == 2, loop=loop)
-    data = Data(cfg.train_data_manifest, cfg.resolution or m.size)
+    data = Data(cfg.train_data_manifest, cfg.resolution or m.size, cfg.partial_captions if cfg.stage == 2 else 0.0)
     if data.size != m.size:
         raise UserError(f"--resolution {data.size}: this generator works at {m.size}")
     lpips = None
@@ -535,9 +559,17 @@ def train_inverter(cfg: InverterConfig) -> dict:
     return summary
 
 
+def _portable_path(value):
+    """An absolute path as its last two parts: the record says what was used, not where this machine kept it."""
+    if isinstance(value, str) and Path(value).is_absolute():
+        return "/".join(Path(value).parts[-2:])
+    return value
+
+
 def write_info(folder: Path, cfg: InverterConfig, ip_adapter: dict | None = None) -> None:
+    trained_with = {k: _portable_path(v) for k, v in asdict(cfg).items() if k != "output_dir"}
     info = {"kind": "inverter", "method": "SwiftEdit inversion network", "generator": cfg.pretrained_sb_generator,
-            "timestep": 999, "stage": cfg.stage, "trained_with": {k: v for k, v in asdict(cfg).items() if k != "output_dir"}}
+            "timestep": 999, "stage": cfg.stage, "trained_with": trained_with}
     if ip_adapter is not None:
         info["ip_adapter"] = ip_adapter  # the image branch G ran with: `atelier edit --method one-step` loads it
     (Path(folder) / "atelier.json").write_text(json.dumps(info, indent=2, default=str))
