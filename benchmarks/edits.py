@@ -1,7 +1,10 @@
 """Toy-world edit benchmark: local editing methods against plain img2img and diffusers' LEDITS++.
 
 Cases come from the toy world's edit generator (color, shape, size, add, remove, in turn) on
-rendered source scenes; every method edits the same cases in this one process. Scores (the toy
+rendered source scenes; every method edits the same cases in this one process. With --partial N,
+the contract's partial-caption cases instead: color, shape and size edits on scenes of 2-3 objects
+whose source and target captions name only the edited object, as a user writes "make the red circle
+blue"; every method gets those captions and nothing else, and must keep the unmentioned objects. Scores (the toy
 world's `score_edit`): success = the judge finds exactly the target scene; preservation = share of
 untouched objects found unchanged; background PSNR = outside the changed objects' boxes (inf when
 identical; the mean caps each case at 100 dB, the median is shown too); s/edit = wall time of the
@@ -11,6 +14,7 @@ edit call alone (see TIME_NOTE).
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --models toyworld-turbo --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --speed 20 --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --leditspp-check 20 --results benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/edits.py --partial 60 --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --cases 5     # smoke run
 """
 
@@ -28,7 +32,7 @@ import torch
 from _results import check_command, command_line, write_section
 from atelier.edit.methods import Editor, EditSettings
 from atelier.models import load_pipeline
-from atelier.toyworld import EDIT_TYPES, edit_cases, render_pil, score_edit
+from atelier.toyworld import EDIT_TYPES, PARTIAL_EDIT_TYPES, edit_cases, render_pil, score_edit
 from atelier.toyworld.edits import psnr
 from atelier.toyworld.judge import judge
 
@@ -49,7 +53,7 @@ def leditspp_pipeline(pipe):
 
 def leditspp_concepts(case) -> tuple[list[str], list[bool]]:
     """LEDITS++ takes edit concepts, not a target caption: the target object's phrase is added, the
-    source object's phrase removed."""
+    source object's phrase removed (for a partial-caption case: its target and source captions)."""
     if case.kind == "add":
         return [case.changed[0].phrase()], [False]
     if case.kind == "remove":
@@ -210,55 +214,46 @@ def reconstruction_check(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=250, help="edit cases (default 250; e.g. 5 for a smoke run)")
-    parser.add_argument("--models", default="toyworld,toyworld-turbo")
-    parser.add_argument("--only", help="run only methods whose name contains this text")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results", help="write the table into this markdown file's 'Edits' section")
-    parser.add_argument("--speed", type=int, metavar="N", help="only time the multi-step and one-step methods on N cases")
-    parser.add_argument("--leditspp-check", type=int, metavar="N",
-                        help="only check that LEDITS++ with its edit off reconstructs N sources")
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    if args.results:
-        check_command(__file__, args.argv)
-    if min(args.cases, args.speed or 1, args.leditspp_check or 1) < 1:
-        parser.error("--cases, --speed and --leditspp-check take a positive number")
-    torch.set_num_threads(args.threads)
-    if args.speed:
-        return speed(args)
-    if args.leditspp_check:
-        return reconstruction_check(args)
-
-    cases = edit_cases(args.cases, seed=CASE_SEED)
+def method_rows(args, cases, kinds) -> list[str]:
+    """The table's header and one row per model and method: every method edits every case."""
     sources = [render_pil(c.source) for c in cases]
-    lines = [f"{args.cases} cases ({', '.join(EDIT_TYPES)} in turn; seed {CASE_SEED}), rendered 64x64 sources; "
-             f"torch {torch.__version__}, {args.threads} threads", ""]
     header = f"{'model':<15} {'method':<34} {'success':>8} {'preserved':>9} {'bg PSNR':>8} {'median':>7} {'s/edit':>7}  " + \
-             " ".join(f"{k:>6}" for k in EDIT_TYPES)
-    lines += [header, "-" * len(header)]
-    models = args.models.split(",")
-    for model in models:
+             " ".join(f"{k:>6}" for k in kinds)
+    lines = [header, "-" * len(header)]
+    for model in args.models.split(","):
         pipe = load_pipeline(model)
         editor = Editor(pipe)
         for name, run in methods_for(model, pipe, editor).items():
             if args.only and args.only not in name:
                 continue
             scores, seconds = evaluate_method(run, cases, sources)
-            by_kind = defaultdict(list)
-            for case, score in zip(cases, scores):
-                by_kind[case.kind].append(score.success)
-            psnrs = [min(s.background_psnr, 100.0) for s in scores]
-            row = (f"{model:<15} {name:<34} {sum(s.success for s in scores) / len(scores):8.1%} "
-                   f"{statistics.mean(s.preservation for s in scores):9.1%} {statistics.mean(psnrs):8.1f} "
-                   f"{statistics.median(psnrs):7.1f} {seconds:7.2f}  " +
-                   " ".join(f"{sum(by_kind[k]) / max(1, len(by_kind[k])):6.0%}" for k in EDIT_TYPES))
-            lines.append(row)
-            print(row, flush=True)
-    lines += ["", "bg PSNR: mean over cases with each capped at 100 dB (identical backgrounds are inf); "
-              "success per kind on the right"]
+            lines.append(method_row(model, name, cases, scores, seconds, kinds))
+            print(lines[-1], flush=True)
+    return lines
+
+
+def method_row(model: str, name: str, cases, scores, seconds: float, kinds) -> str:
+    by_kind = defaultdict(list)
+    for case, score in zip(cases, scores):
+        by_kind[case.kind].append(score.success)
+    psnrs = [min(s.background_psnr, 100.0) for s in scores]
+    return (f"{model:<15} {name:<34} {sum(s.success for s in scores) / len(scores):8.1%} "
+            f"{statistics.mean(s.preservation for s in scores):9.1%} {statistics.mean(psnrs):8.1f} "
+            f"{statistics.median(psnrs):7.1f} {seconds:7.2f}  " +
+            " ".join(f"{sum(by_kind[k]) / max(1, len(by_kind[k])):6.0%}" for k in kinds))
+
+
+PSNR_NOTE = ("bg PSNR: mean over cases with each capped at 100 dB (identical backgrounds are inf); "
+             "success per kind on the right")
+
+
+def full_edits(args) -> int:
+    cases = edit_cases(args.cases, seed=CASE_SEED)
+    models = args.models.split(",")
+    lines = [f"{args.cases} cases ({', '.join(EDIT_TYPES)} in turn; seed {CASE_SEED}), rendered 64x64 sources; "
+             f"torch {torch.__version__}, {args.threads} threads", ""]
+    lines += method_rows(args, cases, EDIT_TYPES)
+    lines += ["", PSNR_NOTE]
     table = "\n".join(lines)
     print(table)
     if args.results:
@@ -269,6 +264,64 @@ def main(argv=None) -> int:
         write_section(args.results, "edits-" + "+".join(models), f"Edits (atelier.edit): {', '.join(models)}", table,
                       command_line(__file__, args.argv), notes)
     return 0
+
+
+PARTIAL_NOTE = ("Partial-caption edit cases (docs/toyworld.md): color, shape and size edits in turn on rendered "
+                "scenes of 2-3 objects; the source and target captions name only the edited object (\"a large red "
+                "circle at the top left\" -> \"a large blue circle at the top left\"), and every method gets exactly "
+                "those captions, nothing else (img2img: the target caption; LEDITS++: the target caption as an edit "
+                "concept added, the source caption as one removed). success: the judge finds the whole expected "
+                "scene, the unmentioned objects included; preserved: share of the unmentioned objects found "
+                "unchanged; bg PSNR outside the edited object's boxes. ")
+
+
+def partial_edits(args) -> int:
+    cases = edit_cases(args.partial, seed=CASE_SEED, partial=True)
+    models = args.models.split(",")
+    lines = [f"{args.partial} partial-caption cases ({', '.join(PARTIAL_EDIT_TYPES)} in turn; seed {CASE_SEED}), "
+             f"rendered 64x64 sources of 2-3 objects; torch {torch.__version__}, {args.threads} threads", ""]
+    lines += method_rows(args, cases, PARTIAL_EDIT_TYPES)
+    lines += ["", PSNR_NOTE]
+    table = "\n".join(lines)
+    print(table)
+    if args.results:
+        notes = PARTIAL_NOTE + TIME_NOTE.format(samples=EditSettings().mask_samples)
+        write_section(args.results, "partial-edits-" + "+".join(models),
+                      f"Partial-caption edits (atelier.edit): {', '.join(models)}", table,
+                      command_line(__file__, args.argv), notes)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=250, help="edit cases (default 250; e.g. 5 for a smoke run)")
+    parser.add_argument("--models", default="toyworld,toyworld-turbo")
+    parser.add_argument("--only", help="run only methods whose name contains this text")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", help="write the table into this markdown file's section of this run (edits, partial edits, ...)")
+    parser.add_argument("--speed", type=int, metavar="N", help="only time the multi-step and one-step methods on N cases")
+    parser.add_argument("--leditspp-check", type=int, metavar="N",
+                        help="only check that LEDITS++ with its edit off reconstructs N sources")
+    parser.add_argument("--partial", type=int, metavar="N",
+                        help="run N partial-caption edit cases (captions naming only the edited object) instead of --cases")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.results:
+        check_command(__file__, args.argv)
+    modes = {name: value for name, value in (("--speed", args.speed), ("--leditspp-check", args.leditspp_check),
+                                             ("--partial", args.partial)) if value is not None}
+    if len(modes) > 1:
+        parser.error(f"{' and '.join(modes)} are separate runs; give one")
+    if min([args.cases, *modes.values()]) < 1:
+        parser.error("--cases, --speed, --leditspp-check and --partial take a positive number")
+    torch.set_num_threads(args.threads)
+    if args.speed:
+        return speed(args)
+    if args.leditspp_check:
+        return reconstruction_check(args)
+    if args.partial:
+        return partial_edits(args)
+    return full_edits(args)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,52 @@ def test_edit_time_is_the_edit_call_alone(monkeypatch):
     assert seconds < 0.01
 
 
+
+def run_partial(monkeypatch, argv) -> list[tuple]:
+    """edits.py's output and the RESULTS.md sections it would write, without touching RESULTS.md."""
+    import edits
+
+    sections = []
+    monkeypatch.setattr(edits, "write_section", lambda *args: sections.append(args))
+    monkeypatch.setattr(edits.torch, "set_num_threads", lambda n: None)
+    assert edits.main(["--threads", "1", "--results", str(REPO / "benchmarks" / "RESULTS.md"), *argv]) == 0
+    return sections
+
+
+def test_partial_cases_give_every_method_only_the_captions_a_user_writes(monkeypatch):
+    import edits
+    from atelier.toyworld import parse_caption, render
+
+    captions = []
+
+    def perfect(case, image, seed):
+        captions.append((case.source_caption, case.target_caption))
+        return render(case.target)
+
+    def draws_the_target_caption(case, image, seed):  # img2img's failure: the unmentioned objects are gone
+        return render(parse_caption(case.target_caption))
+
+    monkeypatch.setattr(edits, "load_pipeline", lambda model: None)
+    monkeypatch.setattr(edits, "Editor", lambda pipe: None)
+    monkeypatch.setattr(edits, "methods_for", lambda model, pipe, editor: {
+        "perfect": perfect, "draws the target caption": draws_the_target_caption})
+    [(path, key, title, table, command, notes)] = run_partial(monkeypatch, ["--partial", "3", "--models", "toyworld"])
+    assert key == "partial-edits-toyworld" and command.endswith("--partial 3 --models toyworld")
+    assert all(len(parse_caption(c).objects) == 1 for pair in captions for c in pair)
+    rows = {line[16:50].strip(): line.split() for line in table.splitlines() if line.startswith("toyworld ")}
+    assert rows["perfect"][-3:] == ["100%"] * 3 and "100.0%" in rows["perfect"]
+    assert rows["draws the target caption"][-3:] == ["0%"] * 3
+    assert table.splitlines()[2].split()[-3:] == ["color", "shape", "size"]
+
+
+@pytest.mark.slow
+def test_partial_run_of_the_one_step_method(monkeypatch):
+    [(path, key, title, table, command, notes)] = run_partial(
+        monkeypatch, ["--partial", "3", "--models", "toyworld-turbo", "--only", "one-step"])
+    assert key == "partial-edits-toyworld-turbo"
+    [row] = [line for line in table.splitlines() if line.startswith("toyworld-turbo ")]
+    assert "one-step (inverter)" in row and len(row.split()) == 11
+
 @pytest.mark.slow
 def test_leditspp_baseline_reconstructs_the_source_with_the_edit_off():
     import edits

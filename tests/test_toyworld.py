@@ -1,5 +1,6 @@
 """The toy world's contract: scenes, captions, renderer geometry, the judge, edit cases."""
 
+import hashlib
 import json
 import random
 
@@ -9,7 +10,8 @@ from scipy import ndimage
 
 from atelier.cli import main
 from atelier.errors import UserError
-from atelier.toyworld import detect, edit_cases, judge, parse_caption, render, sample_scene, score_edit
+from atelier.toyworld import (PARTIAL_EDIT_TYPES, detect, edit_cases, judge, make_edit, parse_caption, render,
+                              sample_scene, score_edit)
 from atelier.toyworld.scene import BASE_COLOURS, BASE_SHAPES, CELLS, COLOURS, SHAPES, Scene, ToyObject
 
 
@@ -124,6 +126,53 @@ def test_edit_cases_cover_every_kind_with_exact_targets_and_masks():
         assert parse_caption(case.target_caption).keys() == case.target.keys()
 
 
+
+def test_partial_edit_cases_name_only_the_edited_object_and_keep_the_others():
+    cases = edit_cases(150, seed=0, partial=True)
+    assert {c.kind for c in cases} == set(PARTIAL_EDIT_TYPES)
+    for case in cases:
+        assert 2 <= len(case.source.objects) <= 3
+        old, new = case.changed
+        assert parse_caption(case.source_caption).keys() == [old.key()]
+        assert parse_caption(case.target_caption).keys() == [new.key()]
+        assert old in case.source.objects and new.cell == old.cell
+        assert sum(getattr(old, a) != getattr(new, a) for a in ("shape", "colour", "size")) == 1
+        assert set(case.source.objects) - set(case.target.objects) == {old}
+        assert set(case.target.objects) - set(case.source.objects) == {new}
+        assert case.untouched() and all(o in case.target.objects for o in case.untouched())
+        target_img, source_img = render(case.target), render(case.source)
+        assert not (np.any(target_img != source_img, axis=-1) & ~case.mask()).any()
+        assert score_edit(case, target_img).success and score_edit(case, target_img).preservation == 1.0
+        assert not score_edit(case, source_img).success
+        # img2img with the target caption alone draws the edited object and nothing else: not a success
+        assert not score_edit(case, render(parse_caption(case.target_caption))).success
+
+
+def test_partial_captions_only_for_attribute_edits():
+    scene = sample_scene(random.Random(0), 2)
+    with pytest.raises(ValueError, match="partial-caption edits"):
+        make_edit(scene, "add", random.Random(0), partial=True)
+    with pytest.raises(ValueError, match="partial-caption edits"):
+        edit_cases(5, kinds=("remove",), partial=True)
+
+
+def _fingerprint(cases) -> str:
+    h = hashlib.sha256()
+    for c in cases:
+        h.update(json.dumps(c.to_dict(), sort_keys=True).encode())
+        h.update(c.mask().tobytes())
+        h.update(json.dumps([o.__dict__ for o in c.changed], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def test_full_caption_edit_cases_are_the_same_as_before_partial_cases_existed():
+    # recorded from the generator before partial-caption cases were added
+    assert _fingerprint(edit_cases(250, seed=0)) == "991a866233143496"
+    assert _fingerprint(edit_cases(250, seed=2024)) == "970029da906ea9fb"
+    first = edit_cases(1, seed=0)[0]
+    assert first.source_caption == "a small blue diamond at the top left and a large purple triangle at the bottom left"
+    assert first.target_caption == "a small green diamond at the top left and a large purple triangle at the bottom left"
+
 def test_cli_render_judge_edits(tmp_path, capsys):
     out = tmp_path / "scene.png"
     assert main(["toyworld", "render", "a small green triangle on the right", "--out", str(out), "--json"]) == 0
@@ -138,3 +187,15 @@ def test_cli_render_judge_edits(tmp_path, capsys):
     assert main(["toyworld", "render", "a huge red circle", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("atelier: error:") for line in err)
+
+
+def test_cli_writes_partial_caption_edit_cases(tmp_path, capsys):
+    assert main(["toyworld", "edits", "--partial", "--n", "3", "--outdir", str(tmp_path / "e")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "e" / "cases.jsonl").read_text().splitlines()]
+    assert [line["kind"] for line in lines] == list(PARTIAL_EDIT_TYPES)
+    for line in lines:
+        assert len(parse_caption(line["source"]).objects) == len(parse_caption(line["target"]).objects) == 1
+        assert len(line["scene"]["source"]) >= 2
+    capsys.readouterr()
+    assert main(["toyworld", "edits", "--partial", "--kinds", "add", "--outdir", str(tmp_path / "f")]) == 2
+    assert "choose from color, shape, size" in capsys.readouterr().err

@@ -34,7 +34,10 @@ def register(subparsers) -> None:
     e = sub.add_parser("edits", help="write seeded edit cases: source images, masks and a cases.jsonl")
     e.add_argument("--n", type=int, default=250, help="number of cases (default 250)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--kinds", default="color,shape,size,add,remove", help="comma-separated edit types")
+    e.add_argument("--kinds", help="comma-separated edit types (default: color,shape,size,add,remove; "
+                   "with --partial: color,shape,size)")
+    e.add_argument("--partial", action="store_true",
+                   help="partial-caption cases: attribute edits on 2-3 objects whose captions name only the edited object")
     e.add_argument("--outdir", required=True)
     e.add_argument("--json", action="store_true", help="print the cases as JSON")
     e.set_defaults(func=run_edits)
@@ -103,17 +106,19 @@ def run_edits(args) -> int:
     from atelier.core.images import save_png
     from atelier.core.io import atomic_write_bytes
 
-    from .edits import EDIT_TYPES, edit_cases
+    from .edits import EDIT_TYPES, PARTIAL_EDIT_TYPES, edit_cases
     from .render import render_pil
 
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    unknown = [k for k in kinds if k not in EDIT_TYPES]
+    allowed = PARTIAL_EDIT_TYPES if args.partial else EDIT_TYPES
+    kinds = tuple(k.strip() for k in (args.kinds or ",".join(allowed)).split(",") if k.strip())
+    unknown = [k for k in kinds if k not in allowed]
     if unknown or not kinds:
-        raise UserError(f"unknown edit type(s) {unknown}; choose from {', '.join(EDIT_TYPES)}")
+        cases_of = "partial-caption edit" if args.partial else "edit"
+        raise UserError(f"unknown {cases_of} type(s) {unknown}; choose from {', '.join(allowed)}")
     if args.n < 1:
         raise UserError("--n must be at least 1")
     out = check_output_folder(args.outdir)
-    cases = edit_cases(args.n, args.seed, kinds)
+    cases = edit_cases(args.n, args.seed, kinds, partial=args.partial)
     lines = []
     from PIL import Image
 

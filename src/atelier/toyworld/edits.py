@@ -1,5 +1,6 @@
 """Edit cases of the toy world: (source scene, source caption, target caption, expected target
-scene, edit mask), for the edit types color, shape, size, add and remove (see the contract)."""
+scene, edit mask), for the edit types color, shape, size, add and remove (see the contract), and
+the contract's partial-caption cases: attribute edits whose captions name only the edited object."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .render import box_pixels, render
 from .scene import BASE_COLOURS, BASE_SHAPES, CANVAS, CELLS, SIZES, Scene, ToyObject, sample_object, sample_scene
 
 EDIT_TYPES = ("color", "shape", "size", "add", "remove")
+PARTIAL_EDIT_TYPES = ("color", "shape", "size")
 MASK_DILATION = 2
 
 
@@ -61,7 +63,12 @@ def _captions(source: Scene, target: Scene, rng: random.Random) -> tuple[str, st
     return src.caption(), Scene(tuple(tgt_objs)).caption()
 
 
-def make_edit(source: Scene, kind: str, rng: random.Random, shapes=BASE_SHAPES, colours=tuple(BASE_COLOURS)) -> EditCase:
+def make_edit(source: Scene, kind: str, rng: random.Random, shapes=BASE_SHAPES, colours=tuple(BASE_COLOURS),
+              partial: bool = False) -> EditCase:
+    """One seeded edit of `source`. With `partial`, an attribute edit whose source and target captions
+    name only the edited object ("a large red circle at the top left" -> "a large blue circle ...")."""
+    if partial and kind not in PARTIAL_EDIT_TYPES:
+        raise ValueError(f"partial-caption edits are {', '.join(PARTIAL_EDIT_TYPES)}, not {kind}")
     objs = list(source.objects)
     if kind == "add":
         if len(objs) >= 3:
@@ -81,19 +88,35 @@ def make_edit(source: Scene, kind: str, rng: random.Random, shapes=BASE_SHAPES, 
         value = rng.choice([c for c in choices if c != getattr(old, attr)])
         new = ToyObject(**{**old.__dict__, attr: value})
         target, changed = source.replace_object(old, new), (old, new)
-    src_cap, tgt_cap = _captions(source, target, rng)
+    if partial:  # what a user writes: the edited object before and after
+        src_cap, tgt_cap = (obj.phrase() for obj in changed)
+    else:
+        src_cap, tgt_cap = _captions(source, target, rng)
     return EditCase(kind, source, target, src_cap, tgt_cap, changed)
 
 
-def edit_cases(n: int, seed: int = 0, kinds=EDIT_TYPES, shapes=BASE_SHAPES, colours=tuple(BASE_COLOURS)) -> list[EditCase]:
-    """`n` seeded edit cases cycling through `kinds`, each on a fresh source scene that allows it."""
+def _object_counts(kind: str, partial: bool) -> tuple[int, int]:
+    """Fewest and most objects of a source scene for an edit of `kind`."""
+    if partial:
+        return 2, 3  # at least one unmentioned object to keep
+    return {"add": (1, 2), "remove": (2, 3)}.get(kind, (1, 3))
+
+
+def edit_cases(n: int, seed: int = 0, kinds=None, shapes=BASE_SHAPES, colours=tuple(BASE_COLOURS),
+               partial: bool = False) -> list[EditCase]:
+    """`n` seeded edit cases cycling through `kinds` (default: every type, or every attribute edit
+    when `partial`), each on a fresh source scene that allows it.
+
+    `partial`: the contract's partial-caption cases, on scenes of 2-3 objects, whose captions name
+    only the edited object. The full-caption cases of a seed do not depend on this option's existence."""
+    kinds = kinds or (PARTIAL_EDIT_TYPES if partial else EDIT_TYPES)
     rng = random.Random(seed)
     cases = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        lo, hi = {"add": (1, 2), "remove": (2, 3)}.get(kind, (1, 3))
+        lo, hi = _object_counts(kind, partial)
         source = sample_scene(rng, rng.randint(lo, hi), shapes, colours)
-        cases.append(make_edit(source, kind, rng, shapes, colours))
+        cases.append(make_edit(source, kind, rng, shapes, colours, partial))
     return cases
 
 
