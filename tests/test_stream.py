@@ -385,3 +385,125 @@ def test_stream_through_the_toyworld_tiny_autoencoder(turbo):
         a, b = np.asarray(full(frame), np.float32), np.asarray(tiny(frame), np.float32)
         psnr = 10 * np.log10(255**2 / ((a - b) ** 2).mean())
         assert psnr > 28, psnr
+
+
+# ---------------------------------------------------------------------------- reference images (IP-Adapter)
+
+
+@pytest.fixture(scope="module")
+def h94(tmp_path_factory):
+    from atelier.testing.ip_adapters import write_h94_layout
+
+    return write_h94_layout(tmp_path_factory.mktemp("IP-Adapter"))
+
+
+def _random_images(n, seed, size=32):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _run(pipe, frames, **kw):
+    engine = _engine(pipe, **{"t_index_list": [10, 30], **kw})
+    return engine, [np.asarray(engine(f)) for f in frames]
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_reference_steers_and_scale_0_or_none_is_the_text_only_stream(h94, family):
+    frames, (ref,) = _random_images(3, seed=1), _random_images(1, seed=2)
+    guided = {"cfg_type": "full", "prepare": {"guidance_scale": 1.5, "negative_prompt": "a dog"}}
+    _, text_only = _run(tiny_pipeline(family), frames, **guided)
+    pipe = tiny_pipeline(family)
+    engine = StreamEngine(pipe, ip_adapter=h94)  # loads the adapter into the pipeline
+    assert engine.adapters is not None and StreamEngine.settings_schema(pipe)["ip_adapter"]["default"] is True
+    _, no_reference = _run(pipe, frames, **guided)
+    assert _same(no_reference, text_only)
+    with_scale = lambda scale: {**guided, "prepare": {**guided["prepare"], "reference": ref, "ip_scale": scale}}  # noqa: E731
+    assert _same(_run(pipe, frames, **with_scale(0.0))[1], text_only)
+    engine, steered = _run(pipe, frames, **with_scale(1.0))
+    assert not any(np.array_equal(a, b) for a, b in zip(steered, text_only))
+    engine.update(reference=None)
+    engine.reset()
+    assert _same([np.asarray(engine(f)) for f in frames], text_only)
+
+
+def test_update_swaps_references_without_re_preparing_and_embeds_each_once(h94):
+    from atelier.image_prompts import load_ip_adapter, sha256_of
+
+    frames, refs = _random_images(3, seed=3), _random_images(2, seed=4)
+    pipe = tiny_pipeline("sd1")
+    adapters = load_ip_adapter(pipe, h94)  # already in the pipeline: the engine uses it
+    engine = _engine(pipe, t_index_list=[20], prepare={"reference": refs[0], "ip_scale": 0.8})
+    assert adapters.encoded == 1
+    noise, cond = engine._noise, engine._cond
+    first = [np.asarray(engine(f)) for f in frames]
+    assert engine.update(reference=refs[1])["reference"] == f"sha256:{sha256_of(refs[1])}"
+    second = [np.asarray(engine(f)) for f in frames]
+    engine.update(reference=refs[0])  # seen before: not embedded again
+    again = [np.asarray(engine(f)) for f in frames]
+    assert adapters.encoded == 2 and engine._noise is noise and engine._cond is cond
+    assert _same(again, first) and not _same(second, first)
+    assert _same(second, _run(pipe, frames, t_index_list=[20], prepare={"reference": refs[1], "ip_scale": 0.8})[1])
+    fields = parse_parameters(engine.infotext())
+    assert (fields["IP-Adapter"], fields["IP-Adapter scale"]) == ("ip-adapter_sd15", "0.8")
+    assert fields["IP-Adapter image"] == f"sha256:{sha256_of(refs[0])}"
+    engine.update(ip_scale=0.0)
+    assert _same([np.asarray(engine(f)) for f in frames], _run(pipe, frames, t_index_list=[20])[1])
+    engine.update(reference=None)
+    engine(frames[0])
+    assert "IP-Adapter" not in parse_parameters(engine.infotext()) and engine.settings()["reference"] is None
+
+
+@pytest.mark.parametrize("cfg_type", ["none", "full", "initialize"])
+def test_the_input_frame_as_reference_travels_with_its_frame(h94, cfg_type):
+    """reference="frame": each frame is embedded once as it enters and keeps its embedding through
+    the stages, so stream batch still equals frame-by-frame denoising."""
+    from atelier.image_prompts import load_ip_adapter
+
+    frames = _random_images(5, seed=5)
+    pipe = tiny_pipeline("sd1")
+    adapters = load_ip_adapter(pipe, h94)
+    encoder_calls = []
+    adapters.encoder.register_forward_hook(lambda *a: encoder_calls.append(1))
+    kw = {"cfg_type": cfg_type, "prepare": {"reference": "frame", "guidance_scale": 1.5, "negative_prompt": "a dog"}}
+    stream, streamed = _run(pipe, frames, **kw)
+    assert len(encoder_calls) == len(frames) and stream.settings()["reference"] == "frame"
+    _, single = _run(pipe, frames, use_denoising_batch=False, **kw)
+    for k in range(len(frames) - 1):
+        assert _diff(streamed[k + 1], single[k]) <= 2, k
+    _, plain = _run(pipe, frames, cfg_type=cfg_type, prepare=kw["prepare"] | {"reference": None})
+    assert not _same(streamed, plain)
+    assert parse_parameters(stream.infotext())["IP-Adapter image"] == "input frame"
+    with pytest.raises(UserError, match="txt2img"):
+        stream.txt2img()
+
+
+def test_bad_references_are_refused_and_change_nothing(h94, tmp_path):
+    from pathlib import Path
+
+    from atelier.image_prompts import load_ip_adapter
+
+    frames, (ref,) = _random_images(2, seed=6), _random_images(1, seed=7)
+    plain = _engine(tiny_pipeline("sd1"))
+    with pytest.raises(UserError, match="needs an IP-Adapter loaded"):
+        plain.update(reference=ref)
+    with pytest.raises(UserError, match="needs an IP-Adapter loaded"):
+        plain.update(reference="frame")
+    pipe = tiny_pipeline("sd1")
+    load_ip_adapter(pipe, h94)
+    engine = _engine(pipe, t_index_list=[20], prepare={"reference": ref, "ip_scale": 0.5})
+    before, settings = [np.asarray(engine(f)) for f in frames], engine.settings()
+    ref.save(tmp_path / "ref.png")
+    bad = [({"reference": str(tmp_path / "ref.png")}, "not the text"), ({"reference": b"not an image"}, "cannot"),
+           ({"reference": 5}, "reference image must be"), ({"reference": Path(tmp_path / "nope.png")}, "not found"),
+           ({"ip_scale": -0.1}, "ip_scale"), ({"ip_scale": float("nan")}, "finite"), ({"ip_scale": "high"}, "ip_scale"),
+           ({"reference": _random_images(1, seed=8)[0], "ip_scale": 9}, "ip_scale")]
+    for changes, words in bad:
+        with pytest.raises(UserError, match=words):
+            engine.update(**changes)
+        assert engine.settings() == settings, changes
+    assert _same([np.asarray(engine(f)) for f in frames], before)
+    assert engine.update(reference=Path(tmp_path / "ref.png"))["reference"].startswith("sha256:")

@@ -331,9 +331,13 @@ class IPAdapters:
 
     def idle_kwargs(self, *, guidance_scale: float) -> dict:
         """Arguments that leave every adapter out (scale 0; the UNet still wants embeddings)."""
-        self.pipe.set_ip_adapter_scale([0.0] * len(self.adapters))
+        self.set_idle()
         cfg = guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
         return {"ip_adapter_image_embeds": [torch.cat([e, e]) if cfg else e for e in self.zero_embeds()]}
+
+    def set_idle(self) -> None:
+        """Every adapter at scale 0, which their attention skips: calls give the text-only result."""
+        self.pipe.set_ip_adapter_scale([0.0] * len(self.adapters))
 
     def infotext_fields(self, prompts: list[ImagePrompt]) -> dict:
         return infotext_fields(self.names, prompts)

@@ -3,9 +3,10 @@
 One UNet call per frame covers every denoising stage ("stream batch"): the new frame enters at the
 first stage while the frames before it move one stage on. On top of StreamDiffusion it fixes what
 its users keep reporting: every setting updates live without re-preparing (prompt and negative
-prompt with A1111 weights, blending, guidance, delta, seed, strength / t_index list, CFG type); the
-buffer is filled from the first frame itself, so no brown warm-up frames reach the user; residual
-CFG keeps each frame's residual noise with that frame.
+prompt with A1111 weights, blending, guidance, delta, seed, strength / t_index list, CFG type, the
+reference image and its scale); the buffer is filled from the first frame itself, so no brown
+warm-up frames reach the user; residual CFG keeps each frame's residual noise with that frame, as
+reference="frame" keeps each frame's image embedding.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 
 from atelier.core import vae as vae_calls
 from atelier.errors import UserError
+from atelier.stream import image_prompt
 from atelier.stream import settings as spec
-from atelier.stream.frames import from_tensor, to_tensor
+from atelier.stream.frames import FrameKind, from_tensor, to_tensor
 from atelier.stream.settings import CFG_TYPES, MAX_PROMPT_CHARS, MAX_STAGES  # noqa: F401 (their old home)
 from atelier.stream.similarity import SimilarityFilter
 from atelier.stream.stream_math import (
@@ -63,6 +65,8 @@ def default_settings(pipe) -> dict:
         "t_index_list": strength_to_t_indices(strength, steps, stages),
         "similarity_filter": False,
         "similarity_threshold": 0.98,
+        "reference": None,
+        "ip_scale": 1.0,
     }
 
 
@@ -77,6 +81,11 @@ class StreamEngine:
     similarity_filter / similarity_threshold / max_skip_frames: StreamDiffusion's frame skipping.
     vae: a replacement autoencoder, e.g. a tiny one (AutoencoderTiny, a folder, a hub id, or
       "toyworld-taesd"), sharing the model's latent space.
+    ip_adapter / ip_image_encoder: an IP-Adapter source to load into the pipeline (as
+      atelier.image_prompts.load_ip_adapter takes it) for the `reference` setting; without one the
+      adapter already loaded in the pipeline is used. reference: an image (embedded once per image),
+      "frame" (each input frame is its own image prompt: one image-encoder call per frame) or None;
+      ip_scale: its scale (0: the text-only stream, bit for bit).
     """
 
     def __init__(
@@ -92,6 +101,8 @@ class StreamEngine:
         similarity_threshold: float = 0.98,
         max_skip_frames: int = 10,
         vae=None,
+        ip_adapter=None,
+        ip_image_encoder=None,
     ):
         from atelier.core.facts import check_size, native_size, size_step
         from atelier.core.denoiser import Denoiser
@@ -101,6 +112,8 @@ class StreamEngine:
             raise UserError(f"frame_buffer_size must be a whole number from 1 to {MAX_STAGES}, got {frame_buffer_size!r}")
         self.pipe = pipe
         self.unet = pipe.unet
+        if ip_adapter is not None:
+            image_prompt.load_adapter(pipe, ip_adapter, image_encoder=ip_image_encoder)
         if isinstance(vae, (str, os.PathLike)):
             from atelier.models import load_tiny_autoencoder
 
@@ -128,12 +141,13 @@ class StreamEngine:
         self._settings = self._validated(default_settings(pipe), given)
         self._max_skip_frames = max_skip_frames
         self._text = Denoiser(pipe, cache_size=_EMBED_CACHE_SIZE)  # prompt encoding, cached
-        self._buffer = None  # (latents, residuals) of the frames in flight, stages 1..n-1
+        self._buffer = None  # (latents, residuals, frame image embeddings or None) of the frames in flight, stages 1..n-1
+        self._reference_embeds = None
         self._prepared = False
         self._last_output = None
         self._last_settings = None
         self.profile = False
-        self.timings = {"vae_encode": 0.0, "unet": 0.0, "vae_decode": 0.0}
+        self.timings = {"vae_encode": 0.0, "image_encode": 0.0, "unet": 0.0, "vae_decode": 0.0}
         self.stats = {"frames": 0, "skipped": 0}
 
     # ------------------------------------------------------------------ settings
@@ -145,12 +159,18 @@ class StreamEngine:
 
         size = native_size(pipe)
         return spec.schema({**default_settings(pipe), "width": size, "height": size, "frame_buffer_size": 1,
-                            "ip_adapter": getattr(pipe, "image_encoder", None) is not None})
+                            "ip_adapter": image_prompt.loaded_adapters(pipe.unet) is not None})
 
     def settings(self) -> dict:
         out = dict(self._settings)
-        out.update(width=self.width, height=self.height, frame_buffer_size=self.frame_buffer_size)
+        out.update(width=self.width, height=self.height, frame_buffer_size=self.frame_buffer_size,
+                   reference=spec.shown_reference(out["reference"]))
         return out
+
+    @property
+    def adapters(self):
+        """The IPAdapters loaded in the pipeline (shared with every engine on it), or None."""
+        return image_prompt.loaded_adapters(self.unet)
 
     def _validated(self, current: dict, changes: dict) -> dict:
         """`current` with `changes` applied, or a UserError naming the first bad value."""
@@ -167,6 +187,8 @@ class StreamEngine:
             raise UserError(f"t_index_list {indices} reaches past the {steps}-step schedule (num_inference_steps)")
         if "strength" not in changes or "t_index_list" in changes:
             new["strength"] = round(1.0 - indices[0] / steps, 4)
+        if changes.get("reference") is not None:
+            image_prompt.check_adapters(self.adapters)
         return new
 
     def update(self, /, **changes) -> dict:
@@ -184,6 +206,8 @@ class StreamEngine:
                 state.update(self._embedding_state(new))
             if any(old[k] != new[k] for k in _FILTER_KEYS):
                 state["_filter"] = self._new_filter(new)
+            if spec.shown_reference(old["reference"]) != spec.shown_reference(new["reference"]):
+                state.update(self._reference_state(new))
             vars(self).update(state)
         self._settings = new
         return self.settings()
@@ -196,7 +220,8 @@ class StreamEngine:
                      guidance_scale=guidance_scale, delta=delta, seed=seed, strength=strength, **more)
         changes = {k: v for k, v in given.items() if v is not None}
         new = self._validated(self._settings, changes)
-        state = {**self._schedule_state(new), **self._embedding_state(new), "_filter": self._new_filter(new)}
+        state = {**self._schedule_state(new), **self._embedding_state(new), **self._reference_state(new),
+                 "_filter": self._new_filter(new)}
         vars(self).update(state)
         self._settings = new
         self._prepared = True
@@ -248,6 +273,21 @@ class StreamEngine:
                                               device=self.device, dtype=self.dtype)
         return state
 
+    def _reference_state(self, s: dict) -> dict:
+        """The embedding of an image reference (cached by the adapters: each image is embedded once)."""
+        if s["reference"] is None or s["reference"] == spec.FRAME_REFERENCE:
+            return {"_reference_embeds": None}
+        embeds = image_prompt.reference_embeds(self.adapters, s["reference"])
+        return {"_reference_embeds": embeds.to(self.device, self.dtype)}
+
+    def _frame_embeds(self, pixels: torch.Tensor):
+        """(frames, 1, ...) image embeddings of the input frames when they are the reference, else None."""
+        if self._settings["reference"] != spec.FRAME_REFERENCE or self.adapters is None:
+            return None
+        with self._timed("image_encode"):
+            images = from_tensor(pixels, FrameKind("pil_list", True))
+            return image_prompt.frame_embeds(self.adapters, images).to(self.device, self.dtype)
+
     def _new_filter(self, s: dict):
         if not s["similarity_filter"]:
             return None
@@ -268,18 +308,26 @@ class StreamEngine:
             torch.cuda.synchronize(self.device)
         self.timings[name] += time.perf_counter() - start
 
-    def _unet(self, latents, stages, conditional: torch.Tensor) -> torch.Tensor:
+    def _unet(self, latents, stages, conditional: torch.Tensor, frame_embeds=None) -> torch.Tensor:
         """The UNet on a batch whose items sit at `stages`; `conditional` says which item gets the prompt
-        (True) or the negative prompt (False)."""
+        (True) or the negative prompt (False); `frame_embeds` each item's image embedding when the
+        input frames are the reference (else the reference image's, or none, applies to all)."""
         hidden = torch.where(conditional[:, None, None], self._cond, self._uncond)
-        kwargs = {}
+        added = {}
         if self.sdxl:
             pooled = torch.where(conditional[:, None], self._cond_pooled, self._uncond_pooled)
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self._time_ids.expand(len(latents), -1)}
+            added = {"text_embeds": pooled, "time_ids": self._time_ids.expand(len(latents), -1)}
+        adapters = self.adapters
+        if adapters is not None:
+            s = self._settings
+            embeds = frame_embeds if s["reference"] == spec.FRAME_REFERENCE else self._reference_embeds
+            added["image_embeds"] = image_prompt.unet_image_embeds(adapters, s["reference"], s["ip_scale"],
+                                                                   len(latents), embeds)
+        kwargs = {"added_cond_kwargs": added} if added else {}
         with self._timed("unet"):
             return self.unet(latents, self._t[stages], encoder_hidden_states=hidden, return_dict=False, **kwargs)[0]
 
-    def _denoise(self, x_t: torch.Tensor, stages: torch.Tensor, residual: torch.Tensor):
+    def _denoise(self, x_t: torch.Tensor, stages: torch.Tensor, residual: torch.Tensor, frame_embeds=None):
         """One stage for every item: (x0, eps, residual) where eps is the guided noise and residual is
         the virtual negative each item actually used (initialize replaces stage 0's with the real one)."""
         s = self._settings
@@ -287,14 +335,19 @@ class StreamEngine:
         cfg = s["cfg_type"] if s["guidance_scale"] > 1.0 else "none"
         g = s["guidance_scale"]
         yes = torch.ones(len(x_t), dtype=torch.bool, device=self.device)
+        embeds = frame_embeds
         if cfg == "full":
-            out = self._unet(torch.cat([x_t, x_t]), torch.cat([stages, stages]), torch.cat([~yes, yes]))
+            if frame_embeds is not None:
+                embeds = torch.cat([frame_embeds, frame_embeds])
+            out = self._unet(torch.cat([x_t, x_t]), torch.cat([stages, stages]), torch.cat([~yes, yes]), embeds)
             x0_u, eps_u = x0_and_eps(out[: len(x_t)], x_t, alpha, beta, self.prediction_type)
             x0_c, eps_c = x0_and_eps(out[len(x_t):], x_t, alpha, beta, self.prediction_type)
         else:
             first = (stages == 0).nonzero().flatten() if cfg == "initialize" else stages[:0]
             items = torch.cat([x_t[first], x_t])
-            out = self._unet(items, torch.cat([stages[first], stages]), torch.cat([~yes[first], yes]))
+            if frame_embeds is not None:
+                embeds = torch.cat([frame_embeds[first], frame_embeds])
+            out = self._unet(items, torch.cat([stages[first], stages]), torch.cat([~yes[first], yes]), embeds)
             x0_c, eps_c = x0_and_eps(out[len(first):], x_t, alpha, beta, self.prediction_type)
             if cfg == "none":
                 x0, eps = self._boundary(x0_c, x_t, stages), eps_c
@@ -323,8 +376,9 @@ class StreamEngine:
         a2, b2 = self._alpha[nxt].view(-1, 1, 1, 1), self._beta[nxt].view(-1, 1, 1, 1)
         return renoise(x0, noise, a2, b2), next_residual_noise(residual, eps, noise, a, b, a2, b2)
 
-    def _stream_step(self, x_t: torch.Tensor) -> torch.Tensor:
-        """Enter frames at stage 0 (x_t there); return the clean latents of the frames that leave."""
+    def _stream_step(self, x_t: torch.Tensor, frame_embeds=None) -> torch.Tensor:
+        """Enter frames at stage 0 (x_t there, `frame_embeds` their image embeddings when they are the
+        reference); return the clean latents of the frames that leave."""
         frames, stages = self.frame_buffer_size, len(self.timesteps)
         residual = self._noise[:frames]
         if not self.use_denoising_batch or stages == 1 or self._buffer is None:
@@ -333,18 +387,24 @@ class StreamEngine:
             fill = []
             stage = torch.zeros(frames, dtype=torch.long, device=self.device)
             for i in range(stages):
-                x0, eps, residual = self._denoise(x_t, stage, residual)
+                x0, eps, residual = self._denoise(x_t, stage, residual, frame_embeds)
                 if i + 1 < stages:
                     x_t, residual = self._next(x0, eps, residual, stage)
                     stage = stage + 1
                     fill.append((x_t, residual))
             if self.use_denoising_batch and stages > 1:
-                self._buffer = (torch.cat([f[0] for f in fill]), torch.cat([f[1] for f in fill]))
+                self._buffer = (torch.cat([f[0] for f in fill]), torch.cat([f[1] for f in fill]),
+                                _repeat_rows(frame_embeds, stages - 1))
             return x0
-        buffer_x, buffer_r = self._buffer
+        buffer_x, buffer_r, buffer_e = self._buffer
+        if frame_embeds is not None:
+            if buffer_e is None:  # the frames in flight entered before the input became the reference
+                buffer_e = _repeat_rows(frame_embeds, stages - 1)
+            frame_embeds = torch.cat([frame_embeds, buffer_e])
         stage = torch.arange(stages, device=self.device).repeat_interleave(frames)
-        x0, eps, residual = self._denoise(torch.cat([x_t, buffer_x]), stage, torch.cat([residual, buffer_r]))
-        self._buffer = self._next(x0[:-frames], eps[:-frames], residual[:-frames], stage[:-frames])
+        x0, eps, residual = self._denoise(torch.cat([x_t, buffer_x]), stage, torch.cat([residual, buffer_r]), frame_embeds)
+        self._buffer = (*self._next(x0[:-frames], eps[:-frames], residual[:-frames], stage[:-frames]),
+                        None if frame_embeds is None else frame_embeds[:-frames])
         return x0[-frames:]
 
     # ------------------------------------------------------------------ frames
@@ -372,9 +432,10 @@ class StreamEngine:
         if self._filter is not None and self._filter.should_skip(pixels) and self._last_output is not None:
             self.stats["skipped"] += 1
             return from_tensor(self._last_output, kind)
+        frame_embeds = self._frame_embeds(pixels)
         latents = self._encode_images(pixels)
         x_t = renoise(latents, self._noise[:frames], self._alpha[0], self._beta[0])
-        out = self._decode_latents(self._stream_step(x_t)).float().cpu()
+        out = self._decode_latents(self._stream_step(x_t, frame_embeds)).float().cpu()
         return self._finish(out, kind)
 
     @torch.no_grad()
@@ -382,8 +443,8 @@ class StreamEngine:
         """Images from the fixed noise alone (stage 0 starts from pure noise)."""
         if not self._prepared:
             raise UserError("call prepare(prompt, ...) before generating")
-        from atelier.stream.frames import FrameKind
-
+        if self._settings["reference"] == spec.FRAME_REFERENCE and self.adapters is not None:
+            raise UserError('reference="frame" takes the image prompt from input frames; txt2img has none')
         x_t = self._noise[: self.frame_buffer_size]
         out = self._decode_latents(self._stream_step(x_t)).float().cpu()
         return self._finish(out, FrameKind("pil_list" if self.frame_buffer_size > 1 else "pil", self.frame_buffer_size > 1))
@@ -420,6 +481,11 @@ class StreamEngine:
             "RCFG": cfg if cfg in ("self", "initialize") else None,
             "RCFG delta": s["delta"] if cfg in ("self", "initialize") else None,
             "Prompt blend": f"{s['blend']}: {s['blend_prompt']}" if s["blend_prompt"] and s["blend"] > 0 else None,
+            **image_prompt.reference_fields(self.adapters, s["reference"], s["ip_scale"]),
         }
         return format_parameters(s["prompt"], s["negative_prompt"], {k: v for k, v in fields.items() if v is not None})
 
+
+def _repeat_rows(embeds, times: int):
+    """`embeds` (frames, ...) for `times` stages in a row, as the buffer lays frames out; None stays None."""
+    return None if embeds is None else embeds.repeat(times, *[1] * (embeds.ndim - 1))

@@ -4,20 +4,24 @@ Both the schema the page builds its controls from (`schema`, served as `/api/set
 checks `StreamEngine.update` applies (`apply`) come from these declarations, so they cannot
 disagree. Numbers are finite and bounded; text has a length limit; nothing else is accepted.
 Rules that tie settings together (t_index_list against num_inference_steps, strength against
-t_index_list) are the engine's, in `StreamEngine._validated`.
+t_index_list, a reference image against the loaded IP-Adapter) are the engine's, in
+`StreamEngine._validated`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from atelier.errors import UserError
+from atelier.image_prompts.references import MAX_SCALE
 
 MAX_PROMPT_CHARS = 4000
 MAX_STAGES = 8
 MAX_STEPS = 1000
 CFG_TYPES = ("none", "full", "self", "initialize")
+FRAME_REFERENCE = "frame"  # the `reference` value that makes each input frame the image prompt
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class Setting:
     """One setting: a JSON-schema type with its bounds. `read_only` ones are fixed by the model."""
 
     name: str
-    type: str  # "string" | "number" | "integer" | "boolean" | "array" (of integers)
+    type: str  # "string" | "number" | "integer" | "boolean" | "array" (of integers) | "image"
     description: str = ""
     minimum: float | None = None
     maximum: float | None = None
@@ -36,6 +40,9 @@ class Setting:
     read_only: bool = False
 
     def schema(self, default) -> dict:
+        if self.type == "image":  # set by an image (not JSON), "frame" or null; shown as "sha256:HEX"
+            return {"type": ["string", "null"], "contentMediaType": "image/*", "default": shown_reference(default),
+                    "description": self.description}
         out = {"type": self.type, "default": default}
         if self.read_only:
             out["readOnly"] = True
@@ -73,6 +80,8 @@ class Setting:
             return number(value, self.name, self.minimum, self.maximum)
         if self.type == "integer":
             return whole_number(value, self.name, self.minimum, self.maximum)
+        if self.type == "image":
+            return reference(value, self.name)
         if not isinstance(value, (list, tuple)) or not self.min_items <= len(value) <= self.max_items:
             raise UserError(f"{self.name} must be a list of {self.min_items} to {self.max_items} whole numbers, "
                             f"got {show(value)}")
@@ -95,6 +104,9 @@ SETTINGS: tuple[Setting, ...] = (
             0, MAX_STEPS - 1, min_items=1, max_items=MAX_STAGES),
     Setting("similarity_filter", "boolean", "skip frames that barely changed"),
     Setting("similarity_threshold", "number", "cosine similarity above which frames may be skipped", 0.5, 0.999),
+    Setting("reference", "image", "the image prompt (IP-Adapter): an image, \"frame\" (each input frame), or null "
+            "for none"),
+    Setting("ip_scale", "number", "how strongly the reference image counts; 0: the text-only stream", 0.0, MAX_SCALE),
     Setting("width", "integer", read_only=True),
     Setting("height", "integer", read_only=True),
     Setting("frame_buffer_size", "integer", "frames per engine call", read_only=True),
@@ -150,6 +162,28 @@ def whole_number(value, name: str, low: int | float | None = None, high: int | f
     if low is not None and value < low or high is not None and value > high:
         raise UserError(f"{name} must be from {low} to {high}, got {show(value)}")
     return value
+
+
+def reference(value, name: str = "reference"):
+    """A reference image setting: None (none), FRAME_REFERENCE (each input frame), or an ImagePrompt
+    of an image (PIL, image bytes, a pathlib.Path or an ImagePrompt), opened with atelier's limits.
+    Other text is refused: a client's settings must never name a file on the server."""
+    from atelier.image_prompts.references import ImagePrompt, open_reference
+
+    if value is None or value == "" or value == FRAME_REFERENCE:
+        return value or None
+    if isinstance(value, str):
+        raise UserError(f'{name} must be an image, "{FRAME_REFERENCE}" or none, not the text {show(value)} '
+                        "(a file is given as a pathlib.Path)")
+    if isinstance(value, ImagePrompt):
+        return ImagePrompt(value.image, value.sha256)
+    image, digest = open_reference(value if not isinstance(value, os.PathLike) else os.fspath(value))
+    return ImagePrompt(image, digest)
+
+
+def shown_reference(value):
+    """A reference setting as JSON shows it: null, "frame" or "sha256:HEX"."""
+    return value if value is None or isinstance(value, str) else f"sha256:{value.sha256}"
 
 
 def show(value, limit: int = 60) -> str:
