@@ -1,6 +1,7 @@
 """The page of `atelier serve` in a real headless Chromium, driven by Playwright, against the real
 command, started with --auth-token: the page passes the token on, the toy animation streams through
 the model, a prompt change changes the output, and the snapshot link is the session's private one.
+Started with --ip-adapter, the page's reference slot uploads a reference, scales it and clears it.
 
 Needs /usr/bin/chromium (CI installs it) and the `playwright` package; never `playwright install`.
 """
@@ -39,11 +40,11 @@ OUTPUT_HASH = """() => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def server_url():
+def serve(*options):
+    """`atelier serve` with `options` on a free port; yields its base URL, stops it afterwards."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve", "--port", "0", "--auth-token", TOKEN], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "atelier.cli", "serve", "--port", "0", "--auth-token", TOKEN,
+                                *map(str, options)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         if not line.startswith("atelier serve: http://"):
@@ -55,6 +56,21 @@ def server_url():
     finally:
         process.terminate()
         process.wait(20)
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    yield from serve()
+
+
+@pytest.fixture(scope="module")
+def adapter_server_url(tmp_path_factory):
+    """The server with a (tiny, random) IP-Adapter for toyworld-turbo: --ip-adapter FOLDER."""
+    from atelier.models import load_pipeline
+    from atelier.testing.ip_adapters import write_adapter_folder
+
+    folder = write_adapter_folder(tmp_path_factory.mktemp("adapter") / "toy-ip", load_pipeline("toyworld-turbo").unet)
+    yield from serve("--ip-adapter", folder)
 
 
 @pytest.fixture
@@ -100,8 +116,10 @@ def test_page_streams_the_toy_world_and_follows_the_prompt(server_url, page):
     for key in ("guidance_scale", "delta", "seed", "strength", "blend_prompt", "blend"):
         assert page.locator(f"#setting-{key}").count() == 1, key
     assert page.locator("#source").input_value() == "toy"
-    assert page.locator("#reference").is_disabled()
-    assert "this model has no IP-Adapter" in page.locator("#reference-note").inner_text()
+    config = page.evaluate("window.atelier.config")
+    if not config["ip_adapter"]:  # the reference slot is off, and says why
+        assert page.locator("#reference").is_disabled()
+        assert page.locator("#reference-note").inner_text() == config["ip_adapter_note"] and config["ip_adapter_note"]
     assert page.evaluate("[document.getElementById('input').width, document.getElementById('output').width]") == [64, 64]
 
     page.fill("#prompt", PROMPT_A)
@@ -142,5 +160,42 @@ def test_page_streams_the_toy_world_and_follows_the_prompt(server_url, page):
     assert snapshot.size == (64, 64) and snapshot.info["parameters"].startswith(PROMPT_B)
 
     page.click("#start")  # stop
+    page.wait_for_function("window.atelier.ws === null", timeout=10_000)
+    assert page.problems == []
+
+
+def test_page_uploads_scales_and_clears_a_reference_image(adapter_server_url, page, tmp_path):
+    from atelier.toyworld import parse_caption, render_pil
+
+    reference = tmp_path / "reference.png"
+    render_pil(parse_caption("a large purple diamond in the center")).save(reference)
+    page.goto(f"{adapter_server_url}/?token={TOKEN}")
+    page.wait_for_selector("#controls .control")
+    assert not page.locator("#reference").is_disabled() and page.locator("#reference-note").inner_text() == ""
+    assert page.locator("#setting-ip_scale").get_attribute("max") == "5"
+    page.fill("#prompt", PROMPT_A)
+    page.check("#toy-pause")
+    page.click("#start")
+    page.wait_for_function("window.atelier.session !== null", timeout=30_000)
+    wait_frames(page, 3)
+    text_only = steady_hash(page)
+
+    def settled(condition: str) -> int:
+        page.wait_for_function(f"window.atelier.lastSettings && {condition}", timeout=30_000)
+        wait_frames(page, 2)
+        return steady_hash(page)
+
+    page.set_input_files("#reference", str(reference))
+    steered = settled("String(window.atelier.lastSettings.reference).startsWith('sha256:')")
+    assert steered != text_only, "the reference did not change the output"
+    assert "reference: sha256:" in page.locator("#reference-state").inner_text()
+    page.fill("#setting-ip_scale", "0")
+    assert settled("window.atelier.lastSettings.ip_scale === 0") == text_only  # scale 0: the text-only stream
+    page.fill("#setting-ip_scale", "5")
+    assert settled("window.atelier.lastSettings.ip_scale === 5") != text_only
+    page.click("#reference-clear")
+    assert settled("window.atelier.lastSettings.reference === null") == text_only
+    assert page.evaluate("window.atelier.lastError") is None
+    page.click("#start")
     page.wait_for_function("window.atelier.ws === null", timeout=10_000)
     assert page.problems == []

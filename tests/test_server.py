@@ -568,6 +568,115 @@ def test_snapshot_has_parameters_and_mjpeg_streams(server, frames):
     server.wait_sessions(0)
 
 
+# ---------------------------------------------------------------------------------------------- reference images
+
+
+@pytest.fixture(scope="module")
+def ip_server(tmp_path_factory):
+    """A server whose model has a (tiny, random) IP-Adapter, given as create_app's ip_adapter source."""
+    from atelier.models import load_pipeline
+    from atelier.testing.ip_adapters import write_adapter_folder
+
+    pipe = load_pipeline("toyworld-turbo")
+    folder = write_adapter_folder(tmp_path_factory.mktemp("adapter") / "toy-ip", pipe.unet)
+    with RunningServer(create_app(pipe, ip_adapter=folder)) as running:
+        running.pipe = pipe
+        yield running
+
+
+def test_a_session_uploads_a_reference_scales_and_clears_it(ip_server, frames):
+    """The reference changes the session's frames exactly as it changes a StreamEngine's; scale 0 and
+    a cleared reference give the text-only frames bit for bit; the snapshot records the reference."""
+    import hashlib
+
+    from atelier.generate.metadata import parse_parameters
+    from atelier.stream import StreamEngine
+
+    reference = png(frames[3])
+    engine = StreamEngine(ip_server.pipe)
+    engine.prepare(PROMPT_A, reference=reference, ip_scale=0.7)
+    expected = np.asarray(engine(frames[0]))
+
+    async def first_frame(client):  # each frame enters an empty buffer: outputs compare exactly
+        await client.ws.send(json.dumps({"type": "reset"}))
+        return await client.frame(frames[0])
+
+    async def run():
+        client = await Client.open(ip_server.ws())
+        await client.settings(prompt=PROMPT_A, ip_scale=0.7)
+        text_only = await first_frame(client)
+        await client.ws.send(json.dumps({"type": "reference"}))
+        await client.ws.send(reference)
+        uploaded = (await client.next_message("settings"))["settings"]
+        steered = await first_frame(client)
+        snapshot = (await asyncio.to_thread(ip_server.get, client.hello["snapshot"]))[2]
+        off = await client.settings(ip_scale=0.0)
+        at_zero = await first_frame(client)
+        await client.settings(ip_scale=0.7)
+        cleared = await client.settings(reference=None)
+        after_clear = await first_frame(client)
+        by_frame = await client.settings(reference="frame")
+        await client.close()
+        return text_only, uploaded, steered, snapshot, off, at_zero, cleared, after_clear, by_frame
+
+    text_only, uploaded, steered, snapshot, off, at_zero, cleared, after_clear, by_frame = asyncio.run(run())
+    digest = hashlib.sha256(reference).hexdigest()
+    assert uploaded["reference"] == f"sha256:{digest}" and uploaded["ip_scale"] == 0.7
+    assert np.array_equal(steered, expected) and not np.array_equal(steered, text_only)
+    fields = parse_parameters(Image.open(io.BytesIO(snapshot)).info["parameters"])
+    assert fields["IP-Adapter image"] == f"sha256:{digest}" and fields["IP-Adapter scale"] == "0.7"
+    assert off["ip_scale"] == 0.0 and off["reference"] == f"sha256:{digest}"
+    assert np.array_equal(at_zero, text_only) and np.array_equal(after_clear, text_only)
+    assert cleared["reference"] is None and by_frame["reference"] == "frame"
+    ip_server.wait_sessions(0)
+
+
+def test_bad_references_get_an_error_and_the_session_goes_on(ip_server, server, frames):
+    huge = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(huge, format="PNG")
+    jpeg = io.BytesIO()
+    frames[1].save(jpeg, format="JPEG")
+    gif = io.BytesIO()
+    frames[1].save(gif, format="GIF")
+    binary = [(b"not an image", "bad_reference"), (b"", "bad_reference"), (gif.getvalue(), "bad_reference"),
+              (huge.getvalue(), "reference_too_large"), (b"\x89PNG" + bytes(9 * 1024 * 1024), "reference_too_large"),
+              (jpeg.getvalue()[: len(jpeg.getvalue()) // 2], "bad_reference")]  # truncated: fails on the worker
+    settings = [({"reference": "/etc/passwd"}, "not the text"), ({"reference": 3}, "reference image must be"),
+                ({"ip_scale": -1}, "ip_scale"), ({"ip_scale": 6}, "ip_scale")]
+
+    async def run(url, cases, expect_settings=True):
+        client = await Client.open(url)
+        before = await client.settings(prompt=PROMPT_A, reference="frame") if expect_settings else None
+        errors = []
+        for data, code in cases:
+            await client.ws.send(json.dumps({"type": "reference"}))
+            await client.ws.send(data)
+            errors.append((await client.next_message("error"), code))
+            assert (await client.frame(frames[0])).shape == (64, 64, 3)  # the session goes on
+        for changes, words in settings if expect_settings else ():
+            await client.ws.send(json.dumps({"type": "settings", **changes}))
+            errors.append((await client.next_message("error"), "bad_settings"))
+            assert words in errors[-1][0]["message"], (changes, errors[-1])
+        after = await client.settings(delta=1.0)
+        await client.close()
+        return before, after, errors
+
+    before, after, errors = asyncio.run(run(ip_server.ws(), binary))
+    for error, code in errors:
+        assert error["code"] == code, (code, error)
+        assert error["message"] and len(error["message"]) < 500
+    assert before["reference"] == after["reference"] == "frame" and before["ip_scale"] == after["ip_scale"]
+
+    # a server without an adapter: the page is told why, and a reference is refused in words
+    public = server.get_json("/api/settings")
+    assert public["ip_adapter"] is False and "has no IP-Adapter yet" in public["ip_adapter_note"]
+    _, _, errors = asyncio.run(run(server.ws(), [(png(frames[2]), "bad_reference")], expect_settings=False))
+    assert "needs an IP-Adapter" in errors[0][0]["message"] and "--ip-adapter" in errors[0][0]["message"]
+    assert ip_server.get_json("/api/settings")["ip_adapter"] is True
+    ip_server.wait_sessions(0)
+    server.wait_sessions(0)
+
+
 # ---------------------------------------------------------------------------------------------- the command
 
 
@@ -588,6 +697,9 @@ def test_serve_command_max_sessions_and_errors(tmp_path):
     bad = subprocess.run(command + ["--model", str(tmp_path / "missing"), "--port", "0"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("atelier: error:")
+    bad = subprocess.run(command + ["--port", "0", "--ip-adapter", str(tmp_path / "no-adapter")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no-adapter" in bad.stderr, bad.stderr
 
     process = subprocess.Popen(command + ["--port", "0", "--max-sessions", "1"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

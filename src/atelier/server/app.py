@@ -6,6 +6,9 @@ WebSocket `/ws` (query: `format=jpeg|png`, `quality=1..100`):
                {"type": "reset"} | {"type": "ping"} | {"type": "output", "format": "png", "quality": 90}
                {"type": "edit", "source": "...", "target": "...", "show_mask": false}: edit mode, each frame edited with the
                one-step method (needs the model's inverter); without prompts it ends edit mode
+               {"type": "reference"}: the next binary message is the session's reference image (IP-Adapter image
+               prompt; same limits as frames), not a frame. {"type": "settings", "reference": null} clears it,
+               "reference": "frame" makes each input frame the reference, "ip_scale": 0.6 sets its scale
   out  binary: the output frame for the latest input frame
        text:   {"type": "hello", "session": ..., "key": ..., "snapshot": URL, "mjpeg": URL, ...} on connect,
                {"type": "settings", "settings": {...}} after each change, {"type": "status", "fps": ...,
@@ -69,7 +72,7 @@ IDLE_TIMEOUT = 120.0  # seconds without a frame or command before a session is c
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
-MESSAGE_TYPES = ("settings", "reset", "output", "ping", "edit")
+MESSAGE_TYPES = ("settings", "reset", "output", "ping", "edit", "reference")
 
 
 class _Close:
@@ -90,6 +93,8 @@ def create_app(
     allowed_origins: list[str] = (),
     auth_token: str | None = None,
     idle_timeout: float = IDLE_TIMEOUT,
+    ip_adapter=None,
+    ip_image_encoder=None,
     **load_options,
 ) -> FastAPI:
     """The app for a loaded pipeline, or for anything `load_pipeline` takes (loaded here, now).
@@ -98,6 +103,9 @@ def create_app(
     allowed_origins: origins besides the server's own whose pages may open the WebSocket ("*": any).
     auth_token: when set, required on every request but /static/.
     idle_timeout: seconds without a frame or command after which a session is closed.
+    ip_adapter / ip_image_encoder: the IP-Adapter for the sessions' reference images (a source as
+      load_ip_adapter takes it). Default: the one already loaded in the pipeline, else for a built-in
+      model its own adapter if there is one; without an adapter the page's reference slot is off.
     """
     from atelier.core.facts import model_name as _model_name
     from atelier.stream import StreamEngine
@@ -113,9 +121,11 @@ def create_app(
         pipe = load_pipeline(str(pipe_or_source), **load_options)
     else:
         pipe = pipe_or_source
+    model = _model_name(pipe) or "model"
+    reference_note = _load_reference_adapter(pipe, model, ip_adapter, ip_image_encoder,
+                                             load_options.get("allow_pickle", False))
     manager = SessionManager(pipe, max_sessions, max_frame_side, engine_factory)
     schema = StreamEngine.settings_schema(pipe)
-    model = _model_name(pipe) or "model"
     try:
         from atelier.edit.one_step import default_inverter
 
@@ -129,6 +139,7 @@ def create_app(
         "width": schema["width"]["default"],
         "height": schema["height"]["default"],
         "ip_adapter": bool(schema.get("ip_adapter", {}).get("default")),
+        "ip_adapter_note": reference_note,  # why reference images are off, or None
         "settings": schema,
         "output_formats": list(OUTPUT_FORMATS),
         "limits": {"max_frame_bytes": max_frame_bytes, "max_frame_side": max_frame_side, "max_sessions": max_sessions,
@@ -239,7 +250,11 @@ def create_app(
                 if message["type"] == "websocket.disconnect":
                     break
                 try:
-                    if message.get("bytes") is not None:
+                    if message.get("bytes") is not None and session.expect_reference:
+                        session.expect_reference = False
+                        check_frame(message["bytes"], max_frame_bytes, max_frame_side, what="reference")
+                        manager.submit_command(session, "reference", {"image": message["bytes"]})
+                    elif message.get("bytes") is not None:
                         check_frame(message["bytes"], max_frame_bytes, max_frame_side)
                         manager.submit_frame(session, message["bytes"])
                     elif message.get("text") is not None:
@@ -325,10 +340,33 @@ def _on_text(manager: SessionManager, session: Session, text: str, edit_mode: Ed
         show_mask = message.get("show_mask") is True
         manager.submit_command(session, "processor", {"make": lambda: edit_mode.processor(prompts, show_mask),
                                                       "reply": "edit", "error": "bad_edit"})
+    elif kind == "reference":
+        session.expect_reference = True
     elif kind == "ping":
         session.post({"type": "pong", "t": _echo(message.get("t"))})
     else:
         raise ClientError("unknown_type", f"unknown message type {show(kind)}; known: {', '.join(MESSAGE_TYPES)}")
+
+
+def _load_reference_adapter(pipe, model: str, source, image_encoder, allow_pickle: bool) -> str | None:
+    """Load the IP-Adapter the sessions' reference images use; None when there is one, else why not
+    (the note the page shows). A source given explicitly must load: its error stops the server."""
+    from atelier.models import list_builtin_models
+    from atelier.stream.image_prompt import load_adapter, loaded_adapters
+
+    if source is not None:
+        load_adapter(pipe, source, image_encoder=image_encoder, allow_pickle=allow_pickle)
+        return None
+    if loaded_adapters(pipe.unet) is not None:
+        return None
+    if model not in {m["name"] for m in list_builtin_models()}:
+        return "reference images need an IP-Adapter: start atelier serve with --ip-adapter SOURCE"
+    try:
+        load_adapter(pipe, None, image_encoder=image_encoder)  # the built-in model's own adapter
+    except UserError as exc:
+        log.info("no IP-Adapter for %s: %s", model, exc)
+        return f"{model} has no IP-Adapter yet: start atelier serve with --ip-adapter SOURCE for reference images"
+    return None
 
 
 def _echo(t):

@@ -51,6 +51,12 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", metavar="T", help="weights dtype: fp32, fp16 or bf16 (default: fp16 on GPUs, fp32 on CPU)")
     p.add_argument("--config", metavar="C", help="for a single-file checkpoint: its base model's diffusers folder or bundled config")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.ckpt/.bin) weights")
+    p.add_argument("--ip-adapter", metavar="SOURCE",
+                   help="the IP-Adapter for the sessions' reference images (image prompts): an h94/IP-Adapter folder, "
+                        "a folder or .safetensors file, or a hub id in your HF cache (never downloaded). Default: a "
+                        "built-in model's own adapter, if it has one; otherwise the page's reference slot is off")
+    p.add_argument("--ip-image-encoder", metavar="DIR",
+                   help="the CLIP vision folder the adapter was trained with (default: found beside the adapter)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default warning)")
     p.set_defaults(func=run_serve)
@@ -92,6 +98,8 @@ def run_serve(args) -> int:
         allowed_origins=origins,
         auth_token=token,
         idle_timeout=args.idle_timeout,
+        ip_adapter=args.ip_adapter,
+        ip_image_encoder=args.ip_image_encoder,
     )
     host, port = sock.getsockname()[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host

@@ -57,25 +57,26 @@ class ClientError(UserError):
 # ---------------------------------------------------------------------------------------------- frames
 
 
-def _open_frame(data: bytes, max_side: int, load: bool):
-    """`open_image` on a frame's bytes, its refusals as the client's error codes."""
+def _open_frame(data: bytes, max_side: int, load: bool, what: str = "frame"):
+    """`open_image` on a frame's (or reference image's) bytes, its refusals as the client's error codes."""
     from atelier.core.images import ImageTooLarge, open_image
 
     try:
-        return open_image(data, max_side=max_side, formats=FRAME_FORMATS, name="frame", load=load)
+        return open_image(data, max_side=max_side, formats=FRAME_FORMATS, name=what, load=load)
     except ImageTooLarge as exc:
-        raise ClientError("frame_too_large", str(exc)) from None
+        raise ClientError(f"{what}_too_large", str(exc)) from None
     except UserError as exc:
-        raise ClientError("bad_frame", f"{exc}; binary messages must be JPEG, PNG or WebP images") from None
+        raise ClientError(f"bad_{what}", f"{exc}; binary messages must be JPEG, PNG or WebP images") from None
 
 
-def check_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES, max_side: int = MAX_FRAME_SIDE) -> None:
-    """Refuse, cheaply and before any decoding, what cannot be a frame."""
+def check_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES, max_side: int = MAX_FRAME_SIDE, what: str = "frame") -> None:
+    """Refuse, cheaply and before any decoding, what cannot be a frame (`what`: "frame" or "reference",
+    which also names the error codes: bad_frame, frame_too_large, bad_reference, reference_too_large)."""
     if len(data) > max_bytes:
-        raise ClientError("frame_too_large", f"frame is {len(data)} bytes; the limit is {max_bytes}")
+        raise ClientError(f"{what}_too_large", f"{what} is {len(data)} bytes; the limit is {max_bytes}")
     if not data:
-        raise ClientError("bad_frame", "empty binary message; send a JPEG, PNG or WebP image")
-    _open_frame(data, max_side, load=False)
+        raise ClientError(f"bad_{what}", "empty binary message; send a JPEG, PNG or WebP image")
+    _open_frame(data, max_side, load=False, what=what)
 
 
 def decode_frame(data: bytes, max_side: int = MAX_FRAME_SIDE):
@@ -124,6 +125,7 @@ class Session:
         self.closed = False
         self.engine = None  # worker-owned, as is the processor
         self.processor: FrameProcessor | None = None  # None: `stream_frame`
+        self.expect_reference = False  # loop side: the next binary message is a reference image, not a frame
         # Guarded by the manager's lock.
         self._frame: tuple[bytes, float] | None = None
         self._commands: list[tuple[str, dict]] = []
@@ -303,8 +305,9 @@ class SessionManager:
             self._schedule(session)
 
     def submit_command(self, session: Session, kind: str, args: dict | None = None) -> None:
-        """Queue for the worker, in order: "settings" (engine.update(**args)), "reset", "output"
-        ({"format", "quality"}) or "processor" ({"make": a function run on the worker that returns a
+        """Queue for the worker, in order: "settings" (engine.update(**args)), "reference" ({"image": bytes}:
+        engine.update(reference=...)), "reset", "output" ({"format", "quality"}) or "processor" ({"make": a
+        function run on the worker that returns a
         FrameProcessor, or None for plain img2img, or raises a UserError; "reply": the type of the message
         describing the result; "error": the error code of a refusal})."""
         with self._lock:
@@ -354,7 +357,7 @@ class SessionManager:
             session.engine = self.engine_factory()
             self._send(session, "post", {"type": "settings", "settings": session.engine.settings()})
         for kind, args in commands:
-            code = args.get("error", "bad_settings") if kind == "processor" else "bad_settings"
+            code = {"processor": args.get("error"), "reference": "bad_reference"}.get(kind) or "bad_settings"
             try:
                 self._command(session, kind, args)
             except UserError as exc:
@@ -384,8 +387,9 @@ class SessionManager:
         self._send(session, "deliver", payload, jpeg, received)
 
     def _command(self, session: Session, kind: str, args: dict) -> None:
-        if kind == "settings":
-            settings = session.engine.update(**args)
+        if kind in ("settings", "reference"):
+            changes = {"reference": args["image"]} if kind == "reference" else args
+            settings = session.engine.update(**changes)
             self._send(session, "post", {"type": "settings", "settings": settings})
         elif kind == "reset":
             session.engine.reset()

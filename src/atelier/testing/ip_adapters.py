@@ -84,3 +84,14 @@ def write_h94_layout(root) -> Path:
     save_file(base_adapter(sdxl, projection_dim=24), root / "sdxl_models" / "ip-adapter_sdxl.safetensors")
     save_file(plus_adapter(sdxl), root / "sdxl_models" / "ip-adapter-plus_sdxl_vit-h.safetensors")
     return root
+
+
+def write_adapter_folder(folder, unet, seed=1) -> Path:
+    """A folder holding one base adapter for `unet` (e.g. toyworld-turbo's) and its `image_encoder/`:
+    what `load_ip_adapter(pipe, folder)` and `atelier serve --ip-adapter folder` take."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_encoder(folder / "image_encoder", projection_dim=16, seed=0)
+    save_file(base_adapter(unet, projection_dim=16, seed=seed), folder / "adapter.safetensors")
+    return folder

@@ -26,6 +26,7 @@ const state = {
   lastSettings: null,
   dirty: new Set(),      // settings the user changed before connecting
   lastError: null,
+  reference: null,       // the reference image (a Blob) to send when the session opens
 };
 window.atelier = state;  // for the console and the browser test
 
@@ -189,10 +190,13 @@ function onMessage(message) {
     $("mjpeg").classList.remove("disabled");
     const initial = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value };
     for (const key of state.dirty) initial[key] = controlValue(key);
+    if ($("reference-frame").checked) initial.reference = "frame";
     send({ type: "settings", ...initial });
+    if (state.reference && !$("reference-frame").checked) sendReference(state.reference);
   } else if (message.type === "settings") {
     state.lastSettings = message.settings;
     showSettings(message.settings);
+    showReference(message.settings.reference);
   } else if (message.type === "status") {
     $("latency").textContent = message.latency_ms == null ? "–" : Math.round(message.latency_ms);
     $("dropped").textContent = message.frames_dropped + message.outputs_dropped;
@@ -256,11 +260,12 @@ function startStop() {
 // ---------------------------------------------------------------------------------- controls
 
 const PROMPT_KEYS = new Set(["prompt", "negative_prompt"]);
+const REFERENCE_KEYS = new Set(["reference", "ip_scale"]);  // the reference slot's own controls
 
 function buildControls(schema) {
   const box = $("controls");
   for (const [key, spec] of Object.entries(schema)) {
-    if (spec.readOnly || PROMPT_KEYS.has(key)) continue;
+    if (spec.readOnly || PROMPT_KEYS.has(key) || REFERENCE_KEYS.has(key)) continue;
     const row = document.createElement("label");
     row.className = "control";
     row.title = spec.description || "";
@@ -339,6 +344,82 @@ function changed(key) {
   send({ type: "settings", [key]: value });
 }
 
+// ---------------------------------------------------------------------------------- reference image
+
+const REFERENCE_TYPES = new Set(["image/jpeg", "image/png", "image/webp"]);
+
+// The file as the server takes it: as it is when it is a JPEG, PNG or WebP within the frame limit
+// (so the recorded SHA-256 is the file's), else redrawn as a PNG at most 512 px a side.
+async function referenceBlob(file) {
+  if (REFERENCE_TYPES.has(file.type) && file.size <= state.config.limits.max_frame_bytes) return file;
+  const bitmap = await createImageBitmap(file);
+  const scale = Math.min(1, 512 / Math.max(bitmap.width, bitmap.height));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+  canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+  canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+  bitmap.close();
+  return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+}
+
+// The announcement and the image go out in one task, so no frame can come between them.
+function sendReference(blob) {
+  blob.arrayBuffer().then((data) => {
+    if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return;
+    state.ws.send(JSON.stringify({ type: "reference" }));
+    state.ws.send(data);
+  });
+}
+
+async function chooseReference(file) {
+  try {
+    state.reference = await referenceBlob(file);
+  } catch (err) {
+    note(`${file.name} is not an image the browser can read`, true);
+    return;
+  }
+  $("reference-preview").src = URL.createObjectURL(state.reference);
+  $("reference-preview").hidden = false;
+  $("reference-frame").checked = false;
+  sendReference(state.reference);
+}
+
+function clearReference() {
+  state.reference = null;
+  $("reference").value = "";
+  $("reference-preview").hidden = true;
+  $("reference-frame").checked = false;
+  send({ type: "settings", reference: null });
+}
+
+function showReference(reference) {
+  $("reference-state").textContent = reference == null ? "no reference: the text-only stream"
+    : reference === "frame" ? "reference: each input frame" : `reference: ${reference.slice(0, 19)}…`;
+}
+
+function setUpReference(config) {
+  const spec = config.settings.ip_scale;
+  if (!config.ip_adapter || !spec) {
+    $("reference-slot").disabled = true;
+    $("reference-note").textContent = config.ip_adapter_note || "this model has no IP-Adapter";
+    return;
+  }
+  const slider = $("setting-ip_scale");
+  slider.min = spec.minimum;
+  slider.max = spec.maximum;
+  slider.step = (spec.maximum - spec.minimum) / 200;
+  setControl("ip_scale", spec.default);
+  slider.addEventListener("input", debounce(() => changed("ip_scale"), 150));
+  $("reference").addEventListener("change", (e) => e.target.files[0] && chooseReference(e.target.files[0]));
+  $("reference-clear").addEventListener("click", clearReference);
+  $("reference-frame").addEventListener("change", (e) => {
+    if (e.target.checked) send({ type: "settings", reference: "frame" });
+    else if (state.reference) sendReference(state.reference);
+    else send({ type: "settings", reference: null });
+  });
+  showReference(null);
+}
+
 function debounce(fn, ms) {
   let timer = null;
   return () => { clearTimeout(timer); timer = setTimeout(fn, ms); };
@@ -366,14 +447,11 @@ async function init() {
   const response = await fetch(withToken("/api/settings"));
   if (!response.ok) throw new Error(response.status === 401 ? "this server needs its token: open the page as /?token=..." : `GET /api/settings: ${response.status}`);
   state.config = await response.json();
-  const { width, height, model, ip_adapter: ipAdapter } = state.config;
+  const { width, height, model } = state.config;
   for (const id of ["input", "output"]) { $(id).width = width; $(id).height = height; }
   $("model").textContent = `${model} · ${width}×${height}`;
   buildControls(state.config.settings);
-  $("reference-slot").disabled = true;
-  $("reference-note").textContent = ipAdapter
-    ? "image prompts are not supported by the stream engine yet"
-    : "this model has no IP-Adapter";
+  setUpReference(state.config);
   for (const key of PROMPT_KEYS) {
     $(key).dataset.type = "string";
     $(key).addEventListener("input", debounce(() => changed(key), 250));
