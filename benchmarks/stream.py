@@ -10,16 +10,23 @@ and guidance off, in this one process, in alternating rounds so that machine noi
 
 Also the engine's overhead: its time per frame minus its own VAE encode + UNet + VAE decode time.
 With --edit-grid N instead: how often the engine's output follows an edited prompt on toy frames,
-by number of stages (its own section).
+by number of stages (its own section). With --reference N instead: the same prompt edits on moving
+toy frames, with and without a reference image (IP-Adapter; the animation's first frame, or each
+input frame), at the same UNet calls per frame: how close the output stays to the input where the
+edit does not touch it (PSNR, and LPIPS with --lpips-vgg), how often the edit still succeeds, and
+the frames per second (its own section; needs an IP-Adapter for the model, --ip-adapter).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/stream.py --threads 1 --frames 40 --rounds 3 --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/stream.py --threads 1 --edit-grid 250 --results benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/stream.py --threads 1 --reference 100 --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/stream.py --frames 5 --rounds 1     # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import random
 import statistics
 import sys
@@ -32,7 +39,9 @@ from atelier.models import load_pipeline, to_img2img
 from atelier.stream import StreamEngine
 from atelier.stream.engine import default_settings
 from atelier.stream.stream_math import strength_to_t_indices
+from atelier.errors import UserError
 from atelier.toyworld import EDIT_TYPES, edit_cases, score_edit
+from atelier.toyworld.edits import psnr
 from atelier.toyworld.render import render_pil
 from atelier.toyworld.scene import CELLS, Scene, ToyObject
 
@@ -195,6 +204,78 @@ def edit_grid(args, pipe) -> tuple[str, str]:
     return "\n".join(lines), notes
 
 
+def glide(case, t: int, frames: int):
+    """Frame t of an edit case in motion: every object (source and target alike) moved along a small
+    circle that stays inside its cell, so both captions hold for every frame."""
+    angle = 2 * math.pi * t / frames
+    dx, dy = round(3 * math.cos(angle)), round(3 * math.sin(angle))
+    move = lambda o: dataclasses.replace(o, dx=o.dx + dx, dy=o.dy + dy)  # noqa: E731
+    scene = lambda s: dataclasses.replace(s, objects=tuple(move(o) for o in s.objects))  # noqa: E731
+    return dataclasses.replace(case, source=scene(case.source), target=scene(case.target),
+                               changed=tuple(move(o) for o in case.changed))
+
+
+def reference_grid(args, pipe) -> tuple[str, str]:
+    """Prompt edits on moving toy frames with and without a reference image, at equal UNet calls per frame."""
+    from atelier.image_prompts import load_ip_adapter
+
+    try:
+        adapters = load_ip_adapter(pipe, args.ip_adapter)
+    except UserError as exc:
+        raise SystemExit(f"stream.py: error: --reference needs an IP-Adapter for {args.model} (--ip-adapter SOURCE): {exc}") from None
+    lpips_model = None
+    if args.lpips_vgg:
+        from atelier.evaluate.metrics import load_lpips_vgg, lpips
+
+        lpips_model = load_lpips_vgg(args.lpips_vgg)
+    settings = default_settings(pipe)
+    latency = len(settings["t_index_list"]) - 1  # the output of frame t leaves `latency` calls later
+    cases = edit_cases(args.reference, seed=CASE_SEED)
+    modes = [("none", 0.0)] + [(mode, scale) for mode in ("source frame", "input frame") for scale in args.ip_scales]
+    rows = []
+    for mode, scale in modes:
+        engine = StreamEngine(pipe)
+        success, preserved, psnrs, distances, seconds, calls = [], [], [], [], 0.0, 0
+        for case in cases:
+            moving = [glide(case, t, args.case_frames) for t in range(args.case_frames)]
+            images = [render_pil(c.source) for c in moving]
+            reference = {"none": None, "source frame": images[0], "input frame": "frame"}[mode]
+            engine.prepare(case.target_caption, reference=reference, ip_scale=scale)  # an empty buffer per case
+            outputs = []
+            for image in images + images[:latency]:  # the animation loops until its last frame is out
+                start = time.perf_counter()
+                outputs.append(engine(image))
+                seconds += time.perf_counter() - start
+                calls += 1
+            for frame_case, image, out in zip(moving, images, outputs[latency:]):
+                score = score_edit(frame_case, out, image)
+                success.append(score.success)
+                preserved.append(score.preservation)
+                psnrs.append(min(psnr(image, out, ~frame_case.mask()), 100.0))
+                if lpips_model is not None:
+                    distances.append(lpips(lpips_model, out, image, ~frame_case.mask()))
+        rows.append((mode, scale, statistics.mean(success), statistics.mean(preserved), statistics.mean(psnrs),
+                     statistics.mean(distances) if distances else None, calls / seconds))
+        print(f"done: reference {mode}, scale {scale}", file=sys.stderr, flush=True)
+    lines = [f"model {args.model}, IP-Adapter {adapters.names[0]}, {len(cases)} toy-world edit cases ({', '.join(EDIT_TYPES)} "
+             f"in turn; seed {CASE_SEED}) as {args.case_frames}-frame animations, stages {settings['t_index_list']} of "
+             f"{settings['num_inference_steps']} (the same UNet calls per frame in every row); torch {torch.__version__}, "
+             f"{args.threads} threads",
+             "",
+             f"{'reference':<13} {'scale':>5} {'follows prompt':>14} {'preserved':>9} {'bg PSNR':>8} {'bg LPIPS':>8} {'frames/s':>8}"]
+    lines.append("-" * len(lines[-1]))
+    for mode, scale, follows, kept, bg_psnr, bg_lpips, fps in rows:
+        shown = f"{bg_lpips:8.4f}" if bg_lpips is not None else f"{'-':>8}"
+        lines.append(f"{mode:<13} {scale:5.2f} {follows:14.0%} {kept:9.0%} {bg_psnr:8.1f} {shown} {fps:8.1f}")
+    notes = ("The users' hypothesis: a reference image keeps the stream closer to its input where a prompt edit does not "
+             "touch it, without stopping the edit. follows prompt: the judge finds the edited scene in the output; "
+             "preserved: share of untouched objects found unchanged; bg PSNR / LPIPS: output against the input frame it "
+             "came from, outside the edit mask (PSNR capped at 100 dB per frame; LPIPS only with --lpips-vgg). "
+             "source frame: the animation's first frame is the reference (embedded once); input frame: each frame is "
+             "its own reference (one image-encoder call per frame, included in frames/s).")
+    return "\n".join(lines), notes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toyworld-turbo")
@@ -205,13 +286,22 @@ def main(argv=None) -> int:
     parser.add_argument("--edit-grid", type=int, metavar="N",
                         help="instead of throughput: how often the engine's output follows an edited prompt, on N toy-world edit cases")
     parser.add_argument("--grid-stages", type=int, default=3, help="with --edit-grid: 1 to this many stages (default 3)")
+    parser.add_argument("--reference", type=int, metavar="N",
+                        help="instead of throughput: prompt edits on N moving toy-world edit cases with and without a reference image")
+    parser.add_argument("--case-frames", type=int, default=8, help="with --reference: frames per case's animation (default 8)")
+    parser.add_argument("--ip-scales", type=lambda text: [float(v) for v in text.split(",")], default=[0.5, 1.0],
+                        metavar="S,S", help="with --reference: the reference scales to measure (default 0.5,1.0)")
+    parser.add_argument("--ip-adapter", metavar="SOURCE",
+                        help="with --reference: the IP-Adapter (default: the model's own, as load_ip_adapter(pipe, None) finds it)")
+    parser.add_argument("--lpips-vgg", action="append", metavar="PATH",
+                        help="with --reference: LPIPS VGG weights (as atelier evaluate takes them) for the LPIPS column")
     parser.add_argument("--results", help="write the table into this markdown file's stream section")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     if args.results:
         check_command(__file__, argv)
-    if min(args.frames, args.rounds, args.edit_grid or 1, args.grid_stages) < 1:
-        parser.error("--frames, --rounds, --edit-grid and --grid-stages take a positive number")
+    if min(args.frames, args.rounds, args.edit_grid or 1, args.grid_stages, args.reference or 1, args.case_frames) < 1:
+        parser.error("--frames, --rounds, --edit-grid, --grid-stages, --reference and --case-frames take a positive number")
     torch.set_num_threads(args.threads)
 
     pipe = load_pipeline(args.model)
@@ -219,6 +309,9 @@ def main(argv=None) -> int:
     if args.edit_grid:
         table, notes = edit_grid(args, pipe)
         key, title = "stream-edits", "Stream engine: prompt edits on toy frames"
+    elif args.reference:
+        table, notes = reference_grid(args, pipe)
+        key, title = "stream-reference", "Stream engine: prompt edits with a reference image (IP-Adapter)"
     else:
         table, notes = throughput(args, pipe)
         key, title = "stream", "Stream engine (atelier.stream)"

@@ -144,3 +144,23 @@ def test_results_file_has_only_script_sections_with_repository_relative_commands
         assert f"<!-- end {key} -->" in section, key
         command = section.split("Command (repository root):\n\n    ", 1)[1].split("\n", 1)[0]
         assert " python benchmarks/" in f" {command}", (key, command)
+
+
+def test_stream_reference_benchmark_refuses_in_one_line_without_an_adapter_and_runs_small(tmp_path, capsys):
+    import stream
+    from atelier.models import load_pipeline
+    from atelier.testing.ip_adapters import write_adapter_folder
+
+    with pytest.raises(SystemExit) as exc:
+        stream.main(["--reference", "1", "--threads", "1", "--ip-adapter", str(tmp_path / "missing")])
+    message = str(exc.value)
+    assert message.startswith("stream.py: error: --reference needs an IP-Adapter for toyworld-turbo") and "\n" not in message
+
+    folder = write_adapter_folder(tmp_path / "toy-ip", load_pipeline("toyworld-turbo").unet)  # random weights
+    argv = ["--reference", "2", "--case-frames", "2", "--ip-scales", "1", "--ip-adapter", str(folder), "--threads", "1"]
+    assert stream.main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    by_mode = {" ".join(r[:2]) if r[0] != "none" else "none": r for r in rows if r and r[0] in ("none", "source", "input")}
+    assert set(by_mode) == {"none", "source frame", "input frame"}
+    assert by_mode["none"][1] == "0.00" and by_mode["input frame"][2] == "1.00"
+    assert all(row[-2] == "-" for row in by_mode.values())  # no LPIPS weights given: PSNR only

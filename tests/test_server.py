@@ -616,7 +616,13 @@ def test_a_session_uploads_a_reference_scales_and_clears_it(ip_server, frames):
         cleared = await client.settings(reference=None)
         after_clear = await first_frame(client)
         by_frame = await client.settings(reference="frame")
+        await client.ws.send(json.dumps({"type": "edit", "source": "a large red circle at the top left",
+                                         "target": "a large blue circle at the top left"}))
+        await client.next_message("edit")
+        edited = await client.frame(frames[0])  # edit mode runs on a pipeline holding an adapter
         await client.close()
+        assert edited.shape == (64, 64, 3)
+        assert not [m for m in client.messages if m["type"] == "error"], client.messages
         return text_only, uploaded, steered, snapshot, off, at_zero, cleared, after_clear, by_frame
 
     text_only, uploaded, steered, snapshot, off, at_zero, cleared, after_clear, by_frame = asyncio.run(run())

@@ -4,7 +4,7 @@ IPAdapterAttnProcessor2_0 reading `added_cond_kwargs["image_embeds"]`).
 
 As `IPAdapters.unet_hook` does for editing, every row of a call gets the reference's positive
 embedding, the negative rows of classifier-free guidance too: the reference steers at its scale and
-is not amplified by the guidance. Without a reference the adapters run at scale 0, which their
+is not amplified by the guidance. Without a reference the adapters get zeros at scale 0, which their
 attention skips: the text-only stream, bit for bit. The adapters and their scales live on the UNet,
 which engines share, so each call sets the scale it needs.
 """
