@@ -621,11 +621,18 @@ def test_a_session_uploads_a_reference_scales_and_clears_it(ip_server, frames):
         await client.next_message("edit")
         edited = await client.frame(frames[0])  # edit mode runs on a pipeline holding an adapter
         await client.close()
-        assert edited.shape == (64, 64, 3)
         assert not [m for m in client.messages if m["type"] == "error"], client.messages
-        return text_only, uploaded, steered, snapshot, off, at_zero, cleared, after_clear, by_frame
+        return text_only, uploaded, steered, snapshot, off, at_zero, cleared, after_clear, by_frame, edited
 
-    text_only, uploaded, steered, snapshot, off, at_zero, cleared, after_clear, by_frame = asyncio.run(run())
+    text_only, uploaded, steered, snapshot, off, at_zero, cleared, after_clear, by_frame, edited = asyncio.run(run())
+    ip_server.wait_sessions(0)
+    from atelier.edit import EditSettings, Editor
+    from atelier.stream.image_prompt import set_adapter_scale
+
+    set_adapter_scale(ip_server.pipe.unet, 0.7)  # the session's scale weighs the one-step image branch
+    alone_edit = Editor(ip_server.pipe).edit(frames[0], "a large red circle at the top left",
+                                             "a large blue circle at the top left", EditSettings(method="one-step", seed=2))
+    assert np.array_equal(edited, np.asarray(alone_edit.image))
     digest = hashlib.sha256(reference).hexdigest()
     assert uploaded["reference"] == f"sha256:{digest}" and uploaded["ip_scale"] == 0.7
     assert np.array_equal(steered, expected) and not np.array_equal(steered, text_only)

@@ -63,6 +63,14 @@ def unet_image_embeds(adapters, reference, scale: float, rows: int, embeds) -> l
     return [embeds.expand(rows, *embeds.shape[1:])]
 
 
+def set_adapter_scale(unet, scale: float) -> None:
+    """Every adapter loaded in `unet` at `scale`, for code that reads the adapters' own scale (the
+    one-step editor's image branch) on a UNet whose scale the streams keep changing."""
+    adapters = loaded_adapters(unet)
+    if adapters is not None:
+        adapters.set_scales([ImagePrompt(None, "", adapter=i, scale=scale) for i in range(len(adapters.adapters))])
+
+
 def reference_fields(adapters, reference, scale: float) -> dict:
     """The infotext fields of the stream's reference, as atelier generate records them."""
     if reference is None or adapters is None:
