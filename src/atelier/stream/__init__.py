@@ -4,6 +4,7 @@
                      cached prompt embeddings and fixed noise; every setting live-updatable
     stream_math      the per-stage arithmetic as small pure functions
     frames           PIL / uint8 array / [-1, 1] tensor frames in and out
+    image_prompt     the reference image (IP-Adapter) every UNet call of the stream batch gets
 
 Names are imported on first use, so that `atelier --help` does not pay for torch and diffusers.
 """
