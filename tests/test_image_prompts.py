@@ -278,6 +278,16 @@ def test_edit_follows_the_reference_and_scale_0_changes_nothing(h94, refs):
     on = np.asarray(Editor(pipe).edit(image, "a red circle", "a blue circle", settings).image)
     hook.remove()
     assert np.array_equal(off, plain) and not np.array_equal(on, plain)
+    # adapters loaded but no reference: every method edits as the text-only model, and the adapters'
+    # scales are as they were afterwards
+    adapters.set_scales([adapters.reference(refs[0], scale=0.7)])
+    for method in ("ddpm", "diffedit", "turbo", "img2img"):
+        s = EditSettings(method=method, steps=3, mask_from="none", seed=1, strength=0.6)
+        text_only = np.asarray(Editor(tiny_pipeline("sd1")).edit(image, "a red circle", "a blue circle", s).image)
+        assert np.array_equal(np.asarray(Editor(pipe).edit(image, "a red circle", "a blue circle", s).image), text_only)
+    from atelier.image_prompts.adapters import ip_attention_processors
+
+    assert all(p.scale == [0.7] for p in ip_attention_processors(pipe.unet))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -190,7 +190,44 @@ def load_ip_adapter(pipe, source=None, *, variant=None, weight_name=None, image_
         raise UserError(f"cannot load IP-Adapter {', '.join(f.name for f in files)}: {str(exc).splitlines()[0]}") from None
     adapters = IPAdapters(pipe, loaded, encoder, processor)
     pipe.atelier_ip_adapters = pipe.unet.atelier_ip_adapters = adapters  # the UNet: shared with from_pipe copies
+    install_idle_hooks(pipe.unet, adapters)
     return adapters
+
+
+def install_idle_hooks(unet, adapters: "IPAdapters") -> None:
+    """A UNet holding adapters fails in diffusers when a call brings no image embeddings (an edit or
+    any code written for plain text models). These hooks give such calls zeros at scale 0 — which the
+    adapters' attention skips, so the result is the text-only one bit for bit — and put the scales
+    back afterwards. Calls that bring embeddings (pipelines, the stream, image prompts) are untouched."""
+    remove_idle_hooks(unet)
+    saved: list = []
+
+    def before(module, args, kwargs):
+        added = kwargs.get("added_cond_kwargs") or {}
+        if "image_embeds" in added or getattr(module, "encoder_hid_proj", None) is None:
+            return None
+        sample = args[0] if args else kwargs["sample"]
+        processors = ip_attention_processors(module)
+        saved.append([(p, p.scale) for p in processors])
+        for p in processors:
+            p.scale = [0.0] * len(p.scale)
+        zeros = [e.to(sample.device, sample.dtype) for e in adapters.zero_embeds(len(sample))]
+        kwargs["added_cond_kwargs"] = {**added, "image_embeds": zeros}
+        return args, kwargs
+
+    def after(module, args, kwargs, output):
+        if saved:
+            for p, scale in saved.pop():
+                p.scale = scale
+
+    unet._atelier_idle_hooks = [unet.register_forward_pre_hook(before, with_kwargs=True),
+                                unet.register_forward_hook(after, with_kwargs=True, always_call=True)]
+
+
+def remove_idle_hooks(unet) -> None:
+    for handle in getattr(unet, "_atelier_idle_hooks", ()):
+        handle.remove()
+    unet._atelier_idle_hooks = []
 
 
 class IPAdapters:
@@ -327,7 +364,7 @@ class IPAdapters:
                 kwargs["added_cond_kwargs"] = added
             return args, kwargs
 
-        return self.pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+        return self.pipe.unet.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)  # before the idle hook
 
     def idle_kwargs(self, *, guidance_scale: float) -> dict:
         """Arguments that leave every adapter out (scale 0; the UNet still wants embeddings)."""
@@ -344,6 +381,7 @@ class IPAdapters:
 
     def unload(self) -> None:
         """Take the adapters out of the UNet again (diffusers' unload_ip_adapter)."""
+        remove_idle_hooks(self.pipe.unet)
         self.pipe.unload_ip_adapter()
         for owner in (self.pipe, self.pipe.unet):
             if getattr(owner, "atelier_ip_adapters", None) is self:
