@@ -111,7 +111,8 @@ def test_continuing_from_an_adapter_starts_where_it_ended(tmp_path, tiny_sd1, en
 
 @pytest.mark.parametrize("args, words", [
     (["--max_train_steps", "0"], "--max_train_steps must be a whole number at least 1"),
-    (["--drop_rate", "0.5"], "--drop_rate must be"),
+    (["--text_drop_rate", "1.5"], "--text_drop_rate must be"),
+    (["--text_drop_rate", "0.5", "--image_drop_rate", "0.5", "--both_drop_rate", "0.1"], "must be at most 1"),
     (["--data_json_file", "missing.json"], "--data_json_file not found"),
     (["--pretrained_model_name_or_path", "{model}", "--data_json_file", "{data}"], "--image_encoder_path is required"),
 ])
@@ -120,3 +121,20 @@ def test_train_ip_adapter_cli_refuses_in_one_line(args, words, tmp_path, tiny_sd
     assert main(["train", "ip-adapter", "--output_dir", str(tmp_path / "run"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_full_adapter_reads_every_encoder_token_and_loads_back(tmp_path, tiny_sd1, encoder, data):
+    """--image_proj full: h94's full-face architecture (an MLP over the penultimate hidden states)."""
+    summary = train_ip_adapter(_cfg(tmp_path, tiny_sd1, encoder, data, max_train_steps=2, image_proj="full"))
+    state = read_adapter(f"{summary['final']}/ip-adapter.safetensors")
+    assert sorted(state["image_proj"]) == sorted(f"proj.{i}.{w}" for i in (0, 2, 3) for w in ("weight", "bias"))
+    pipe = tiny_pipeline("sd1")
+    adapters = load_ip_adapter(pipe, summary["final"])
+    assert adapters.adapters[0].kind == "full"
+    ref = tmp_path / "ref.png"
+    Image.fromarray(np.full((16, 16, 3), 40, np.uint8)).save(ref)
+    request = dict(seed=1, steps=2, width=16, height=16, cfg_scale=5.0)
+    plain = generate(pipe, GenerationRequest("a red circle", **request), progress=False)[0].image
+    steered = generate(pipe, GenerationRequest("a red circle", image_prompts=[adapters.reference(ref)], **request),
+                       progress=False)[0].image
+    assert not np.array_equal(np.asarray(plain), np.asarray(steered))

@@ -180,7 +180,7 @@ def test_health_settings_page(server):
 
     settings = server.get_json("/api/settings")
     assert (settings["width"], settings["height"]) == (64, 64)
-    assert settings["ip_adapter"] is False
+    assert settings["ip_adapter"] is True and settings["ip_adapter_note"] is None  # toyworld-turbo's own toyworld-ip
     assert settings["one_step_edit"] == "toyworld-inverter"
     for key in ("prompt", "guidance_scale", "delta", "seed", "strength", "blend_prompt", "blend"):
         assert key in settings["settings"], key
@@ -681,9 +681,13 @@ def test_bad_references_get_an_error_and_the_session_goes_on(ip_server, server, 
     assert before["reference"] == after["reference"] == "frame" and before["ip_scale"] == after["ip_scale"]
 
     # a server without an adapter: the page is told why, and a reference is refused in words
-    public = server.get_json("/api/settings")
-    assert public["ip_adapter"] is False and "has no IP-Adapter yet" in public["ip_adapter_note"]
-    _, _, errors = asyncio.run(run(server.ws(), [(png(frames[2]), "bad_reference")], expect_settings=False))
+    from atelier.models import load_pipeline
+
+    with RunningServer(create_app(load_pipeline("toyworld-turbo"), ip_adapter=False)) as plain:
+        public = plain.get_json("/api/settings")
+        assert public["ip_adapter"] is False and "--no-ip-adapter" in public["ip_adapter_note"]
+        _, _, errors = asyncio.run(run(plain.ws(), [(png(frames[2]), "bad_reference")], expect_settings=False))
+        plain.wait_sessions(0)
     assert "needs an IP-Adapter" in errors[0][0]["message"] and "--ip-adapter" in errors[0][0]["message"]
     assert ip_server.get_json("/api/settings")["ip_adapter"] is True
     ip_server.wait_sessions(0)

@@ -441,36 +441,55 @@ def ip_attention_processors(unet) -> list:
             if n.endswith("attn2.processor") and isinstance(p, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0))]
 
 
+# h94 image-projection key -> diffusers' key, per kind (diffusers converts only the other way)
+_FULL_KEYS = {"proj.0": "ff.net.0.proj", "proj.2": "ff.net.2", "proj.3": "norm"}
+
+
 def adapter_state_dict(unet, index: int = 0) -> dict:
     """The h94 flat state dict (`image_proj.proj.weight`, `ip_adapter.1.to_k_ip.weight`, ...) of the
-    base adapter number `index` loaded in `unet`: what `load_ip_adapter` reads back, and what the
-    IP-Adapter repository's own code and ComfyUI read. diffusers has only the other direction."""
-    from diffusers.models.embeddings import ImageProjection
+    base or full adapter number `index` loaded in `unet`: what `load_ip_adapter` reads back, and what
+    the IP-Adapter repository's own code and ComfyUI read. diffusers has only the other direction."""
+    from diffusers.models.embeddings import ImageProjection, IPAdapterFullImageProjection
 
     proj = unet.encoder_hid_proj.image_projection_layers[index]
-    if not isinstance(proj, ImageProjection):
-        raise UserError(f"writing {type(proj).__name__} adapters is not supported: only base IP-Adapters (4 tokens)")
-    state = {f"image_proj.{k.replace('image_embeds', 'proj')}": v for k, v in proj.state_dict().items()}
+    if isinstance(proj, ImageProjection):
+        state = {f"image_proj.{k.replace('image_embeds', 'proj')}": v for k, v in proj.state_dict().items()}
+    elif isinstance(proj, IPAdapterFullImageProjection):
+        back = {v: k for k, v in _FULL_KEYS.items()}
+        state = {f"image_proj.{back[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": v for k, v in proj.state_dict().items()}
+    else:
+        raise UserError(f"writing {type(proj).__name__} adapters is not supported: only base and full IP-Adapters")
     for k, processor in enumerate(ip_attention_processors(unet)):
         state[f"ip_adapter.{2 * k + 1}.to_k_ip.weight"] = processor.to_k_ip[index].weight
         state[f"ip_adapter.{2 * k + 1}.to_v_ip.weight"] = processor.to_v_ip[index].weight
     return state
 
 
-def new_adapter_state(unet, image_embed_dim: int, *, seed: int = 0) -> dict:
-    """A fresh base adapter for `unet` as the IP-Adapter training script makes one: the image projection
-    (Linear to 4 tokens, LayerNorm) newly initialised, every `to_k_ip` / `to_v_ip` a copy of its layer's
-    `to_k` / `to_v`. Returns the {"image_proj": ..., "ip_adapter": ...} groups diffusers loads."""
+def new_adapter_state(unet, image_embed_dim: int, *, kind: str = "base", seed: int = 0) -> dict:
+    """A fresh adapter for `unet` as the IP-Adapter training script makes one: the image projection newly
+    initialised, every `to_k_ip` / `to_v_ip` a copy of its layer's `to_k` / `to_v`. `kind` "base": a
+    Linear from the projected image embedding to 4 tokens and a LayerNorm; "full" (h94's full-face
+    architecture): every token of the encoder's penultimate hidden states through an MLP and a
+    LayerNorm (`image_embed_dim` is then the encoder's hidden size). Returns the {"image_proj": ...,
+    "ip_adapter": ...} groups diffusers loads."""
+    if kind not in ("base", "full"):
+        raise UserError(f"unknown adapter kind {kind!r}: base or full")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         cross = unet.config.cross_attention_dim
-        proj = torch.nn.Linear(image_embed_dim, 4 * cross)
         norm = torch.nn.LayerNorm(cross)
+        if kind == "base":
+            proj = torch.nn.Linear(image_embed_dim, 4 * cross)
+            image_proj = {"proj.weight": proj.weight.data, "proj.bias": proj.bias.data}
+        else:
+            first, second = torch.nn.Linear(image_embed_dim, image_embed_dim), torch.nn.Linear(image_embed_dim, cross)
+            image_proj = {"proj.0.weight": first.weight.data, "proj.0.bias": first.bias.data,
+                          "proj.2.weight": second.weight.data, "proj.2.bias": second.bias.data}
     finally:
         torch.random.set_rng_state(generator_state)
-    image_proj = {"proj.weight": proj.weight.data, "proj.bias": proj.bias.data,
-                  "norm.weight": norm.weight.data, "norm.bias": norm.bias.data}
+    norm_key = "norm" if kind == "base" else "proj.3"
+    image_proj.update({f"{norm_key}.weight": norm.weight.data, f"{norm_key}.bias": norm.bias.data})
     layers = {}
     names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
     for k, name in enumerate(names):

@@ -104,7 +104,7 @@ def create_app(
     auth_token: when set, required on every request but /static/.
     idle_timeout: seconds without a frame or command after which a session is closed.
     ip_adapter / ip_image_encoder: the IP-Adapter for the sessions' reference images (a source as
-      load_ip_adapter takes it). Default: the one already loaded in the pipeline, else for a built-in
+      load_ip_adapter takes it; False: none). Default: the one already loaded in the pipeline, else for a built-in
       model its own adapter if there is one; without an adapter the page's reference slot is off.
     """
     from atelier.core.facts import model_name as _model_name
@@ -354,6 +354,8 @@ def _load_reference_adapter(pipe, model: str, source, image_encoder, allow_pickl
     from atelier.models import list_builtin_models
     from atelier.stream.image_prompt import load_adapter, loaded_adapters
 
+    if source is False:
+        return "reference images are off on this server (--no-ip-adapter)"
     if source is not None:
         load_adapter(pipe, source, image_encoder=image_encoder, allow_pickle=allow_pickle)
         return None

@@ -55,6 +55,7 @@ def register(subparsers) -> None:
                    help="the IP-Adapter for the sessions' reference images (image prompts): an h94/IP-Adapter folder, "
                         "a folder or .safetensors file, or a hub id in your HF cache (never downloaded). Default: a "
                         "built-in model's own adapter, if it has one; otherwise the page's reference slot is off")
+    p.add_argument("--no-ip-adapter", action="store_true", help="no reference images (not even a built-in model's adapter)")
     p.add_argument("--ip-image-encoder", metavar="DIR",
                    help="the CLIP vision folder the adapter was trained with (default: found beside the adapter)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -98,7 +99,7 @@ def run_serve(args) -> int:
         allowed_origins=origins,
         auth_token=token,
         idle_timeout=args.idle_timeout,
-        ip_adapter=args.ip_adapter,
+        ip_adapter=False if args.no_ip_adapter else args.ip_adapter,
         ip_image_encoder=args.ip_image_encoder,
     )
     host, port = sock.getsockname()[:2]

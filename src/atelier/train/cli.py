@@ -275,7 +275,7 @@ def register_ip_adapter(sub) -> None:
         description=(
             "Train a base IP-Adapter (4 image tokens) for any SD 1.x / 2.x / SDXL / toy-world model, with the recipe "
             "of the IP-Adapter training script: only the image projection and the new to_k_ip / to_v_ip layers train "
-            "(initialised from to_k / to_v); image, text and both are dropped 5%% of the time each. Data: "
+            "(initialised from to_k / to_v); image, text and both are dropped 5%% of the time each (--image_drop_rate, --text_drop_rate, --both_drop_rate). Data: "
             "--data_json_file (a JSON list of {\"image_file\": ..., \"text\": ...}), or rendered toy scenes for the "
             "toy-world models. Checkpoints every --checkpointing_steps into OUTPUT_DIR (run the same command again "
             "to resume), OUTPUT_DIR/loss.png, validation grids in OUTPUT_DIR/validation/; the adapter is written to "
@@ -300,7 +300,13 @@ def register_ip_adapter(sub) -> None:
     a.add_argument("--checkpointing_steps", type=int, default=100)
     a.add_argument("--validation_steps", type=int, default=500, help="a validation grid (and the toy judge's score) every N steps")
     a.add_argument("--num_validation_images", type=int, default=8)
-    a.add_argument("--drop_rate", type=float, default=0.05, help="probability of dropping the image, the text, and both, each")
+    a.add_argument("--image_proj", default="base", choices=("base", "full"),
+                   help="base: 4 tokens from the image embedding (ip-adapter_sd15); full: every token of the "
+                        "encoder's penultimate hidden states through an MLP (h94's full-face architecture)")
+    a.add_argument("--image_drop_rate", type=float, default=0.05, help="probability of dropping the image alone")
+    a.add_argument("--text_drop_rate", type=float, default=0.05,
+                   help="probability of dropping the text alone (raise it when captions describe the images fully)")
+    a.add_argument("--both_drop_rate", type=float, default=0.05, help="probability of dropping both")
     a.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--threads", type=int, help="torch CPU threads")

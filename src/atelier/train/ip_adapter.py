@@ -5,7 +5,9 @@ script (tencent-ailab/IP-Adapter `tutorial_train.py`):
     projection (Linear to 4 tokens + LayerNorm) and the new `to_k_ip` / `to_v_ip` of every
     cross-attention layer train, the latter initialised from that layer's `to_k` / `to_v`;
   * each sample drops the image (zero embedding) with probability 0.05, the text ("") with 0.05, both
-    with 0.05, so image-only, text-only and unconditional guidance all work;
+    with 0.05, so image-only, text-only and unconditional guidance all work. Where captions describe
+    the image completely (the toy world's do) the image adds nothing while the text is there, so the
+    adapter only learns from the text-dropped samples: raise --text_drop_rate there (the toy stage: 0.5);
   * the loss is the model's own diffusion loss (epsilon or v-prediction) at uniform timesteps.
 
 The adapter lives in the UNet through diffusers' `IPAdapterAttnProcessor2_0` and image projection (loaded
@@ -37,7 +39,7 @@ from atelier.train.loop import TrainLoop, lr_at, make_accelerator
 from atelier.train.options import check_all
 
 WEIGHT_NAME = "ip-adapter.safetensors"
-DROP = 0.05  # the script's rates for dropping the image, the text, and both
+DROP = 0.05  # the script's rate for dropping the image, the text, and both
 
 
 @dataclass
@@ -58,7 +60,10 @@ class IPAdapterConfig:
     checkpointing_steps: int = 100
     validation_steps: int = 500
     num_validation_images: int = 8
-    drop_rate: float = DROP
+    image_proj: str = "base"  # "base" (4 tokens from the image embedding) or "full" (every encoder token)
+    image_drop_rate: float = DROP
+    text_drop_rate: float = DROP
+    both_drop_rate: float = DROP
     mixed_precision: str = "no"
     seed: int = 0
     threads: int | None = None
@@ -69,10 +74,15 @@ class IPAdapterConfig:
                                               "checkpointing_steps", "validation_steps", "num_validation_images",
                                               "threads")}
         rules.update(learning_rate=dict(above=0), weight_decay=dict(minimum=0), seed=dict(integer=True, minimum=0),
-                     resolution=dict(integer=True, minimum=8), drop_rate=dict(minimum=0, maximum=1 / 3))
+                     resolution=dict(integer=True, minimum=8),
+                     **{k: dict(minimum=0, maximum=1) for k in ("image_drop_rate", "text_drop_rate", "both_drop_rate")})
         check_all(lambda name: f"--{name}", asdict(self), rules)
+        if self.image_drop_rate + self.text_drop_rate + self.both_drop_rate > 1:
+            raise UserError("--image_drop_rate + --text_drop_rate + --both_drop_rate must be at most 1")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
+        if self.image_proj not in ("base", "full"):
+            raise UserError(f"--image_proj must be base or full, not {self.image_proj!r}")
 
 
 # ---------------------------------------------------------------- data
@@ -144,10 +154,11 @@ class ImageEncoder(torch.nn.Module):
     to its size and normalised with its processor's statistics, as CLIPImageProcessor does for square
     images."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, hidden_states: bool = False):
         super().__init__()
         from atelier.image_prompts.adapters import load_image_encoder
 
+        self.hidden_states = hidden_states  # the penultimate hidden states (full / Plus), else the image embedding
         self.model, processor = load_image_encoder(Path(folder), device="cpu", dtype=torch.float32)
         self.size = self.model.config.image_size
         self.register_buffer("mean", torch.tensor(processor.image_mean).view(1, 3, 1, 1))
@@ -159,6 +170,8 @@ class ImageEncoder(torch.nn.Module):
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
         x = ((x - self.mean) / self.std).to(self.model.dtype)
+        if self.hidden_states:
+            return self.model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
         return self.model(pixel_values=x).image_embeds
 
 
@@ -183,7 +196,7 @@ class AdapterTrainee(torch.nn.Module):
         return params
 
     def forward(self, x_t, t, hidden, pooled, image_embeds):
-        """`image_embeds` (B, D): one reference per sample (diffusers wants (B, references, D))."""
+        """`image_embeds` (B, D) or (B, tokens, D): one reference per sample (diffusers wants a references axis)."""
         return self._den[0].output(x_t, t, hidden, pooled, image_embeds=[image_embeds[:, None]])
 
     def state_dict(self, *args, **kwargs):
@@ -218,13 +231,14 @@ def starting_adapter(cfg: IPAdapterConfig, unet, embed_dim: int) -> dict:
     from atelier.image_prompts.adapters import adapter_kind, new_adapter_state, read_adapter
 
     if not cfg.pretrained_ip_adapter_path:
-        return new_adapter_state(unet, embed_dim, seed=cfg.seed)
+        return new_adapter_state(unet, embed_dim, kind=cfg.image_proj, seed=cfg.seed)
     path = Path(cfg.pretrained_ip_adapter_path)
     if path.is_dir():
         path = path / WEIGHT_NAME
     state = read_adapter(path)
-    if adapter_kind(state, path.name)[0] != "base":
-        raise UserError(f"{path.name}: only base IP-Adapters (4 tokens) can be trained here")
+    if adapter_kind(state, path.name)[0] != cfg.image_proj:
+        raise UserError(f"{path.name} is a {adapter_kind(state, path.name)[0]} IP-Adapter: pass --image_proj "
+                        f"{adapter_kind(state, path.name)[0]} (base and full adapters can be trained here)")
     return state
 
 
@@ -305,12 +319,13 @@ def train_ip_adapter(cfg: IPAdapterConfig) -> dict:
         f.write(json.dumps(asdict(cfg), indent=2, default=str))
 
     pipe = load_pipeline(cfg.pretrained_model_name_or_path, device="cpu", dtype=torch.float32)
-    encoder = loop.frozen(ImageEncoder(encoder_path))
+    encoder = loop.frozen(ImageEncoder(encoder_path, hidden_states=cfg.image_proj != "base"))
     for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module) and name != "unet":
             loop.frozen(module)
     pipe.unet.requires_grad_(False).to(loop.device, loop.weight_dtype)
-    install_adapter(pipe.unet, starting_adapter(cfg, pipe.unet, encoder.model.config.projection_dim))
+    width = encoder.model.config.projection_dim if cfg.image_proj == "base" else encoder.model.config.hidden_size
+    install_adapter(pipe.unet, starting_adapter(cfg, pipe.unet, width))
     den = Denoiser(pipe, cache_size=4096)
     den.device, den.dtype = loop.device, loop.weight_dtype
     trainee = AdapterTrainee(den)
@@ -327,14 +342,17 @@ def train_ip_adapter(cfg: IPAdapterConfig) -> dict:
         captions, x = data.batch(seed, cfg.train_batch_size)
         g = torch.Generator().manual_seed(seed)
         r = torch.rand(len(captions), generator=g)
-        drop_image = (r < cfg.drop_rate) | ((r >= 2 * cfg.drop_rate) & (r < 3 * cfg.drop_rate))
-        drop_text = r >= cfg.drop_rate
-        drop_text &= r < 3 * cfg.drop_rate
+        image_only, text_only = cfg.image_drop_rate, cfg.image_drop_rate + cfg.text_drop_rate
+        both = text_only + cfg.both_drop_rate
+        drop_image = (r < image_only) | ((r >= text_only) & (r < both))
+        drop_text = (r >= image_only) & (r < both)
         captions = ["" if d else c for c, d in zip(captions, drop_text.tolist())]
         x = x.to(loop.device)
         with torch.no_grad():
             z = den.encode_image(x)
-            image_embeds = encoder(x) * (~drop_image).to(loop.device, torch.float32)[:, None]
+            image_embeds = encoder(x)
+            keep = (~drop_image).to(loop.device, image_embeds.dtype)
+            image_embeds = image_embeds * keep.view(-1, *[1] * (image_embeds.ndim - 1))
             hidden, pooled = den.conditioning(captions)
         noise = torch.randn(z.shape, generator=g).to(z)
         t = torch.randint(0, scheduler_t, (len(z),), generator=g).to(loop.device)
@@ -386,7 +404,7 @@ def export_adapter(trainee: AdapterTrainee, encoder_path, folder: Path, cfg: IPA
                         ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json"))
         if cfg is not None:
             (tmp / "atelier.json").write_text(json.dumps(
-                {"kind": "ip-adapter", "base_model": cfg.pretrained_model_name_or_path, "tokens": 4,
+                {"kind": "ip-adapter", "base_model": cfg.pretrained_model_name_or_path, "image_proj": cfg.image_proj,
                  "trained_with": {k: v for k, v in asdict(cfg).items() if k != "output_dir"}}, indent=2, default=str),
                 encoding="utf-8")
     return Path(folder)

@@ -113,9 +113,11 @@ class ToyTrainConfig:
     clip_steps: int = 1500
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    ip_steps: int = 1500
+    ip_steps: int = 3000
     ip_batch: int = 16
-    ip_lr: float = 1e-4
+    ip_lr: float = 3e-4
+    ip_text_drop: float = 0.5  # toy captions say all the image does: the adapter learns where the text is gone
+    ip_image_proj: str = "full"  # every CLIP token through an MLP: where each object is (base: 4 tokens)
     checkpoint_every: int = 200
     eval_every: int = 500
     eval_images: int = 36  # judged generations per periodic evaluation
@@ -137,7 +139,7 @@ class ToyTrainConfig:
         rules.update({name: dict(above=0) for name in ("vae_lr", "text_lr", "unet_lr", "turbo_lr", "taesd_lr", "clip_lr",
                                                        "ip_lr", "min_snr_gamma")})
         rules.update(seed=whole, vae_full_steps=whole, turbo_pairs=whole, caption_dropout=share, turbo_random_t=share,
-                     ema_decay=dict(minimum=0, below=1), turbo_pair_share=dict(minimum=0, below=1),
+                     ema_decay=dict(minimum=0, below=1), ip_text_drop=share, turbo_pair_share=dict(minimum=0, below=1),
                      guidance=dict(minimum=0), turbo_teacher_weight=dict(minimum=0))
         check_all(flag_of, asdict(self), rules)
         weights = self.n_objects_weights
@@ -755,6 +757,7 @@ def train_eyes(cfg: ToyTrainConfig, stages, weights_dir: Path) -> dict:
     summary = train_ip_adapter(IPAdapterConfig(
         pretrained_model_name_or_path=str(base), image_encoder_path=str(vision), output_dir=str(out / "ip"),
         train_batch_size=cfg.ip_batch, learning_rate=cfg.ip_lr, max_train_steps=cfg.ip_steps,
+        text_drop_rate=cfg.ip_text_drop, image_proj=cfg.ip_image_proj,
         checkpointing_steps=cfg.checkpoint_every, validation_steps=cfg.eval_every, num_validation_images=cfg.eval_images,
         mixed_precision=cfg.mixed_precision, seed=cfg.seed))
     paths["toyworld-ip"] = str(ship_adapter(Path(summary["final"]), weights_dir))
