@@ -436,3 +436,21 @@ def test_stream_session_edit_mode(turbo):
     assert np.array_equal(edited, expected) and judge(Image.fromarray(edited), target).match
     assert not np.array_equal(streamed, expected) and np.array_equal(back, streamed)
     assert bad["code"] == "bad_edit" and "target prompt" in bad["message"]
+
+
+def test_partial_captions_keep_a_random_subset_of_the_phrases():
+    import random
+
+    from atelier.train.inverter import Data, caption_phrases, partial_caption
+
+    caption = "a small red circle at the top, a large blue square on the left and a small green diamond in the center"
+    phrases = caption_phrases(caption)
+    assert len(phrases) == 3 and phrases[1] == "a large blue square on the left"
+    rng = random.Random(0)
+    for _ in range(20):
+        kept = caption_phrases(partial_caption(caption, rng))
+        assert 1 <= len(kept) < 3 and set(kept) <= set(phrases)
+    assert partial_caption("a red circle in the center", rng) == "a red circle in the center"
+    full, partial = Data(None, 64).batch(5, 8, images=False)[0], Data(None, 64, partial=1.0).batch(5, 8, images=False)[0]
+    assert any(len(caption_phrases(p)) < len(caption_phrases(f)) for p, f in zip(partial, full))
+    assert all(set(caption_phrases(p)) <= set(caption_phrases(f)) for p, f in zip(partial, full))

@@ -138,3 +138,30 @@ def test_a_full_adapter_reads_every_encoder_token_and_loads_back(tmp_path, tiny_
     steered = generate(pipe, GenerationRequest("a red circle", image_prompts=[adapters.reference(ref)], **request),
                        progress=False)[0].image
     assert not np.array_equal(np.asarray(plain), np.asarray(steered))
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped toy adapter
+
+
+@pytest.mark.parametrize("model", ["toyworld", "toyworld-turbo"])
+def test_builtin_models_take_a_reference_alone_with_their_own_adapter(model, tmp_path, capsys):
+    """`atelier generate "" --model toyworld --ip-image REF.png`: an empty prompt is valid with a
+    reference, the model's own toyworld-ip is used without further options, and --from finds it again."""
+    from atelier.core.images import read_parameters
+    from atelier.core.infotext import parse_parameters
+    from atelier.image_prompts import sha256_of
+    from atelier.toyworld import parse_caption, render_pil
+
+    ref = tmp_path / "ref.png"
+    render_pil(parse_caption("a large red circle in the center and a small blue square at the top left")).save(ref)
+    out, plain = tmp_path / "variation.png", tmp_path / "plain.png"
+    base = ["generate", "", "--model", model, "--seed", "3", "--quiet"]
+    assert main(base + ["--out", str(out), "--ip-image", str(ref)]) == 0, capsys.readouterr().err
+    fields = parse_parameters(read_parameters(out))
+    assert fields["IP-Adapter"] == "ip-adapter" and fields["IP-Adapter image"] == f"sha256:{sha256_of(ref)}"
+    assert main(base + ["--out", str(plain)]) == 0
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(plain)))
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from", str(out), "--out", str(again), "--quiet", "--ip-image", str(ref)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))

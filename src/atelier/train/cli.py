@@ -188,6 +188,8 @@ def register_inverter(sub) -> None:
     i.add_argument("--train_ip_adapter", action="store_true",
                    help="train the image branch (image projection, to_k_ip, to_v_ip) with the inverter: from scratch "
                         "(needs --image_encoder_path), or from the adapter given; written beside the inverter")
+    i.add_argument("--ip_image_proj", default="base", choices=("base", "full"),
+                   help="with --train_ip_adapter from scratch: base (4 tokens) or full (every image-encoder token)")
     i.add_argument("--output_dir", default="runs/inverter")
     i.add_argument("--logging_dir", default="logs", help="accelerate's logging folder, inside OUTPUT_DIR")
     i.add_argument("--stage", type=int, default=1, choices=(1, 2))

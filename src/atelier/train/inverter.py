@@ -83,6 +83,7 @@ class InverterConfig:
     ip_adapter_weight_name: str | None = None  # image branch: an adapter file, or its name inside --ip_adapter
     ip_adapter: str | None = None  # image branch: an adapter folder, file, h94 layout or cached hub id
     train_ip_adapter: bool = False  # image branch trained with the inverter (from scratch without an adapter)
+    ip_image_proj: str = "base"  # a branch trained from scratch: "base" (4 tokens) or "full" (every encoder token)
 
     @property
     def image_branch(self) -> bool:
@@ -108,6 +109,8 @@ class InverterConfig:
             check_number("regularizer_t", t, integer=True, minimum=0, maximum=999)
         if lo_hi[0] > lo_hi[1]:
             raise UserError(f"regularizer_t must be (low, high) with low <= high, not {tuple(lo_hi)}")
+        if self.ip_image_proj not in ("base", "full"):
+            raise UserError(f"--ip_image_proj must be base or full, not {self.ip_image_proj!r}")
         if self.stage not in (1, 2):
             raise UserError(f"--stage must be 1 or 2, not {self.stage!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -304,7 +307,8 @@ class ImageBranch:
         if weight_name and source is None and Path(weight_name).expanduser().is_file():
             source, weight_name = weight_name, None
         if self.trained and source is None and weight_name is None:
-            source = fresh_adapter_file(gen_pipe.unet, cfg.image_encoder_path, Path(cfg.output_dir), cfg.seed)
+            source = fresh_adapter_file(gen_pipe.unet, cfg.image_encoder_path, Path(cfg.output_dir), cfg.seed,
+                                        kind=cfg.ip_image_proj)
         try:
             self.adapters = load_ip_adapter(gen_pipe, source, weight_name=weight_name, image_encoder=cfg.image_encoder_path)
         except UserError as exc:
@@ -384,16 +388,16 @@ class ImageBranch:
         save_file(state, Path(folder) / ADAPTER_FILE)
 
 
-def fresh_adapter_file(unet, image_encoder, out: Path, seed: int) -> Path:
-    """A new base adapter for `unet` (image projection fresh, to_k_ip / to_v_ip copied from to_k / to_v),
-    written as an h94 file so that it loads like any other; the same for the same seed."""
+def fresh_adapter_file(unet, image_encoder, out: Path, seed: int, kind: str = "base") -> Path:
+    """A new adapter of `kind` for `unet` (image projection fresh, to_k_ip / to_v_ip copied from to_k /
+    to_v), written as an h94 file so that it loads like any other; the same for the same seed."""
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig
 
     from atelier.image_prompts.adapters import new_adapter_state
 
-    embed_dim = CLIPVisionConfig.from_pretrained(str(Path(image_encoder).expanduser())).projection_dim
-    state = new_adapter_state(unet, embed_dim, seed=seed)
+    config = CLIPVisionConfig.from_pretrained(str(Path(image_encoder).expanduser()))
+    state = new_adapter_state(unet, config.projection_dim if kind == "base" else config.hidden_size, kind=kind, seed=seed)
     flat = {f"{group}.{k}": v.contiguous() for group, part in state.items() for k, v in part.items()}
     path = out / "ip-adapter-init.safetensors"
     out.mkdir(parents=True, exist_ok=True)

@@ -113,10 +113,10 @@ class ToyTrainConfig:
     clip_steps: int = 1500
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    ip_steps: int = 3000
+    ip_steps: int = 4000
     ip_batch: int = 16
-    ip_lr: float = 3e-4
-    ip_text_drop: float = 0.5  # toy captions say all the image does: the adapter learns where the text is gone
+    ip_lr: float = 1e-3
+    ip_text_drop: float = 0.8  # toy captions say all the image does: the adapter learns where the text is gone
     ip_image_proj: str = "full"  # every CLIP token through an MLP: where each object is (base: 4 tokens)
     checkpoint_every: int = 200
     eval_every: int = 500
