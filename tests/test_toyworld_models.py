@@ -53,3 +53,29 @@ def test_generated_scenes_are_judged_right(pipes, model, steps, need_objects, ne
         objects += verdict.objects_right
         scene += verdict.match
     assert objects >= need_objects and scene >= need_scene, (objects, scene)
+
+
+def test_shipped_files_name_no_path_of_the_machine_that_made_them():
+    """Configs and records of every shipped folder: no `_name_or_path`, no absolute path."""
+    import json
+
+    from atelier.models.loader import BUILTIN_DIR
+
+    def strings(value, key=""):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                assert k != "_name_or_path", key
+                yield from strings(v, f"{key}.{k}")
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v, key)
+        elif isinstance(value, str):
+            yield key, value
+
+    files = sorted(BUILTIN_DIR.rglob("*.json"))
+    assert len(files) > 20
+    for path in files:
+        if path.name in ("tokenizer.json", "vocab.json"):
+            continue
+        for key, text in strings(json.loads(path.read_text(encoding="utf-8"))):
+            assert not text.startswith(("/", "~")) and ":\\" not in text, (path, key, text)

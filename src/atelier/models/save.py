@@ -78,11 +78,24 @@ def make_portable(folder) -> list[str]:
     changed = []
     for sub in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
         config = _read_json(sub / "config.json")
+        if config is not None and _without_source_paths(config):
+            _write_json(sub / "config.json", config)
+            changed.append(f"{sub.name}/config.json: the folder it was loaded from, removed")
         if config is not None and config.get("model_type") in CLIP_TEXT_MODEL_TYPES:
             changed += _portable_text_encoder(sub, config)
         if (sub / "tokenizer.json").is_file():
             changed += _portable_tokenizer(sub)
     return changed
+
+
+def _without_source_paths(config: dict) -> bool:
+    """Drop `_name_or_path` (where the saved model was loaded from: a path of the machine that wrote
+    it, meaningless elsewhere) from a config and its sub-configs; whether anything was dropped."""
+    dropped = config.pop("_name_or_path", None) is not None
+    for value in config.values():
+        if isinstance(value, dict):
+            dropped = _without_source_paths(value) or dropped
+    return dropped
 
 
 def _read_json(path: Path) -> dict | None:

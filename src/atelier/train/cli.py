@@ -150,6 +150,12 @@ def run_toyworld(args) -> int:
             if name.endswith("-taesd"):
                 print(f"{name}: {path}   (a tiny autoencoder: StreamEngine(pipe, vae=\"{path}\"))")
                 continue
+            if name.endswith("-clip"):
+                print(f"{name}: {path}   (a transformers CLIPModel; its vision tower is toyworld-ip's image encoder)")
+                continue
+            if name.endswith("-ip"):
+                print(f"{name}: {path}   (atelier generate \"\" --model toyworld --ip-image REF.png)")
+                continue
             print(f"{name}: {path}   (atelier generate --model {path} \"a large red circle in the center\")")
     return 0
 

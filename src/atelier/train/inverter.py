@@ -315,8 +315,8 @@ class ImageBranch:
             raise UserError(str(exc).replace("CLI --ip-image-encoder", "--image_encoder_path DIR")) from None
         self.unet = gen_pipe.unet
         self.files = self.adapters.adapters[0].files
-        if self.trained and self.adapters.adapters[0].kind != "base":
-            raise UserError(f"--train_ip_adapter trains base adapters (4 image tokens); {self.files.name} is a "
+        if self.trained and self.adapters.adapters[0].kind not in ("base", "full"):
+            raise UserError(f"--train_ip_adapter trains base and full adapters; {self.files.name} is a "
                             f"{self.adapters.adapters[0].kind} adapter")
 
     def embeds(self, pixels: torch.Tensor) -> list[torch.Tensor]:

@@ -396,6 +396,8 @@ def export_adapter(trainee: AdapterTrainee, encoder_path, folder: Path, cfg: IPA
     from safetensors.torch import save_file
 
     from atelier.core.io import atomic_dir
+    from atelier.models.save import make_portable
+    from atelier.train.inverter import _portable_path
 
     state = {k: v.to(dtype).contiguous() for k, v in trainee.state_dict().items()}
     with atomic_dir(Path(folder)) as tmp:
@@ -403,8 +405,9 @@ def export_adapter(trainee: AdapterTrainee, encoder_path, folder: Path, cfg: IPA
         shutil.copytree(Path(encoder_path), tmp / "image_encoder",
                         ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json"))
         if cfg is not None:
+            trained_with = {k: _portable_path(v) for k, v in asdict(cfg).items() if k != "output_dir"}
             (tmp / "atelier.json").write_text(json.dumps(
-                {"kind": "ip-adapter", "base_model": cfg.pretrained_model_name_or_path, "image_proj": cfg.image_proj,
-                 "trained_with": {k: v for k, v in asdict(cfg).items() if k != "output_dir"}}, indent=2, default=str),
-                encoding="utf-8")
+                {"kind": "ip-adapter", "base_model": _portable_path(cfg.pretrained_model_name_or_path),
+                 "image_proj": cfg.image_proj, "trained_with": trained_with}, indent=2, default=str), encoding="utf-8")
+        make_portable(tmp / "image_encoder")
     return Path(folder)
