@@ -131,6 +131,12 @@ def test_a_full_adapter_reads_every_encoder_token_and_loads_back(tmp_path, tiny_
     pipe = tiny_pipeline("sd1")
     adapters = load_ip_adapter(pipe, summary["final"])
     assert adapters.adapters[0].kind == "full"
+    # trained against the same "no image" diffusers guides with: the hidden states of zero pixel values
+    from atelier.train.ip_adapter import ImageEncoder
+
+    pixels = torch.rand(1, 3, 32, 32)
+    _, uncond = pipe.encode_image(pixels, "cpu", 1, output_hidden_states=True)
+    torch.testing.assert_close(ImageEncoder(encoder, hidden_states=True).null(uncond), uncond)
     ref = tmp_path / "ref.png"
     Image.fromarray(np.full((16, 16, 3), 40, np.uint8)).save(ref)
     request = dict(seed=1, steps=2, width=16, height=16, cfg_scale=5.0)

@@ -4,7 +4,9 @@ script (tencent-ailab/IP-Adapter `tutorial_train.py`):
   * the base model, its text encoder, VAE and the CLIP image encoder are frozen; only the image
     projection (Linear to 4 tokens + LayerNorm) and the new `to_k_ip` / `to_v_ip` of every
     cross-attention layer train, the latter initialised from that layer's `to_k` / `to_v`;
-  * each sample drops the image (zero embedding) with probability 0.05, the text ("") with 0.05, both
+  * each sample drops the image with probability 0.05 (the zero embedding for a base adapter; the
+    hidden states of a zero image for one that reads hidden states, as diffusers' pipelines make the
+    unconditional image prompt), the text ("") with 0.05, both
     with 0.05, so image-only, text-only and unconditional guidance all work. Where captions describe
     the image completely (the toy world's do) the image adds nothing while the text is there, so the
     adapter only learns from the text-dropped samples: raise --text_drop_rate there (the toy stage: 0.5);
@@ -169,10 +171,22 @@ class ImageEncoder(torch.nn.Module):
         x = (images.float() + 1) / 2
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
-        x = ((x - self.mean) / self.std).to(self.model.dtype)
+        return self.embed(((x - self.mean) / self.std).to(self.model.dtype))
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.hidden_states:
-            return self.model(pixel_values=x, output_hidden_states=True).hidden_states[-2]
-        return self.model(pixel_values=x).image_embeds
+            return self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
+        return self.model(pixel_values=pixel_values).image_embeds
+
+    @torch.no_grad()
+    def null(self, like: torch.Tensor) -> torch.Tensor:
+        """The "no image" embedding, as diffusers' `encode_image` makes the unconditional one: zeros for
+        the pooled embedding, the hidden states of all-zero pixel values otherwise (the training scripts
+        zero the image for Plus adapters, the embedding for base ones)."""
+        if not self.hidden_states:
+            return torch.zeros_like(like)
+        zeros = torch.zeros(1, 3, self.size, self.size, device=self.mean.device, dtype=self.model.dtype)
+        return self.embed(zeros).to(like.dtype).expand_as(like)
 
 
 class AdapterTrainee(torch.nn.Module):
@@ -248,13 +262,13 @@ def starting_adapter(cfg: IPAdapterConfig, unet, embed_dim: int) -> dict:
 def variations(pipe, encoder: ImageEncoder, references: torch.Tensor, *, steps: int, guidance: float,
                seed: int) -> np.ndarray:
     """(N, H, W, 3) uint8: one image per reference from the reference alone (empty prompt), guided
-    against the zero image embedding as IP-Adapter's unconditional branch."""
+    against the "no image" embedding as diffusers' pipelines guide (ImageEncoder.null)."""
     pipe.set_ip_adapter_scale(1.0)
     images = []
     for k, reference in enumerate(references):
         embeds = encoder(reference[None].to(encoder.mean.device)).to(pipe.unet.dtype)
         if guidance > 1:
-            embeds = torch.cat([torch.zeros_like(embeds), embeds])
+            embeds = torch.cat([encoder.null(embeds), embeds])
         result = pipe(prompt="", num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                       ip_adapter_image_embeds=[embeds[:, None]], generator=torch.Generator().manual_seed(seed + k))
         images.append((result.images[0] * 255).round().astype(np.uint8))
@@ -351,8 +365,8 @@ def train_ip_adapter(cfg: IPAdapterConfig) -> dict:
         with torch.no_grad():
             z = den.encode_image(x)
             image_embeds = encoder(x)
-            keep = (~drop_image).to(loop.device, image_embeds.dtype)
-            image_embeds = image_embeds * keep.view(-1, *[1] * (image_embeds.ndim - 1))
+            dropped = drop_image.to(loop.device).view(-1, *[1] * (image_embeds.ndim - 1))
+            image_embeds = torch.where(dropped, encoder.null(image_embeds), image_embeds)
             hidden, pooled = den.conditioning(captions)
         noise = torch.randn(z.shape, generator=g).to(z)
         t = torch.randint(0, scheduler_t, (len(z),), generator=g).to(loop.device)
