@@ -344,9 +344,9 @@ def test_cli_refusals_are_one_line(model, h94, refs, tmp_path, capsys, monkeypat
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     out = ["--out", tmp_path / "x.png", "--steps", "2", "--quiet"]
     cases = [
-        (["generate", "a red circle", "--ip-image", refs[0], *out], "the built-in model toyworld has no IP-Adapter"),
-        (["img2img", refs[1], "a red circle", "--model", "toyworld-turbo", "--ip-image", refs[0], *out],
-         "toyworld-turbo has no IP-Adapter"),
+        (["generate", "a red circle", "--ip-image", refs[0], "--ip-adapter", h94, *out], "is made for"),
+        (["img2img", refs[1], "a red circle", "--model", "toyworld-turbo", "--ip-image", refs[0], "--ip-adapter",
+          tmp_path / "no-such-adapter", *out], "no such file or folder"),
         (["generate", "a red circle", "--model", model, "--ip-image", refs[0], *out],
          "'h94/IP-Adapter' file models/ip-adapter_sd15.safetensors is not in the Hugging Face cache"),
         (["generate", "a red circle", "--model", model, "--ip-scale", "0.5", *out], "--ip-scale needs --ip-image"),
