@@ -12,6 +12,7 @@ from atelier.train.loop import TrainLoop
 
 TINY = [
     "--vae-steps", "3", "--text-steps", "2", "--unet-steps", "4", "--turbo-steps", "2", "--taesd-steps", "2",
+    "--clip-steps", "2", "--ip-steps", "2", "--set", "clip_batch=8", "--set", "ip_batch=2",
     "--set", "checkpoint_every=2", "--set", "eval_every=1000", "--set", "eval_images=3",
     "--set", "eval_scenes=4", "--set", "turbo_pairs=64", "--set", "vae_full_steps=1",
     "--set", "vae_batch=4", "--set", "text_batch=8", "--set", "unet_batch=4", "--set", "turbo_batch=4", "--set", "taesd_batch=4",
@@ -56,6 +57,13 @@ def test_killed_run_resumes_and_exports_loadable_models(tmp_path, monkeypatch, c
     assert type(load_tiny_autoencoder(out / "weights" / "toyworld-taesd")).__name__ == "AutoencoderTiny"
     meta = json.loads((out / "weights" / "toyworld" / "atelier.json").read_text())
     assert meta["trained_with"]["unet_steps"] == 4 and "out_dir" not in meta["trained_with"]
+    # the toy world's eyes: toyworld-clip, and toyworld-ip named by both toy models
+    from transformers import CLIPModel
+
+    assert CLIPModel.from_pretrained(out / "weights" / "toyworld-clip").config.vision_config.image_size == 64
+    assert (out / "weights" / "toyworld-ip" / "ip-adapter.safetensors").is_file()
+    for name in ("toyworld", "toyworld-turbo"):
+        assert json.loads((out / "weights" / name / "atelier.json").read_text())["ip_adapter"] == "toyworld-ip"
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path, capsys):

@@ -748,7 +748,7 @@ def train_eyes(cfg: ToyTrainConfig, stages, weights_dir: Path) -> dict:
     paths = {}
     clip, tokenizer = train_clip(ClipTrainConfig(out_dir=str(out / "clip"), base_model=str(base), seed=cfg.seed,
                                                  steps=cfg.clip_steps, batch=cfg.clip_batch, lr=cfg.clip_lr,
-                                                 checkpoint_every=cfg.checkpoint_every,
+                                                 checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
                                                  mixed_precision=cfg.mixed_precision))
     paths["toyworld-clip"] = str(export_clip(clip, tokenizer, weights_dir / "toyworld-clip"))
     if "ip" not in stages:
