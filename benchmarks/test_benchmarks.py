@@ -164,3 +164,21 @@ def test_stream_reference_benchmark_refuses_in_one_line_without_an_adapter_and_r
     assert set(by_mode) == {"none", "source frame", "input frame"}
     assert by_mode["none"][1] == "0.00" and by_mode["input frame"][2] == "1.00"
     assert all(row[-2] == "-" for row in by_mode.values())  # no LPIPS weights given: PSNR only
+
+
+def test_image_prompts_benchmark_runs_small_and_judges(capsys):
+    import image_prompts
+
+    assert image_prompts.main(["--models", "toyworld-turbo", "--per-count", "1", "--pairs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "variation (empty prompt, reference only): 1 obj" in out and "text's scene found" in out
+    assert image_prompts.monotonic([1.0, 0.5, 0.5, 0.0], rising=False) and not image_prompts.monotonic([0, 1, 0], True)
+
+
+def test_inverter_ablation_runs_small(capsys):
+    import inverter_ablation
+
+    assert inverter_ablation.parse_variant("b=runs/x/final:on") == ("b", "runs/x/final", "on")
+    assert inverter_ablation.parse_variant("a=toyworld-inverter") == ("a", "toyworld-inverter", "off")
+    assert inverter_ablation.main(["--variant", "shipped=toyworld-inverter:off", "--cases", "2", "--partial", "2"]) == 0
+    assert "shipped (off)" in capsys.readouterr().out
