@@ -116,8 +116,9 @@ def test_partial_run_of_the_one_step_method(monkeypatch):
     [(path, key, title, table, command, notes)] = run_partial(
         monkeypatch, ["--partial", "3", "--models", "toyworld-turbo", "--only", "one-step"])
     assert key == "partial-edits-toyworld-turbo"
-    [row] = [line for line in table.splitlines() if line.startswith("toyworld-turbo ")]
-    assert "one-step (inverter)" in row and len(row.split()) == 11
+    rows = [line for line in table.splitlines() if line.startswith("toyworld-turbo ")]
+    assert [line[16:52].strip() for line in rows] == ["one-step (inverter)", "one-step (inverter, image branch)"]
+    assert all(len(line[52:].split()) == 8 for line in rows)
 
 @pytest.mark.slow
 def test_leditspp_baseline_reconstructs_the_source_with_the_edit_off():

@@ -627,11 +627,10 @@ def test_a_session_uploads_a_reference_scales_and_clears_it(ip_server, frames):
     text_only, uploaded, steered, snapshot, off, at_zero, cleared, after_clear, by_frame, edited = asyncio.run(run())
     ip_server.wait_sessions(0)
     from atelier.edit import EditSettings, Editor
-    from atelier.stream.image_prompt import set_adapter_scale
 
-    set_adapter_scale(ip_server.pipe.unet, 0.7)  # the session's scale weighs the one-step image branch
-    alone_edit = Editor(ip_server.pipe).edit(frames[0], "a large red circle at the top left",
-                                             "a large blue circle at the top left", EditSettings(method="one-step", seed=2))
+    alone_edit = Editor(ip_server.pipe).edit(frames[0], "a large red circle at the top left",  # text-only edit mode
+                                             "a large blue circle at the top left",
+                                             EditSettings(method="one-step", seed=2, image_branch="off"))
     assert np.array_equal(edited, np.asarray(alone_edit.image))
     digest = hashlib.sha256(reference).hexdigest()
     assert uploaded["reference"] == f"sha256:{digest}" and uploaded["ip_scale"] == 0.7

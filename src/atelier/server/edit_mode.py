@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from atelier.errors import UserError
 from atelier.server.sessions import ClientError
-from atelier.stream.image_prompt import set_adapter_scale
 from atelier.stream.settings import MAX_PROMPT_CHARS
 
 MASK_TINT = 45  # percent of red over the edited region when the mask is shown
@@ -73,8 +72,9 @@ class EditProcessor:
 
         if image.size != (engine.width, engine.height):
             image = image.resize((engine.width, engine.height), Image.Resampling.BICUBIC)
-        settings = EditSettings(method="one-step", seed=engine.settings()["seed"])
-        set_adapter_scale(engine.unet, engine.settings()["ip_scale"])  # the image branch, at the session's scale
+        # text only: the server's adapter is for the stream's reference images; as one-step's image branch
+        # it made toy edits worse (docs/image-prompts.md, the inverter ablation)
+        settings = EditSettings(method="one-step", seed=engine.settings()["seed"], image_branch="off")
         try:
             result = self.mode.editor().edit(image, self.source, self.target, settings)
         except UserError as exc:
