@@ -40,7 +40,6 @@ from atelier.toyworld.scene import BASE_COLOURS, BASE_SHAPES, CELLS, SIZES, samp
 from atelier.train.checkpoint import load_state, save_state
 from atelier.train.loop import TrainLoop, lr_at
 from atelier.train.options import check_all
-from atelier.train.options import check_all
 
 MAX_TOKENS = 32
 
