@@ -23,7 +23,7 @@ ALLOWED = {
     "generate": {"core", "models", "prompts", "samplers", "image_prompts"},
     "edit": {"core", "models", "prompts", "samplers", "image_prompts"},
     "stream": {"core", "models", "prompts", "image_prompts"},
-    "evaluate": {"core", "models", "edit", "toyworld"},  # evaluates the editing methods
+    "evaluate": {"core", "models", "edit", "toyworld", "bench"},  # evaluates the editing methods
     "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate", "image_prompts"},  # edit's inverter, adapters
     "server": {"core", "models", "prompts", "stream", "edit"},  # the app: serves the stream and its edit mode
 }

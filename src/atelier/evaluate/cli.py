@@ -1,16 +1,19 @@
-"""`atelier evaluate pie-bench`."""
+"""`atelier evaluate pie-bench`, and the image metrics on folders: `fid`, `kid`, `clip-score`,
+`lpips`, `dists`, `ssim` and `ref-stats` (see docs/evaluation.md)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from atelier.errors import UserError
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="benchmark editing methods (PIE-Bench)",
-                              description="Benchmark editing methods on a local copy of a benchmark.")
-    sub = p.add_subparsers(dest="evaluate_command", metavar="BENCHMARK")
+    p = subparsers.add_parser("evaluate", help="benchmark editing methods (PIE-Bench) and measure image folders",
+                              description="Benchmark editing methods on a local copy of a benchmark, or measure "
+                                          "folders of images (FID, KID, CLIP score, LPIPS, DISTS, SSIM).")
+    sub = p.add_subparsers(dest="evaluate_command", metavar="COMMAND")
     sub.required = True
 
     b = sub.add_parser(
@@ -35,6 +38,7 @@ def register(subparsers) -> None:
     b.add_argument("--save-images", action="store_true", help="also write the edited images to --out/images/")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=run_pie_bench_command)
+    register_metrics(sub)
 
 
 def run_pie_bench_command(args) -> int:
@@ -80,3 +84,219 @@ def run_pie_bench_command(args) -> int:
         if args.out:
             print(f"results written to {result['out']['json']}, {result['out']['summary_csv']}, {result['out']['cases_csv']}")
     return 0
+
+
+# ----------------------------------------------------------------------------- metrics on folders
+
+DISTRIBUTION = {
+    "fid": "Fréchet distance between the feature distributions of two folders (clean-fid's frechet_distance)",
+    "kid": "kernel inception distance between two folders (clean-fid's kernel_distance, seeded)",
+}
+PAIRWISE = {
+    "lpips": "LPIPS between images of the same name in two folders (the lpips package)",
+    "dists": "DISTS between images of the same name in two folders (DISTS_pytorch)",
+    "ssim": "SSIM between images of the same name in two folders (torchmetrics' definition)",
+}
+
+
+def _common(c, *, features: bool) -> None:
+    if features:
+        c.add_argument("--features", default="inception",
+                       help="inception (clean-fid's, default), clip (a transformers CLIP) or toyworld (the shipped toy CLIP)")
+        c.add_argument("--mode", default="clean", help="Inception protocol: clean (default), legacy_pytorch or legacy_tensorflow")
+    c.add_argument("--weights", help="weights file or folder (default: looked up in the local caches; never downloaded)")
+    c.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    c.add_argument("--device", help="device (default: cuda if available, else cpu)")
+    c.add_argument("--allow-pickle", action="store_true", help="also read pickled weights (.pth)")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def register_metrics(sub) -> None:
+    for name, help_text in DISTRIBUTION.items():
+        c = sub.add_parser(name, help=help_text, description=help_text + ". Images are read recursively; "
+                           "compare DIR_A with DIR_B, or with reference statistics made by `atelier evaluate ref-stats`.")
+        c.add_argument("dir_a", metavar="DIR_A")
+        c.add_argument("dir_b", metavar="DIR_B", nargs="?")
+        c.add_argument("--ref-stats", metavar="NAME", help="compare DIR_A with these saved reference statistics")
+        if name == "kid":
+            c.add_argument("--seed", type=int, default=0, help="seed of the random subsets (default 0)")
+        _common(c, features=True)
+        c.set_defaults(func=run_distribution_command, metric=name)
+
+    r = sub.add_parser("ref-stats", help="save reference statistics of a folder for fid/kid --ref-stats NAME",
+                       description="Compute the features of every image under DIR once and save mu, sigma and "
+                                   "the features as NAME (one file per features and mode, in the atelier cache).")
+    r.add_argument("name", metavar="NAME")
+    r.add_argument("dir_a", metavar="DIR")
+    _common(r, features=True)
+    r.set_defaults(func=run_ref_stats_command)
+
+    c = sub.add_parser("clip-score", help="CLIP score of a folder of images against their prompts (torchmetrics' CLIPScore)",
+                       description="torchmetrics' CLIPScore: 100 x cosine of image and prompt embeddings, averaged "
+                                   "over the images (the mean floored at 0). Prompts: a JSON file {image_stem: prompt}, "
+                                   "or a text file with one prompt per line for the images in sorted order.")
+    c.add_argument("dir_a", metavar="DIR")
+    c.add_argument("--prompts", required=True, metavar="FILE", help="JSON {image_stem: prompt} or one prompt per line")
+    c.add_argument("--features", default="clip", help="clip (default: openai/clip-vit-large-patch14 or --weights) or toyworld")
+    _common(c, features=False)
+    c.set_defaults(func=run_clip_score_command)
+
+    for name, help_text in PAIRWISE.items():
+        c = sub.add_parser(name, help=help_text, description=help_text + ": the files pair by their path "
+                           "inside each folder (without extension); both images must have the same size.")
+        c.add_argument("dir_a", metavar="DIR_A")
+        c.add_argument("dir_b", metavar="DIR_B")
+        if name == "lpips":
+            c.add_argument("--net", default="alex", help="LPIPS backbone: alex (default, as torchmetrics), vgg or squeeze")
+        if name == "ssim":
+            c.add_argument("--json", action="store_true", help="print the result as JSON")
+        else:
+            _common(c, features=False)
+        c.set_defaults(func=run_pairwise_command, metric=name)
+
+
+def _device(args):
+    from atelier.models import pick_device_dtype
+
+    return pick_device_dtype(args.device)[0]
+
+
+def _extractor(args):
+    from .distribution import load_features
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    return load_features(args.features, mode=args.mode, weights=args.weights, device=_device(args),
+                         allow_pickle=args.allow_pickle)
+
+
+def _report(args, values: dict, text: str) -> int:
+    if args.json:
+        from atelier.cli import print_json
+
+        print_json(values)
+    else:
+        print(text)
+    return 0
+
+
+def run_distribution_command(args) -> int:
+    from . import distribution as d
+
+    if (args.dir_b is None) == (args.ref_stats is None):
+        raise UserError(f"{args.metric} compares two sets: give DIR_B or --ref-stats NAME (one of them)")
+    d.image_files(args.dir_a)  # a bad folder fails before any model is loaded
+    if args.dir_b is not None:
+        d.image_files(args.dir_b)
+    extractor = _extractor(args)
+    if args.ref_stats is not None:
+        ref = d.load_ref_stats(args.ref_stats, extractor)
+    feats_a = d.folder_features(args.dir_a, extractor, args.batch_size)
+    feats_b = d.folder_features(args.dir_b, extractor, args.batch_size) if args.dir_b is not None else ref["feats"]
+    if args.metric == "fid":
+        value = (d.fid(feats_a, feats_b) if args.ref_stats is None
+                 else d.fid_from_stats(*d.statistics(feats_a), ref["mu"], ref["sigma"]))
+    else:
+        value = d.kid(feats_a, feats_b, seed=args.seed)
+    return _report(args, {args.metric: value}, f"{args.metric.upper()} ({extractor.name}): {value:.6g}")
+
+
+def run_ref_stats_command(args) -> int:
+    from . import distribution as d
+
+    d.image_files(args.dir_a)
+    extractor = _extractor(args)
+    d.ref_stats_path(args.name, extractor)  # a bad name fails before the features are computed
+    feats = d.folder_features(args.dir_a, extractor, args.batch_size)
+    path = d.save_ref_stats(args.name, feats, extractor)
+    return _report(args, {"name": args.name, "features": extractor.name, "images": len(feats), "path": str(path)},
+                   f"reference statistics {args.name!r} ({extractor.name}, {len(feats)} images) saved to {path}")
+
+
+def read_prompts(path, files) -> list[str]:
+    """The prompt of each image: a JSON object {image_stem: prompt}, or one prompt per line in the
+    order of the sorted image files."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such prompts file: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            table = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(table, dict):
+            raise UserError(f"{path} must hold a JSON object {{image_stem: prompt}}")
+        missing = [f.stem for f in files if not isinstance(table.get(f.stem), str)]
+        if missing:
+            raise UserError(f"{path} has no prompt for {len(missing)} images (e.g. {missing[0]!r})")
+        return [table[f.stem] for f in files]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != len(files):
+        raise UserError(f"{path} has {len(lines)} prompts for {len(files)} images (one line per image, sorted by name)")
+    return lines
+
+
+def run_clip_score_command(args) -> int:
+    from . import distribution as d
+    from .metrics import clip_score_mean, load_clip
+
+    files = d.image_files(args.dir_a)
+    prompts = read_prompts(args.prompts, files)
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.features == "clip":
+        folder = d.clip_folder(args.weights)
+    elif args.features == "toyworld":
+        folder = d.toyworld_clip_folder() if args.weights is None else args.weights
+    else:
+        raise UserError(f"unknown features {args.features!r} for a CLIP score; choose from clip, toyworld")
+    scorer = load_clip(folder, allow_pickle=args.allow_pickle, device=_device(args))
+    score, per_image = clip_score_mean(scorer, [d.read_image(f) for f in files], prompts, batch_size=args.batch_size)
+    root = Path(args.dir_a).expanduser()
+    return _report(args, {"clip_score": score, "per_image": {str(f.relative_to(root)): v for f, v in zip(files, per_image)}},
+                   f"CLIP score: {score:.4f} over {len(files)} images")
+
+
+def paired_files(dir_a, dir_b):
+    """(name, file in dir_a, file in dir_b) for the images whose path without extension matches."""
+    from .distribution import image_files
+
+    def by_name(folder):
+        files = image_files(folder)
+        root = Path(folder).expanduser()
+        return {str(f.relative_to(root).with_suffix("")): f for f in files}
+
+    a, b = by_name(dir_a), by_name(dir_b)
+    unpaired = sorted(a.keys() ^ b.keys())
+    if unpaired:
+        raise UserError(f"{len(unpaired)} images have no partner of the same name in the other folder (e.g. {unpaired[0]!r})")
+    return [(name, a[name], b[name]) for name in sorted(a)]
+
+
+def run_pairwise_command(args) -> int:
+    import numpy as np
+
+    from . import metrics
+    from .distribution import read_image
+
+    pairs = paired_files(args.dir_a, args.dir_b)
+    if args.metric == "lpips":
+        model = metrics.load_lpips(args.net, args.weights, allow_pickle=args.allow_pickle, device=_device(args))
+        measure = lambda x, y: metrics.lpips(model, x, y)  # noqa: E731
+    elif args.metric == "dists":
+        model = metrics.load_dists(args.weights, allow_pickle=args.allow_pickle, device=_device(args))
+        measure = lambda x, y: metrics.dists(model, x, y)  # noqa: E731
+    else:
+        measure = metrics.ssim
+    values = {}
+    for name, file_a, file_b in pairs:
+        x, y = read_image(file_a), read_image(file_b)
+        if x.shape != y.shape:
+            raise UserError(f"{name}: sizes differ ({x.shape[1]}x{x.shape[0]} vs {y.shape[1]}x{y.shape[0]})")
+        values[name] = measure(x, y)
+    mean = float(np.mean(list(values.values())))
+    return _report(args, {args.metric: mean, "per_image": values},
+                   f"{args.metric.upper()}: {mean:.6g} (mean over {len(values)} pairs)")

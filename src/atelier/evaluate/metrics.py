@@ -10,8 +10,9 @@ Conventions shared with the reference:
 - PSNR uses data_range 1 and is +inf for identical images.
 
 Model-based metrics take an already loaded model (see the `load_*` functions): structure distance
-(DINO ViT-B/8 key self-similarity), LPIPS (VGG16, written here in plain torch: no torchvision) and
-CLIP score (CLIP ViT-L/14). Loaders raise `UserError` for paths that are not usable weights.
+(DINO ViT-B/8 key self-similarity), LPIPS and DISTS (their own packages, `lpips` and `DISTS_pytorch`,
+with backbones read from local files) and CLIP score (CLIP ViT-L/14). Loaders raise `UserError` for
+paths that are not usable weights; nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 def ssim(pred, target, mask=None, *, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> float:
     """Structural similarity with an 11x11 gaussian window (sigma 1.5), data range 1.
 
-    torchmetrics is not a dependency (its import needs torchvision here), so this is the standard
-    formula written out as torchmetrics' StructuralSimilarityIndexMeasure computes it: reflect-pad by
+    The standard formula written out as torchmetrics' `structural_similarity_index_measure` computes it
+    (tests/test_metrics_reference.py checks the two agree): reflect-pad by
     the window radius, gaussian-filter x, y, x², y², xy per channel, clamp the variances at 0, take
     the SSIM map, crop the padded border off and average.
     """
@@ -147,109 +148,127 @@ def read_tensors(paths, *, allow_pickle: bool = False) -> dict[str, torch.Tensor
     return tensors
 
 
-# ----------------------------------------------------------------------------- LPIPS (VGG)
+# ----------------------------------------------------------------------------- LPIPS and DISTS (their packages)
 
-# torchvision's vgg16().features up to relu5_3: numbers are 3x3 conv widths (each followed by a
-# ReLU), "M" a 2x2 max-pool. Module indices therefore match torchvision's and the lpips package's.
-VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
-LPIPS_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-LPIPS_CHANNELS = (64, 128, 256, 512, 512)
-VGG16_MODULES = 30  # convs + ReLUs + pools above; torchvision's index 30 (the last pool) is unused
-
-
-def vgg16_features() -> nn.Sequential:
-    layers: list[nn.Module] = []
-    channels = 3
-    for item in VGG16_CONFIG:
-        if item == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers += [nn.Conv2d(channels, item, kernel_size=3, padding=1), nn.ReLU()]
-            channels = item
-    return nn.Sequential(*layers)
-
-
-class LPIPS(nn.Module):
-    """LPIPS v0.1 with VGG16 features (Zhang et al. 2018; the `lpips` package's `LPIPS(net="vgg")`).
-
-    Note: PIE-Bench's reference code uses the SqueezeNet variant (torchmetrics' net_type="squeeze"),
-    so VGG numbers are on a different scale from the paper's LPIPS column.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.features = vgg16_features()
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in LPIPS_CHANNELS)
-        # the lpips package's ScalingLayer: inputs in [-1, 1] to ImageNet-normalised values
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-
-    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        x = (x - self.shift) / self.scale
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in LPIPS_TAPS:
-                out.append(x)
-        return out
-
-    def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-        """Distance per batch item for images in [-1, 1]: unit-normalise each tapped layer over
-        channels, squared difference, 1x1 linear weights, spatial mean, sum over the five layers."""
-        total = 0
-        for lin, f0, f1 in zip(self.lins, self.taps(x0), self.taps(x1)):
-            n0 = f0 / (f0.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-            n1 = f1 / (f1.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-            total = total + lin((n0 - n1) ** 2).mean(dim=(2, 3))
-        return total.flatten()
-
-
-_VGG_KEY = re.compile(r"(?:^|\.)(?:features|slice\d)\.(\d+)\.(weight|bias)$")
+# The ImageNet backbones LPIPS and DISTS run on, by torchvision name, with the file torchvision's
+# hub cache keeps each one's weights in (a pickle).
+BACKBONES = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
+HUB_FILES = {"alexnet": "alexnet-owt-7be5be79.pth", "vgg16": "vgg16-397923af.pth",
+             "squeezenet1_1": "squeezenet1_1-b8a52dc0.pth"}
+# `net.slice3.12.weight` (lpips) and `stage4.17.bias` (DISTS) hold torchvision's `features.12.weight`,
+# `features.17.bias`: both packages slice torchvision's `features` keeping its module indices.
+_SLICE_KEY = re.compile(r"^(?:net\.)?(?:slice|stage)\d+\.(\d+\..+)$")
 _LIN_KEY = re.compile(r"(?:^|\.)lin(\d)(?:\.model\.1)?\.weight$")
 
 
-def lpips_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map weights named as torchvision (`features.N.*`), the lpips package's full model
-    (`net.sliceK.N.*`, `linK.model.1.weight`) or plain `linK.weight` to `LPIPS`'s names."""
+def backbone_weights(arch: str, given=None, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of torchvision's `arch` (vgg16, alexnet, squeezenet1_1) from `given` (files or
+    folders, see `read_tensors`), else from `<atelier cache>/<arch>.safetensors`, else (only with
+    allow_pickle) from torchvision's hub cache file."""
+    if given:
+        return read_tensors(given, allow_pickle=allow_pickle)
+    from atelier.models.loader import atelier_cache_dir
+
+    safetensors = atelier_cache_dir() / f"{arch}.safetensors"
+    if safetensors.is_file():
+        return read_tensors(safetensors)
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / HUB_FILES[arch]
+    if hub_file.is_file() and allow_pickle:
+        return read_tensors(hub_file, allow_pickle=True)
+    hint = f"; {hub_file} is there, a pickle: add --allow-pickle" if hub_file.is_file() else ""
+    raise UserError(f"no {arch} weights: give --weights FILE, or put torchvision's {arch} weights as .safetensors "
+                    f"at {safetensors} (torchvision's {HUB_FILES[arch]} converted){hint}")
+
+
+def _load_backbone(model: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Fill every sliced torchvision layer of `model` (lpips' `net.sliceK.N.*`, DISTS' `stageK.N.*`)
+    from tensors named as torchvision's (`features.N.*`) or as the package's own model."""
     state = {}
-    for key, value in tensors.items():
-        if m := _VGG_KEY.search(key):
-            if int(m.group(1)) < VGG16_MODULES:
-                state[f"features.{m.group(1)}.{m.group(2)}"] = value
-        elif m := _LIN_KEY.search(key):
-            state[f"lins.{m.group(1)}.weight"] = value
-    return state
+    for key, current in model.state_dict().items():
+        m = _SLICE_KEY.match(key)
+        if not m or key.endswith(".filter"):  # DISTS' L2 pooling filters are fixed, not weights
+            continue
+        value = tensors.get(f"features.{m.group(1)}", tensors.get(key))
+        if value is None:
+            raise UserError(f"{what}: the weights lack features.{m.group(1)} (torchvision's name); is it the right network?")
+        if value.shape != current.shape:
+            raise UserError(f"{what}: features.{m.group(1)} has shape {tuple(value.shape)}, expected {tuple(current.shape)}")
+        state[key] = value
+    model.load_state_dict(state, strict=False)
 
 
-def load_lpips_vgg(paths, *, allow_pickle: bool = False, device="cpu") -> LPIPS:
-    """LPIPS (VGG) from local weight files: the VGG16 features and the five LPIPS linear layers,
-    in one file or several (e.g. torchvision's vgg16 weights and lpips' vgg.pth, as safetensors)."""
-    state = lpips_state_dict(read_tensors(paths, allow_pickle=allow_pickle))
-    model = LPIPS()
-    expected = {k for k in model.state_dict() if k not in ("shift", "scale")}
-    missing = sorted(expected - state.keys())
-    if missing:
-        what = []
-        if any(k.startswith("features.") for k in missing):
-            what.append("VGG16 features (features.N.weight/bias, as torchvision's vgg16)")
-        if any(k.startswith("lins.") for k in missing):
-            what.append("LPIPS linear layers (lin0..lin4, as the lpips package's vgg.pth)")
-        raise UserError(f"LPIPS weights {paths}: missing {' and '.join(what)}")
+def load_lpips(net: str = "vgg", weights=None, *, allow_pickle: bool = False, device="cpu"):
+    """The lpips package's `LPIPS(net=...)` (v0.1): its shipped linear layers (`lpips/weights/v0.1/`)
+    over an ImageNet backbone read from local weights (`backbone_weights`). Linear layers in the
+    weights (`linK.model.1.weight`, as the package's own vgg.pth) replace the shipped ones.
+
+    PIE-Bench's reference uses `net="squeeze"` (torchmetrics' default net_type is "alex")."""
+    import lpips as lpips_package
+
+    if net not in BACKBONES:
+        raise UserError(f"unknown LPIPS network {net!r}; choose from {', '.join(BACKBONES)}")
+    tensors = backbone_weights(BACKBONES[net], weights, allow_pickle=allow_pickle)
+    # pnet_rand builds the backbone untrained (no download); pretrained=True reads the shipped lin layers
+    model = lpips_package.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    _load_backbone(model, tensors, f"LPIPS ({net}) weights {weights or BACKBONES[net]}")
+    lins = {f"lin{m.group(1)}.model.1.weight": v for k, v in tensors.items() if (m := _LIN_KEY.search(k))}
     try:
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(lins, strict=False)
     except RuntimeError as exc:
-        raise UserError(f"LPIPS weights {paths} do not fit VGG16: {str(exc).splitlines()[-1].strip()}") from None
+        raise UserError(f"LPIPS linear layers in {weights} do not fit {net}: {str(exc).splitlines()[-1].strip()}") from None
+    return model.eval().requires_grad_(False).to(device)
+
+
+def load_lpips_vgg(paths=None, *, allow_pickle: bool = False, device="cpu"):
+    """LPIPS (VGG), as PIE-Bench's `--lpips-vgg` and the inverter's perceptual loss load it."""
+    return load_lpips("vgg", paths, allow_pickle=allow_pickle, device=device)
+
+
+@torch.no_grad()
+def lpips(model, pred, target, mask=None) -> float:
+    """LPIPS distance (0 for identical images) between two HxWx3 images: the package's forward on
+    images scaled to [-1, 1] (what `LPIPS(...)(x, y, normalize=True)` does with [0, 1] images)."""
+    a, b = _unit_pair(pred, target, mask)
+    device = next(model.parameters()).device
+    x0 = torch.from_numpy(a).permute(2, 0, 1)[None].to(device) * 2 - 1
+    x1 = torch.from_numpy(b).permute(2, 0, 1)[None].to(device) * 2 - 1
+    return float(model(x0, x1).mean())
+
+
+DISTS_WEIGHTS = "weights.pt"  # alpha and beta, shipped inside the DISTS_pytorch package
+
+
+def load_dists(weights=None, *, allow_pickle: bool = False, device="cpu"):
+    """DISTS_pytorch's `DISTS` (Ding et al. 2020) with VGG16 from local weights (`backbone_weights`)
+    and the package's shipped alpha/beta. Its constructor would download VGG16 (`vgg16(pretrained=True)`)
+    and read alpha/beta from `sys.prefix`: both are avoided, the forward pass is the package's."""
+    import DISTS_pytorch
+    from DISTS_pytorch import DISTS_pt
+    from torchvision.models import vgg16
+
+    tensors = backbone_weights("vgg16", weights, allow_pickle=allow_pickle)
+    original = DISTS_pt.models.vgg16
+    DISTS_pt.models.vgg16 = lambda pretrained=False, **kwargs: vgg16(weights=None)
+    try:
+        model = DISTS_pt.DISTS(load_weights=False)
+    finally:
+        DISTS_pt.models.vgg16 = original
+    _load_backbone(model, tensors, f"DISTS weights {weights or 'vgg16'}")
+    # the package's own file, a dict of two tensors: weights_only reads it without running code
+    shipped = torch.load(Path(DISTS_pytorch.__file__).parent / DISTS_WEIGHTS, map_location="cpu", weights_only=True)
+    model.alpha.data, model.beta.data = shipped["alpha"], shipped["beta"]
     return model.eval().to(device)
 
 
 @torch.no_grad()
-def lpips(model: LPIPS, pred, target, mask=None) -> float:
-    """LPIPS distance (0 for identical images) between two HxWx3 images."""
-    a, b = _unit_pair(pred, target, mask)
-    device = model.shift.device
-    x0 = torch.from_numpy(a).permute(2, 0, 1)[None].to(device) * 2 - 1
-    x1 = torch.from_numpy(b).permute(2, 0, 1)[None].to(device) * 2 - 1
-    return float(model(x0, x1).mean())
+def dists(model, pred, target) -> float:
+    """DISTS distance (0 for identical images) of two HxWx3 images given in [0, 1], as the package's
+    `prepare_image` makes them (no resize)."""
+    a, b = _unit_pair(pred, target)
+    device = model.alpha.device
+    x = torch.from_numpy(a).permute(2, 0, 1)[None].to(device)
+    y = torch.from_numpy(b).permute(2, 0, 1)[None].to(device)
+    return float(model(x, y))
 
 
 # ----------------------------------------------------------------------------- structure distance (DINO)
@@ -379,7 +398,7 @@ def load_clip(folder, *, allow_pickle: bool = False, device="cpu") -> ClipScorer
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} is not a transformers model folder (no config.json)")
     try:
-        model, info = CLIPModel.from_pretrained(os.fspath(folder), output_loading_info=True,
+        model, info = CLIPModel.from_pretrained(os.fspath(folder), output_loading_info=True, dtype=torch.float32,
                                                 use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError) as exc:
         hint = "" if allow_pickle else " (only .safetensors weights are read; --allow-pickle reads .bin)"
@@ -388,23 +407,54 @@ def load_clip(folder, *, allow_pickle: bool = False, device="cpu") -> ClipScorer
     return ClipScorer(model.eval().to(device), _tokenizer(folder), _image_processor(folder))
 
 
-@torch.no_grad()
-def clip_score(scorer: ClipScorer, image, text: str, mask=None) -> float:
-    """torchmetrics' CLIPScore: 100 x cosine(image embedding, text embedding), floored at 0.
-    With `mask`, the image is multiplied by it first (PIE-Bench's edited-region score)."""
+def _clip_pixels(scorer: ClipScorer, images) -> torch.Tensor:
     from PIL import Image
 
+    pil = [Image.fromarray(as_uint8(image)) for image in images]
+    return scorer.processor(images=pil, return_tensors="pt")["pixel_values"]
+
+
+@torch.no_grad()
+def clip_image_embeddings(scorer: ClipScorer, images) -> torch.Tensor:
+    """CLIP's projected image embeddings (`visual_projection` of the pooled vision output, what
+    `CLIPModel.get_image_features` returns), the images prepared by the folder's image processor."""
+    model = scorer.model
+    pixel_values = _clip_pixels(scorer, images).to(next(model.parameters()).device)
+    return model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output).float()
+
+
+@torch.no_grad()
+def clip_text_embeddings(scorer: ClipScorer, texts) -> torch.Tensor:
+    model = scorer.model
+    device = next(model.parameters()).device
+    tokens = scorer.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt",
+                              max_length=model.config.text_config.max_position_embeddings)
+    return model.text_projection(model.text_model(input_ids=tokens["input_ids"].to(device),
+                                                  attention_mask=tokens["attention_mask"].to(device)).pooler_output).float()
+
+
+def clip_cosines(scorer: ClipScorer, images, texts) -> np.ndarray:
+    """Cosine similarity of each image with its text (pairs in order)."""
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images but {len(texts)} texts")
+    cosine = F.cosine_similarity(clip_image_embeddings(scorer, images), clip_text_embeddings(scorer, texts), dim=-1)
+    return cosine.double().cpu().numpy()
+
+
+def clip_score(scorer: ClipScorer, image, text: str, mask=None) -> float:
+    """torchmetrics' CLIPScore of one pair: 100 x cosine(image embedding, text embedding), floored at 0.
+    With `mask`, the image is multiplied by it first (PIE-Bench's edited-region score)."""
     pixels = as_uint8(image)
     if mask is not None:
         m = np.asarray(mask, dtype=np.float32)
         pixels = np.uint8(pixels * (m[..., None] if m.ndim == 2 else m))
-    model = scorer.model
-    device = next(model.parameters()).device
-    pixel_values = scorer.processor(images=[Image.fromarray(pixels)], return_tensors="pt")["pixel_values"]
-    tokens = scorer.tokenizer([text], padding=True, truncation=True, return_tensors="pt",
-                              max_length=model.config.text_config.max_position_embeddings)
-    image_emb = model.visual_projection(model.vision_model(pixel_values=pixel_values.to(device)).pooler_output)
-    text_emb = model.text_projection(model.text_model(input_ids=tokens["input_ids"].to(device),
-                                                      attention_mask=tokens["attention_mask"].to(device)).pooler_output)
-    cosine = F.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)
-    return max(float(100 * cosine[0]), 0.0)
+    return max(float(100 * clip_cosines(scorer, [pixels], [text])[0]), 0.0)
+
+
+def clip_score_mean(scorer: ClipScorer, images, texts, *, batch_size: int = 32) -> tuple[float, list[float]]:
+    """torchmetrics' `CLIPScore` over many pairs, and each pair's own score. torchmetrics averages
+    100 x cosine over the pairs and floors the *mean* at 0 (`compute`); a pair's score is floored
+    on its own, so the two differ only when some cosines are negative."""
+    cosines = np.concatenate([clip_cosines(scorer, images[i:i + batch_size], texts[i:i + batch_size])
+                              for i in range(0, len(images), batch_size)])
+    return max(float(100 * cosines.mean()), 0.0), [max(float(100 * c), 0.0) for c in cosines]
