@@ -158,7 +158,7 @@ def test_psnr_mse_and_ssim():
     assert metrics.psnr(a, c, keep) == math.inf and metrics.psnr(a, c) < 30
 
     # SSIM against an independent formulation: scipy's gaussian filter (mirror = torch's reflect,
-    # radius int(3.5 * 1.5 + 0.5) = 5), border of 5 cropped, as torchmetrics does
+    # radius int(3.5 * 1.5 + 0.5) = 5), with and without the border of 5 PIE-Bench's torchmetrics cropped
     from scipy.ndimage import gaussian_filter
 
     noisy = np.clip(a + rng.normal(0, 25, a.shape), 0, 255).astype(np.uint8)
@@ -171,25 +171,32 @@ def test_psnr_mse_and_ssim():
     vx, vy, cxy = np.maximum(blur(x * x) - mx**2, 0), np.maximum(blur(y * y) - my**2, 0), blur(x * y) - mx * my
     c1, c2 = 0.01**2, 0.03**2
     full = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    assert metrics.ssim(a, noisy) == pytest.approx(full[5:-5, 5:-5].mean(), abs=1e-5)
-    assert metrics.ssim(a, noisy) < 0.99
+    assert metrics.ssim(a, noisy, crop_border=True) == pytest.approx(full[5:-5, 5:-5].mean(), abs=1e-5)
+    assert metrics.ssim(a, noisy) == pytest.approx(full.mean(), abs=1e-5) and metrics.ssim(a, noisy) < 0.99
 
 
 # ----------------------------------------------------------------------------- model metrics (tiny random weights)
 
 
+LPIPS_VGG_CHANNELS = (64, 128, 256, 512, 512)
+
+
+def random_vgg16_features() -> dict:
+    """torchvision's vgg16 `features.N.*` with random weights (no download: weights=None)."""
+    from torchvision.models import vgg16
+
+    return {f"features.{k}": v for k, v in vgg16(weights=None).features.state_dict().items()}
+
+
 @pytest.fixture(scope="module")
 def lpips_file(tmp_path_factory):
-    """Random VGG16 features named as torchvision's, LPIPS layers named as the lpips package's."""
+    """Random VGG16 features named as torchvision's (the lpips package ships its linear layers)."""
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    features = metrics.vgg16_features()
-    tensors = {f"features.{k}": v for k, v in features.state_dict().items()}
+    tensors = random_vgg16_features()
     tensors["classifier.0.weight"] = torch.zeros(2, 2)  # extra torchvision keys are ignored
-    for i, c in enumerate(metrics.LPIPS_CHANNELS):
-        tensors[f"lin{i}.model.1.weight"] = torch.rand(1, c, 1, 1)
-    path = tmp_path_factory.mktemp("lpips") / "lpips_vgg.safetensors"
+    path = tmp_path_factory.mktemp("lpips") / "vgg16.safetensors"
     save_file(tensors, str(path))
     return path
 
@@ -240,26 +247,38 @@ def toy(i):
     return render_pil(sample_scene(random.Random(i)))
 
 
-def test_lpips_vgg_in_plain_torch(lpips_file, tmp_path):
+def test_lpips_vgg_from_local_weights(lpips_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATELIER_CACHE", str(tmp_path / "atelier-cache"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     model = metrics.load_lpips_vgg(lpips_file)
     a, b = toy(1), toy(2)
     assert metrics.lpips(model, a, a) == 0
     d = metrics.lpips(model, a, b)
     assert d > 0 and d == pytest.approx(metrics.lpips(model, b, a), rel=1e-5)
-    # weights without the LPIPS layers are refused with what is missing
+    # weights of another network are refused, naming what is missing
     from safetensors.torch import save_file
 
-    only_vgg = tmp_path / "vgg.safetensors"
-    save_file({f"features.{k}": v for k, v in metrics.vgg16_features().state_dict().items()}, str(only_vgg))
-    with pytest.raises(UserError, match="LPIPS linear layers"):
-        metrics.load_lpips_vgg(only_vgg)
-    # the lpips package's own vgg.pth (a pickle) is read only when pickles are allowed
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"features.0.weight": torch.zeros(1)}, str(wrong))
+    with pytest.raises(UserError, match="lack features.2|shape"):
+        metrics.load_lpips_vgg(wrong)
+    # no weights given and none cached: one line naming the file to provide
+    with pytest.raises(UserError, match="vgg16.safetensors"):
+        metrics.load_lpips_vgg()
+    # torchvision's hub-cache file is a pickle: read only when pickles are allowed
+    hub = tmp_path / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(random_vgg16_features(), hub / metrics.HUB_FILES["vgg16"])
+    with pytest.raises(UserError, match="allow-pickle"):
+        metrics.load_lpips_vgg()
+    from_hub = metrics.load_lpips_vgg(allow_pickle=True)
+    assert metrics.lpips(from_hub, a, a) == 0 and metrics.lpips(from_hub, a, b) > 0
+    # linear layers in the weights (as the lpips package's own vgg.pth) replace the shipped ones
     lins = tmp_path / "vgg.pth"
-    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(metrics.LPIPS_CHANNELS)}, lins)
+    torch.save({f"lin{i}.model.1.weight": torch.zeros(1, c, 1, 1) for i, c in enumerate(LPIPS_VGG_CHANNELS)}, lins)
     with pytest.raises(UserError, match="pickle"):
-        metrics.load_lpips_vgg([only_vgg, lins])
-    two_files = metrics.load_lpips_vgg([only_vgg, lins], allow_pickle=True)
-    assert metrics.lpips(two_files, a, a) == 0 and metrics.lpips(two_files, a, b) > 0
+        metrics.load_lpips_vgg([lpips_file, lins])
+    assert metrics.lpips(metrics.load_lpips_vgg([lpips_file, lins], allow_pickle=True), a, b) == 0
 
 
 def test_dino_structure_distance(dino_dir):

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from atelier.errors import UserError
@@ -32,7 +34,8 @@ def register(subparsers) -> None:
     b.add_argument("--dino", help="DINO ViT-B/8 transformers folder (default: facebook/dino-vitb8 in the HF cache)")
     b.add_argument("--clip", help="CLIP ViT-L/14 transformers folder (default: openai/clip-vit-large-patch14 in the HF cache)")
     b.add_argument("--lpips-vgg", action="append", metavar="PATH",
-                   help="LPIPS VGG weights: .safetensors file(s) or folder with VGG16 features and LPIPS linear layers (repeatable)")
+                   help="LPIPS VGG weights: .safetensors file(s) or folder with torchvision's VGG16 features (repeatable; "
+                        "the lpips package ships its linear layers)")
     b.add_argument("--allow-pickle", action="store_true", help="also read pickled weights (.bin/.pth)")
     b.add_argument("--device", help="device for the model and the metrics (default: cuda if available, else cpu)")
     b.add_argument("--save-images", action="store_true", help="also write the edited images to --out/images/")
@@ -121,7 +124,7 @@ def register_metrics(sub) -> None:
         if name == "kid":
             c.add_argument("--seed", type=int, default=0, help="seed of the random subsets (default 0)")
         _common(c, features=True)
-        c.set_defaults(func=run_distribution_command, metric=name)
+        c.set_defaults(func=quietly(run_distribution_command), metric=name)
 
     r = sub.add_parser("ref-stats", help="save reference statistics of a folder for fid/kid --ref-stats NAME",
                        description="Compute the features of every image under DIR once and save mu, sigma and "
@@ -129,7 +132,7 @@ def register_metrics(sub) -> None:
     r.add_argument("name", metavar="NAME")
     r.add_argument("dir_a", metavar="DIR")
     _common(r, features=True)
-    r.set_defaults(func=run_ref_stats_command)
+    r.set_defaults(func=quietly(run_ref_stats_command))
 
     c = sub.add_parser("clip-score", help="CLIP score of a folder of images against their prompts (torchmetrics' CLIPScore)",
                        description="torchmetrics' CLIPScore: 100 x cosine of image and prompt embeddings, averaged "
@@ -139,7 +142,7 @@ def register_metrics(sub) -> None:
     c.add_argument("--prompts", required=True, metavar="FILE", help="JSON {image_stem: prompt} or one prompt per line")
     c.add_argument("--features", default="clip", help="clip (default: openai/clip-vit-large-patch14 or --weights) or toyworld")
     _common(c, features=False)
-    c.set_defaults(func=run_clip_score_command)
+    c.set_defaults(func=quietly(run_clip_score_command))
 
     for name, help_text in PAIRWISE.items():
         c = sub.add_parser(name, help=help_text, description=help_text + ": the files pair by their path "
@@ -152,7 +155,29 @@ def register_metrics(sub) -> None:
             c.add_argument("--json", action="store_true", help="print the result as JSON")
         else:
             _common(c, features=False)
-        c.set_defaults(func=run_pairwise_command, metric=name)
+        c.set_defaults(func=quietly(run_pairwise_command), metric=name)
+
+
+@contextmanager
+def _quiet_loading():
+    """No model-loading progress bars: a metric command prints its number, or one line of error."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+def quietly(run):
+    def wrapped(args):
+        with _quiet_loading():
+            return run(args)
+
+    return functools.update_wrapper(wrapped, run)
 
 
 def _device(args):

@@ -31,6 +31,7 @@ MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
 INCEPTION_FILE = "inception-2015-12-05.pt"  # NVIDIA's TorchScript Inception, clean-fid's model
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 PT_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's port (a pickle), legacy_pytorch
+PT_INCEPTION_SAFETENSORS = "pt_inception-2015-12-05.safetensors"  # the same tensors, converted
 PT_INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + PT_INCEPTION_FILE
 CLIP_REPO = "openai/clip-vit-large-patch14"
 TOYWORLD_CLIP = "toyworld-clip"
@@ -95,7 +96,8 @@ def find_weights(name: str, given=None, *, hub: bool = False) -> Path:
         if (folder / name).is_file():
             return folder / name
     url = INCEPTION_URL if name == INCEPTION_FILE else PT_INCEPTION_URL
-    raise UserError(f"no {name}: download it from {url} and give --weights FILE, or put it in {dirs[0]}")
+    converted = f" (or as {PT_INCEPTION_SAFETENSORS})" if name == PT_INCEPTION_FILE else ""
+    raise UserError(f"no {name}: download it from {url} and give --weights FILE, or put it in {dirs[0]}{converted}")
 
 
 # ----------------------------------------------------------------------------- extractors
@@ -162,8 +164,13 @@ def _pytorch_inception(weights, allow_pickle: bool):
 
     from atelier.evaluate.metrics import read_tensors
 
+    from atelier.models.loader import atelier_cache_dir
+
+    cached = atelier_cache_dir() / PT_INCEPTION_SAFETENSORS
     if weights is not None and Path(os.fspath(weights)).suffix == ".safetensors":
         path = Path(os.path.expanduser(os.fspath(weights)))
+    elif weights is None and cached.is_file():
+        path = cached
     else:
         path = find_weights(PT_INCEPTION_FILE, weights, hub=True)
     state = read_tensors(path, allow_pickle=allow_pickle)

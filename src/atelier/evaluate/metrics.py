@@ -78,13 +78,15 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return torch.outer(g, g)
 
 
-def ssim(pred, target, mask=None, *, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> float:
+def ssim(pred, target, mask=None, *, crop_border: bool = False, sigma: float = 1.5, k1: float = 0.01,
+         k2: float = 0.03) -> float:
     """Structural similarity with an 11x11 gaussian window (sigma 1.5), data range 1.
 
     The standard formula written out as torchmetrics' `structural_similarity_index_measure` computes it
-    (tests/test_metrics_reference.py checks the two agree): reflect-pad by
-    the window radius, gaussian-filter x, y, x², y², xy per channel, clamp the variances at 0, take
-    the SSIM map, crop the padded border off and average.
+    (tests/test_metrics_reference.py checks the two agree): reflect-pad by the window radius,
+    gaussian-filter x, y, x², y², xy per channel, clamp the variances at 0, take the SSIM map and
+    average it. With `crop_border`, a border of the window radius is cut off the map first, as
+    torchmetrics did before Lightning-AI/torchmetrics#2721 (2024): PIE-Bench's numbers were made so.
     """
     a, b = _unit_pair(pred, target, mask)
     x = torch.from_numpy(a).double().permute(2, 0, 1)[None]
@@ -104,7 +106,7 @@ def ssim(pred, target, mask=None, *, sigma: float = 1.5, k1: float = 0.01, k2: f
     cov = xy - mu_x * mu_y
     c1, c2 = k1**2, k2**2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return float(ssim_map[..., pad:-pad, pad:-pad].mean())
+    return float((ssim_map[..., pad:-pad, pad:-pad] if crop_border else ssim_map).mean())
 
 
 # ----------------------------------------------------------------------------- weights on disk

@@ -65,7 +65,7 @@ CLIP_REPO = "openai/clip-vit-large-patch14"
 SKIP_NOTES = {
     "dino": f"structure distance skipped: no DINO ViT-B/8 weights (give --dino FOLDER or cache {DINO_REPO})",
     "lpips": ("LPIPS skipped: no LPIPS VGG weights (give --lpips-vgg FILE: .safetensors with torchvision's "
-              "vgg16 `features.N.*` and the lpips package's `linK.model.1.weight` layers)"),
+              "vgg16 `features.N.*`; the lpips package ships its linear layers)"),
     "clip": f"CLIP scores skipped: no CLIP ViT-L/14 weights (give --clip FOLDER or cache {CLIP_REPO})",
 }
 
@@ -250,7 +250,7 @@ def evaluate_case(suite: MetricSuite, source, edited, edit_mask: np.ndarray, sou
     if suite.lpips is not None:
         values["lpips_unedit_part"] = math.nan if no_background else m.lpips(suite.lpips, source, edited, keep)
     values["mse_unedit_part"] = math.nan if no_background else m.mse(source, edited, keep)
-    values["ssim_unedit_part"] = math.nan if no_background else m.ssim(source, edited, keep)
+    values["ssim_unedit_part"] = math.nan if no_background else m.ssim(source, edited, keep, crop_border=True)
     if suite.clip is not None:
         values["clip_similarity_source_image"] = m.clip_score(suite.clip, source, source_prompt)
         values["clip_similarity_target_image"] = m.clip_score(suite.clip, edited, target_prompt)
