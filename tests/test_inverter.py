@@ -142,12 +142,11 @@ def test_manifest_and_stage2_on_it(tmp_path, capsys):
 def test_stage2_with_lpips_weights_through_the_cli(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from atelier.evaluate.metrics import LPIPS
+    from torchvision.models import vgg16
 
     torch.manual_seed(0)
-    model = LPIPS()  # random weights stand in for VGG16 + lpips' vgg.pth: only the plumbing is tested
-    tensors = {k: v.abs() if k.startswith("lins.") else v for k, v in model.state_dict().items() if k not in ("shift", "scale")}
-    tensors = {(f"lin{k.split('.')[1]}.weight" if k.startswith("lins.") else k): v.contiguous() for k, v in tensors.items()}
+    # random VGG16 features stand in for torchvision's (the lpips package ships its linear layers): only the plumbing is tested
+    tensors = {f"features.{k}": v.contiguous() for k, v in vgg16(weights=None).features.state_dict().items()}
     save_file(tensors, tmp_path / "lpips_vgg.safetensors")
     assert main(["train", "inverter", "--stage", "2", "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1",
                  "--train_batch_size", "1", "--validation_steps", "1", "--lpips_weights", str(tmp_path / "lpips_vgg.safetensors"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_evaluate import clip_dir, random_vgg16_features, toy  # noqa: F401 - clip_dir is a fixture
+from test_evaluate import clip_dir, toy  # noqa: F401 - clip_dir is a fixture
 
 from atelier.cli import main
 from atelier.errors import UserError
