@@ -298,7 +298,7 @@ def _temporary_of(name: str) -> str | None:
 
 def _clean(outdir: Path, mine: list[Unit], units: list[Unit], ranks: _Ranks, overwrite: bool) -> None:
     """Delete temporaries of this process's units (and, on rank 0, of no unit at all); with
-    `overwrite`, the same for the old run's PNGs. No two processes touch the same file."""
+    `overwrite`, the same for the old run's PNGs and logs. No two processes touch the same file."""
     images = outdir / IMAGES
     images.mkdir(parents=True, exist_ok=True)
     own = {u.file for u in mine}
@@ -311,8 +311,11 @@ def _clean(outdir: Path, mine: list[Unit], units: list[Unit], ranks: _Ranks, ove
             target = entry.name
         if target in own or (ranks.rank == 0 and target not in every):
             Path(entry.path).unlink(missing_ok=True)
-    if overwrite:
-        (outdir / LOGS / f"rank{ranks.rank}.jsonl").unlink(missing_ok=True)
+    if overwrite and (outdir / LOGS).is_dir():  # each its own log; rank 0 those of ranks no process has now
+        for log in (outdir / LOGS).glob("rank*.jsonl"):
+            number = log.stem[len("rank"):]
+            if number == str(ranks.rank) or (ranks.rank == 0 and not (number.isdigit() and int(number) < ranks.world)):
+                log.unlink(missing_ok=True)
 
 
 def _finished(path: Path) -> bool:
