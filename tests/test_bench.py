@@ -235,7 +235,10 @@ def test_resume_with_other_settings_is_refused(tmp_path, prompts_file, capsys):
     assert main([*args, "--steps", "2", "--quiet"]) == 2
     assert "steps 1 -> 2" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "images").iterdir()} == before
+    (tmp_path / "run" / "logs" / "rank5.jsonl").write_text('{"id": "00001", "seed": 0, "rank": 5}\n')
     assert main([*args, "--steps", "2", "--overwrite"]) == 0  # starts again with the new settings
+    logs = {p.name: p.read_text().splitlines() for p in (tmp_path / "run" / "logs").iterdir()}
+    assert list(logs) == ["rank0.jsonl"] and len(logs["rank0.jsonl"]) == 2  # the old run's records are gone
     run = read_run(tmp_path / "run")
     assert run.complete and run.manifest["parameters"]["steps"] == 2
     from atelier.generate import parse_parameters, read_parameters

@@ -4,9 +4,9 @@ starts (or made by one process), resumable after a kill. See docs/bench.md."""
 from __future__ import annotations
 
 import os
-import sys
 
 from atelier.errors import UserError
+from atelier.generate import cli as generate_cli
 
 
 def register(subparsers) -> None:
@@ -32,25 +32,13 @@ def register(subparsers) -> None:
     g.add_argument("--images-per-prompt", type=int, default=1, metavar="K", help="images per prompt (default 1)")
     g.add_argument("--seed", type=int, default=0, metavar="S", help="seed of each prompt's first image (default 0)")
     g.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
-    g.add_argument("--steps", type=int, metavar="N", help="sampling steps (default: the model's)")
-    g.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float, metavar="X",
-                   help="classifier-free guidance scale (default: the model's)")
-    g.add_argument("--sampler", metavar="NAME", help="sampler, e.g. 'Euler a' (see `atelier samplers`; default: the model's)")
-    g.add_argument("--schedule", metavar="TYPE", help="schedule type, e.g. Karras")
-    g.add_argument("--clip-skip", type=int, metavar="N", help="A1111 clip skip: 1 = last layer, 2 = one before")
-    g.add_argument("--width", type=int, metavar="W", help="image width (default: the model's)")
-    g.add_argument("--height", type=int, metavar="H", help="image height (default: the model's)")
+    generate_cli.add_sampling_options(g)
     g.add_argument("--limit", type=int, metavar="N", help="only the first N prompts of the set")
     g.add_argument("--batch-size", type=int, default=4, metavar="N",
                    help="images of one prompt per pipeline call (default 4; memory only, results do not change)")
     g.add_argument("--overwrite", action="store_true",
                    help="start the run again: delete OUTDIR's images, even when its settings differ")
-    g.add_argument("--device", metavar="D",
-                   help="torch device (default: each accelerate process's GPU, else cuda if available, else cpu)")
-    g.add_argument("--dtype", metavar="T", help="weights dtype: fp32, fp16 or bf16 (default: fp16 on GPUs, fp32 on CPU)")
-    g.add_argument("--config", metavar="C", help="for a single-file checkpoint: its base model's folder or a bundled config")
-    g.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.ckpt/.bin) weights")
-    g.add_argument("--no-safety-checker", action="store_true", help="do not run the model's safety checker")
+    generate_cli.add_loading_options(g)  # --device defaults to each accelerate process's own GPU
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--json", action="store_true", help="print the summary (written, skipped, failed, seconds) as JSON")
     g.set_defaults(func=run_bench_generate)
@@ -87,13 +75,11 @@ def run_bench_generate(args) -> int:
         resolve(args.sampler, args.schedule)  # an unknown name fails before the model loads
 
     from atelier.bench.run import run_generation
-    from atelier.generate.cli import _load
-
     state = _partial_state(args.device)
     if args.device is None and state.device is not None and state.device.type == "cuda":
         args.device = str(state.device)  # each process its own GPU
     try:
-        pipe = _load(args, args.model, from_image=False)
+        pipe = generate_cli.load_model(args, args.model)
         summary = run_generation(
             items, outdir, pipe, model=args.model,
             prompt_source={"path": str(source), "format": prompt_format(source), "limit": args.limit},

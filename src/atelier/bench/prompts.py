@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from atelier.core.io import read_text
 from atelier.errors import UserError
 
 MJHQ_FILE = "meta_data.json"
@@ -78,16 +79,7 @@ def read_prompts(path) -> list[PromptItem]:
 
 
 def _read_text(path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"prompts file not found: {path}") from None
-    except IsADirectoryError:
-        raise UserError(f"prompts file is a folder: {path}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"prompts file is not UTF-8 text: {path}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read prompts file {path}: {exc.strerror}") from None
+    return read_text(path, "prompts file")
 
 
 def _read_mjhq(path: Path, text: str) -> list[PromptItem]:
