@@ -44,9 +44,15 @@ def register(subparsers) -> None:
     g.set_defaults(func=run_bench_generate)
 
 
+_LAUNCHER_WORLD = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def _partial_state(device):
-    """accelerate's PartialState for this process. Without a GPU (or with --device cpu) it is told to
-    use the CPU, so that processes started by `accelerate launch` join one gloo group."""
+    """accelerate's PartialState when a launcher started several processes, else None (one process,
+    and accelerate's process-wide state is left alone). Without a GPU (or with a --device other than
+    cuda) it is told to use the CPU, so that the processes join one gloo group."""
+    if max(int(os.environ.get(name, "1") or 1) for name in _LAUNCHER_WORLD) <= 1:
+        return None
     import torch
     from accelerate import PartialState
 
@@ -75,8 +81,9 @@ def run_bench_generate(args) -> int:
         resolve(args.sampler, args.schedule)  # an unknown name fails before the model loads
 
     from atelier.bench.run import run_generation
+
     state = _partial_state(args.device)
-    if args.device is None and state.device is not None and state.device.type == "cuda":
+    if state is not None and args.device is None and state.device is not None and state.device.type == "cuda":
         args.device = str(state.device)  # each process its own GPU
     try:
         pipe = generate_cli.load_model(args, args.model)
@@ -89,9 +96,9 @@ def run_bench_generate(args) -> int:
             state=state, overwrite=args.overwrite, progress=not args.quiet,
         )
     finally:
-        if state.num_processes > 1:
+        if state is not None:
             state.destroy_process_group()
-    if state.process_index == 0:
+    if state is None or state.process_index == 0:
         result = {"outdir": str(outdir), **summary.to_dict()}
         if args.json:
             from atelier.cli import print_json
