@@ -157,6 +157,45 @@ def test_processes_run_by_rank_make_the_run_together(pipe, tmp_path):
     assert (again.written, again.skipped) == (0, 6)
 
 
+def test_a_failing_prompt_is_counted_and_left_for_the_next_run(pipe, tmp_path, monkeypatch, capsys):
+    import atelier.generate.run as generation
+
+    real = generation.generate
+    items = [PromptItem(f"{i}", p) for i, p in enumerate(PROMPTS[:3])]
+    kwargs = dict(model="toyworld", images_per_prompt=2, steps=1, progress=False)
+
+    def flaky(pipe, request, **kw):
+        if request.prompt == PROMPTS[1]:
+            raise RuntimeError("out of memory")
+        return real(pipe, request, **kw)
+
+    monkeypatch.setattr(generation, "generate", flaky)
+    summary = run_generation(items, tmp_path, pipe, **kwargs)
+    assert (summary.written, summary.failed) == (4, 2)
+    assert summary.failures == [{"id": "1", "seed": s, "error": "out of memory"} for s in (0, 1)]
+    assert "1 seeds 0-1 failed: out of memory" in capsys.readouterr().err
+    assert read_run(tmp_path).missing == [("1", 0), ("1", 1)]
+    monkeypatch.setattr(generation, "generate", real)
+    again = run_generation(items, tmp_path, pipe, **kwargs)
+    assert (again.written, again.skipped, again.failed) == (2, 4, 0) and read_run(tmp_path).complete
+
+
+def test_a_run_whose_first_calls_all_fail_stops(pipe, tmp_path, monkeypatch):
+    import atelier.generate.run as generation
+
+    calls = []
+
+    def broken(pipe, request, **kw):
+        calls.append(request.prompt)
+        raise RuntimeError("broken driver")
+
+    monkeypatch.setattr(generation, "generate", broken)
+    items = [PromptItem(f"{i}", p) for i, p in enumerate(PROMPTS)]
+    with pytest.raises(RuntimeError, match="broken driver"):
+        run_generation(items, tmp_path, pipe, model="toyworld", steps=1, progress=False)
+    assert len(calls) == 3
+
+
 def test_two_processes_under_accelerate_write_every_image_once(tmp_path, prompts_file):
     outdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
