@@ -19,6 +19,7 @@ from atelier.errors import UserError
 
 # Packages whose `cli.register(subparsers)` adds sub-commands, in --help order.
 COMMAND_MODULES = [
+    "atelier.bench.cli",
     "atelier.edit.cli",
     "atelier.evaluate.cli",
     "atelier.generate.cli",

@@ -74,6 +74,21 @@ def check_writable(path, what: str = "output") -> Path:
     return path
 
 
+def read_text(path, what: str = "file") -> str:
+    """A UTF-8 text file's contents (a leading BOM dropped); a missing, unreadable or non-UTF-8 file is
+    a UserError of one line naming it as `what`."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} is a folder: {path}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} is not UTF-8 text: {path}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)

@@ -73,21 +73,38 @@ def register(subparsers) -> None:
     info.set_defaults(func=run_info)
 
 
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """--sampler, --schedule, --steps, --cfg (--cfg-scale), --clip-skip, --width, --height: None when not given."""
+    p.add_argument("--sampler", metavar="NAME", help="sampler, e.g. 'Euler a', 'DPM++ 2M' (see `atelier samplers`; default: the model's)")
+    p.add_argument("--schedule", metavar="TYPE", help="schedule type, e.g. Karras, Exponential")
+    p.add_argument("--steps", type=int, metavar="N", help="sampling steps (default: the model's)")
+    p.add_argument("--cfg", "--cfg-scale", dest="cfg", type=float, metavar="X",
+                   help="classifier-free guidance scale, 0 or 1 = off (default: the model's)")
+    p.add_argument("--clip-skip", type=int, metavar="N", help="A1111 clip skip: 1 = last layer, 2 = one before")
+    p.add_argument("--width", type=int, metavar="W", help="image width (default: the model's)")
+    p.add_argument("--height", type=int, metavar="H", help="image height (default: the model's)")
+
+
+def add_loading_options(p: argparse.ArgumentParser) -> None:
+    """What `load_model` reads besides the model: --device, --dtype, --config, --allow-pickle, --no-safety-checker."""
+    p.add_argument("--device", metavar="D", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", metavar="T", help="weights dtype: fp32, fp16 or bf16 (default: fp16 on GPUs, fp32 on CPU)")
+    p.add_argument("--config", metavar="C",
+                   help="for a single-file checkpoint: its base model's diffusers folder, or a bundled config "
+                        "(sd1, sd2, sd2-base, sd-turbo, sdxl, sdxl-turbo; see `atelier models`)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.ckpt/.bin) weights")
+    p.add_argument("--no-safety-checker", action="store_true", help="do not run the model's safety checker")
+
+
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", metavar="TEXT", help="negative prompt")
     p.add_argument("--model", metavar="M",
                    help=f"model: built-in name, diffusers folder, .safetensors file or hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--sampler", metavar="NAME", help="sampler, e.g. 'Euler a', 'DPM++ 2M' (see `atelier samplers`; default: the model's)")
-    p.add_argument("--schedule", metavar="TYPE", help="schedule type, e.g. Karras, Exponential")
-    p.add_argument("--steps", type=int, metavar="N", help="sampling steps (default: the model's)")
-    p.add_argument("--cfg", type=float, metavar="X", help="classifier-free guidance scale, 0 or 1 = off (default: the model's)")
+    add_sampling_options(p)
     p.add_argument("--guidance-rescale", type=float, metavar="X", help="CFG rescale phi in [0, 1] (0: off)")
     p.add_argument("--pag-scale", type=float, metavar="X", help="perturbed-attention guidance scale (0: off)")
-    p.add_argument("--clip-skip", type=int, metavar="N", help="A1111 clip skip: 1 = last layer, 2 = one before")
     p.add_argument("--emphasis", metavar="MODE",
                    help="how (word:1.2) weights apply, as A1111: Original, No norm, Ignore or None (default Original)")
-    p.add_argument("--width", type=int, metavar="W", help="image width (default: the model's)")
-    p.add_argument("--height", type=int, metavar="H", help="image height (default: the model's)")
     p.add_argument("--seed", type=int, metavar="N", help="seed of the first image (default: random)")
     p.add_argument("--n", type=int, metavar="N", help="images per prompt (default 1)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N",
@@ -100,16 +117,10 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wildcards", metavar="DIR", help="folder of __wildcard__ files (name.txt, one choice a line)")
     p.add_argument("--from", dest="from_image", metavar="IMAGE",
                    help="take every setting from IMAGE's parameters (options given here override them)")
-    p.add_argument("--device", metavar="D", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", metavar="T", help="weights dtype: fp32, fp16 or bf16 (default: fp16 on GPUs, fp32 on CPU)")
-    p.add_argument("--config", metavar="C",
-                   help="for a single-file checkpoint: its base model's diffusers folder, or a bundled config "
-                        "(sd1, sd2, sd2-base, sd-turbo, sdxl, sdxl-turbo; see `atelier models`)")
+    add_loading_options(p)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA .safetensors (kohya or diffusers format) at SCALE (default 1); repeatable; "
                         "an LCM-LoRA switches to the LCM sampler")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.ckpt/.bin) weights")
-    p.add_argument("--no-safety-checker", action="store_true", help="do not run the model's safety checker")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print results (paths, seeds, parameters) as JSON")
     image_prompts_cli.add_options(p)
@@ -200,16 +211,9 @@ def _from_image_settings(path) -> dict:
 
 
 def _read_prompts_file(path) -> list[str]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"prompts file not found: {path}") from None
-    except IsADirectoryError:
-        raise UserError(f"prompts file is a folder: {path}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"prompts file is not UTF-8 text: {path}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read prompts file {path}: {exc.strerror}") from None
+    from atelier.core.io import read_text
+
+    text = read_text(path, "prompts file")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompts file has no prompts: {path}")
@@ -331,7 +335,7 @@ def _run(args, base: dict, prompts: list[str], init_image) -> int:
     from atelier.generate.metadata import save_png
     from atelier.generate.run import generate
 
-    pipe = _load(args, model_source, from_image=bool(base) and not args.model)
+    pipe = load_model(args, model_source, from_image=bool(base) and not args.model)
     image_prompts.apply(pipe, requests)
     if Path(model_source).is_file():  # a single-file checkpoint: record A1111's Model hash
         from atelier.generate.metadata import model_hash
@@ -379,7 +383,8 @@ def _lora_args(values: list[str]) -> list[tuple[str, float]]:
     return out
 
 
-def _load(args, source: str, *, from_image: bool):
+def load_model(args, source: str, *, from_image: bool = False):
+    """The pipeline of `source` with the options of `add_loading_options` (and --lora, if the parser has it)."""
     from atelier.models import load_pipeline
 
     try:

@@ -1,4 +1,4 @@
-"""`atelier toyworld render|judge|edits`."""
+"""`atelier toyworld render|judge|edits|mjhq`."""
 
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def register(subparsers) -> None:
     e.add_argument("--outdir", required=True)
     e.add_argument("--json", action="store_true", help="print the cases as JSON")
     e.set_defaults(func=run_edits)
+
+    m = sub.add_parser("mjhq", help="write a toy MJHQ-30K: meta_data.json of captions in 10 categories and the rendered references",
+                       description="A toy MJHQ-30K (docs/bench.md): DIR/meta_data.json in MJHQ's format and the rendered "
+                                   "reference images as DIR/mjhq30k_imgs/{category}/{id}.png. The same seed gives the same files.")
+    m.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    m.add_argument("--per-category", type=int, default=100, metavar="N", help="prompts per category (default 100)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--json", action="store_true", help="print the result as JSON")
+    m.set_defaults(func=run_mjhq)
 
 
 def run_render(args) -> int:
@@ -137,4 +146,22 @@ def run_edits(args) -> int:
         print_json({"outdir": str(out), "cases": len(lines)})
     else:
         print(f"wrote {len(lines)} edit cases to {out / 'cases.jsonl'}")
+    return 0
+
+
+def run_mjhq(args) -> int:
+    from atelier.cli import check_output_folder
+
+    from .mjhq import CATEGORIES, write_toy_mjhq
+
+    if args.per_category < 1:
+        raise UserError(f"--per-category must be at least 1, not {args.per_category}")
+    out = check_output_folder(args.out, "--out")
+    meta = write_toy_mjhq(out, args.per_category, args.seed)
+    if args.json:
+        from atelier.cli import print_json
+
+        print_json({"meta_data": str(meta), "categories": list(CATEGORIES), "prompts": args.per_category * len(CATEGORIES)})
+    else:
+        print(f"wrote {args.per_category * len(CATEGORIES)} prompts in {len(CATEGORIES)} categories to {meta}")
     return 0
