@@ -42,6 +42,7 @@ def register(subparsers) -> None:
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=run_pie_bench_command)
     register_metrics(sub)
+    register_report(sub)
 
 
 def run_pie_bench_command(args) -> int:
@@ -325,3 +326,77 @@ def run_pairwise_command(args) -> int:
     mean = float(np.mean(list(values.values())))
     return _report(args, {args.metric: mean, "per_image": values},
                    f"{args.metric.upper()}: {mean:.6g} (mean over {len(values)} pairs)")
+
+
+def register_report(sub) -> None:
+    r = sub.add_parser(
+        "report", help="FID / KID / CLIP score of an `atelier bench generate` run, overall and per category",
+        description="Score a generation run (the folder `atelier bench generate` wrote) against reference images: "
+                    "FID and KID (clean-fid), CLIP score of each image with its own prompt (torchmetrics' "
+                    "definition), overall and per category. --ref is a folder in MJHQ-30K's layout (one "
+                    "sub-folder per category, e.g. mjhq30k_imgs/) or a flat folder (overall only); --ref-stats "
+                    "uses saved statistics instead (overall only). Writes report.json, report.html, a sample "
+                    "grid per category and bar plots to --out (default RUN_DIR/report).")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("--ref", metavar="DIR", help="reference images (MJHQ layout: REF/CATEGORY/*.jpg)")
+    r.add_argument("--ref-stats", metavar="NAME", help="saved reference statistics (`atelier evaluate ref-stats`)")
+    r.add_argument("--out", help="report folder (default RUN_DIR/report)")
+    r.add_argument("--clip", metavar="FOLDER",
+                   help="CLIP model for the CLIP score (default: the features' own CLIP for clip/toyworld features, "
+                        "else openai/clip-vit-large-patch14 in the HF cache; skipped with a note when absent)")
+    r.add_argument("--no-clip-score", action="store_true", help="skip the CLIP score")
+    r.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (clean-fid's default 100)")
+    r.add_argument("--seed", type=int, default=0, help="seed of KID's random subsets (default 0)")
+    _common(r, features=True)
+    r.set_defaults(func=quietly(run_report_command))
+
+
+def _report_clip_scorer(args, extractor):
+    """The CLIP the score is measured with, or None (with a note) when there is none at hand."""
+    from .distribution import ClipFeatures, clip_folder
+    from .metrics import load_clip
+
+    if args.no_clip_score:
+        return None
+    if args.clip is None and isinstance(extractor, ClipFeatures):
+        return extractor.scorer
+    try:
+        return load_clip(clip_folder(args.clip), allow_pickle=args.allow_pickle, device=_device(args))
+    except UserError as exc:
+        if args.clip is not None:
+            raise
+        print(f"note: CLIP score skipped: {exc}", file=sys.stderr)
+        return None
+
+
+def run_report_command(args) -> int:
+    from atelier.bench import read_run
+
+    from . import distribution as d
+    from .report import Reference, evaluate_run, reference_from_folder, write_report
+
+    if (args.ref is None) == (args.ref_stats is None):
+        raise UserError("report compares the run with a reference: give --ref DIR or --ref-stats NAME (one of them)")
+    if args.kid_subsets < 1:
+        raise UserError("--kid-subsets must be at least 1")
+    run = read_run(args.run_dir)
+    reference = reference_from_folder(args.ref) if args.ref is not None else None
+    extractor = _extractor(args)
+    if reference is None:
+        reference = Reference(stats=d.load_ref_stats(args.ref_stats, extractor))
+    scorer = _report_clip_scorer(args, extractor)
+    result = evaluate_run(run, reference, extractor, clip_scorer=scorer, batch_size=args.batch_size,
+                          kid_subsets=args.kid_subsets, seed=args.seed)
+    written = write_report(result, run, args.out or Path(run.dir) / "report")
+    result["files"] = {k: str(v) for k, v in written.items()}
+    overall = result["overall"]
+    lines = [f"{run.dir}: {overall['images']} images, {extractor.name} features"]
+    for name, summary in [("overall", overall), *result["categories"].items()]:
+        shown = "  ".join(f"{key} {summary[key]:.4g}" for key in ("fid", "kid", "clip_score") if key in summary)
+        lines.append(f"  {name:<24} {shown or '(too few images)'}")
+    lines.append(f"report: {written['html']}")
+    if args.json:
+        from .report import json_safe
+
+        return _report(args, json_safe(result), "")
+    return _report(args, result, "\n".join(lines))

@@ -260,9 +260,18 @@ def load_features(kind: str, *, mode: str = "clean", weights=None, device="cpu",
 
 def folder_features(folder, extractor, batch_size: int = 64) -> np.ndarray:
     """Features of every image under `folder` (see `image_files`), read `batch_size` at a time."""
-    files = image_files(folder)
-    return np.concatenate([extractor.features([read_image(f) for f in files[i:i + batch_size]], batch_size)
-                           for i in range(0, len(files), batch_size)])
+    return files_features(image_files(folder), extractor, batch_size)
+
+
+def files_features(files, extractor, batch_size: int = 64, progress=None) -> np.ndarray:
+    """Features of the given image files in their order, read `batch_size` at a time;
+    `progress(done, total)` after each batch."""
+    chunks = []
+    for i in range(0, len(files), batch_size):
+        chunks.append(extractor.features([read_image(f) for f in files[i:i + batch_size]], batch_size))
+        if progress is not None:
+            progress(min(i + batch_size, len(files)), len(files))
+    return np.concatenate(chunks)
 
 
 # ----------------------------------------------------------------------------- FID and KID
