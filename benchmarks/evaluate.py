@@ -77,14 +77,14 @@ def write_images(folder: Path, count: int, size: int) -> None:
 def throughput(images: int, size: int, batch_size: int, repeats: int, inception: str | None) -> str:
     from cleanfid.fid import get_folder_features
 
-    from atelier.evaluate.distribution import folder_features, load_features
+    from atelier.evaluate.distribution import InceptionFeatures, folder_features, load_features
 
     if inception:
         ours = load_features("inception", mode="clean", weights=inception)
         model, model_name = ours.model, "NVIDIA Inception (TorchScript)"
     else:
         model, model_name = RandomInception(), "Inception-v3, random weights (torchvision architecture)"
-        ours = load_features("inception", mode="clean", model=model)
+        ours = InceptionFeatures("clean", model, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_images(folder, images, size)
@@ -130,12 +130,12 @@ def spearman(a, b) -> float:
 
 def ranking(per_count: int, references: int, seed: int) -> str:
     from atelier.evaluate.distribution import fid, kid, load_features
-    from atelier.evaluate.metrics import clip_score, load_toyworld_clip
+    from atelier.evaluate.metrics import clip_score_mean
 
     cases = held_out(per_count, HELD_OUT_SEED)
     ref_cases = held_out(max(1, references // 3), REFERENCE_SEED)
     extractor = load_features("toyworld")
-    scorer = load_toyworld_clip()
+    scorer = extractor.scorer  # toyworld-clip, for the CLIP score too
     ref_feats = extractor.features([render(s) for s, _ in ref_cases])
     toy, turbo = load_pipeline("toyworld"), load_pipeline("toyworld-turbo")
     settings = [
@@ -148,7 +148,7 @@ def ranking(per_count: int, references: int, seed: int) -> str:
     for name, pipe, kwargs in settings:
         images, right, s_per_image = generate_set(pipe, cases, seed, **kwargs)
         feats = extractor.features(images)
-        clip = float(np.mean([clip_score(scorer, im, cap) for im, (_, cap) in zip(images, cases)]))
+        clip = clip_score_mean(scorer, images, [cap for _, cap in cases])[0]
         rows.append((name, right, fid(feats, ref_feats), kid(feats, ref_feats), clip, s_per_image))
         print(f"done: {name}", file=sys.stderr, flush=True)
     rendered = extractor.features([render(s) for s, _ in cases])

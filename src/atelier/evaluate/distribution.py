@@ -199,8 +199,8 @@ class ClipFeatures:
     model folder's CLIP image processor (shorter side to the model's size, bicubic, centre crop, CLIP
     mean/std); `size` first resizes every other-sized image to size x size with PIL bicubic."""
 
-    def __init__(self, name: str, scorer, size: int | None = None):
-        self.name, self.scorer, self.size = name, scorer, size
+    def __init__(self, name: str, scorer, size: int | None = None, *, unit_scale: bool = False):
+        self.name, self.scorer, self.size, self.unit_scale = name, scorer, size, unit_scale
 
     def _prepare(self, image):
         from PIL import Image
@@ -217,7 +217,13 @@ class ClipFeatures:
 
         chunks = [clip_image_embeddings(self.scorer, [self._prepare(im) for im in images[i:i + batch_size]])
                   for i in range(0, len(images), batch_size)]
-        return torch.cat(chunks).double().cpu().numpy() if chunks else np.empty((0, 0))
+        feats = torch.cat(chunks).double().cpu().numpy() if chunks else np.empty((0, 0))
+        if self.unit_scale and len(feats):
+            # on the sphere of radius sqrt(d): KID's kernel (x.y/d + 1)^3 then sees the cosine, as it
+            # sees values of order 1 on Inception features (raw toy embeddings, norm ~34 in 128-d,
+            # put it at ~9 and the estimate's variance swamps it)
+            feats = feats / np.linalg.norm(feats, axis=1, keepdims=True) * np.sqrt(feats.shape[1])
+        return feats
 
 
 def clip_folder(weights=None) -> Path:
@@ -255,7 +261,8 @@ def load_features(kind: str, *, mode: str = "clean", weights=None, device="cpu",
         folder = clip_folder(weights)
         return ClipFeatures(f"clip-{folder.name}", load_clip(folder, allow_pickle=allow_pickle, device=device))
     folder = Path(weights) if weights is not None else toyworld_clip_folder()
-    return ClipFeatures("toyworld", load_clip(folder, allow_pickle=allow_pickle, device=device), TOYWORLD_SIZE)
+    return ClipFeatures("toyworld", load_clip(folder, allow_pickle=allow_pickle, device=device), TOYWORLD_SIZE,
+                        unit_scale=True)
 
 
 def folder_features(folder, extractor, batch_size: int = 64) -> np.ndarray:
