@@ -162,10 +162,10 @@ def test_a_failing_prompt_is_counted_and_left_for_the_next_run(pipe, tmp_path, m
 
     real = generation.generate
     items = [PromptItem(f"{i}", p) for i, p in enumerate(PROMPTS[:3])]
-    kwargs = dict(model="toyworld", images_per_prompt=2, steps=1, progress=False)
+    kwargs = dict(model="toyworld", images_per_prompt=2, steps=1, batch_size=2, progress=False)
 
     def flaky(pipe, request, **kw):
-        if request.prompt == PROMPTS[1]:
+        if PROMPTS[1] in request.prompts():
             raise RuntimeError("out of memory")
         return real(pipe, request, **kw)
 
@@ -192,8 +192,43 @@ def test_a_run_whose_first_calls_all_fail_stops(pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(generation, "generate", broken)
     items = [PromptItem(f"{i}", p) for i, p in enumerate(PROMPTS)]
     with pytest.raises(RuntimeError, match="broken driver"):
-        run_generation(items, tmp_path, pipe, model="toyworld", steps=1, progress=False)
+        run_generation(items, tmp_path, pipe, model="toyworld", steps=1, batch_size=1, progress=False)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("n_prompts, per_prompt", [(6, 1), (3, 2)])
+def test_a_call_batches_images_of_different_prompts_without_changing_them(pipe, tmp_path, monkeypatch,
+                                                                           n_prompts, per_prompt):
+    import numpy as np
+
+    import atelier.generate.run as generation
+    from atelier.generate import parse_parameters, read_parameters
+
+    texts = [*PROMPTS, "a small red triangle at the bottom right"]
+    items = [PromptItem(f"{i}", texts[i]) for i in range(n_prompts)]
+    real, calls = generation._run_chunk, []
+
+    def counted(pipeline, request, prompts, negatives, seeds, *args, **kw):
+        calls.append(list(zip(prompts, seeds)))
+        return real(pipeline, request, prompts, negatives, seeds, *args, **kw)
+
+    monkeypatch.setattr(generation, "_run_chunk", counted)
+    kwargs = dict(model="toyworld", images_per_prompt=per_prompt, seed=11, steps=2, progress=False)
+    assert run_generation(items, tmp_path / "one", pipe, batch_size=1, **kwargs).written == 6
+    assert len(calls) == 6
+    calls.clear()
+    assert run_generation(items, tmp_path / "four", pipe, batch_size=4, **kwargs).written == 6
+    assert [len(c) for c in calls] == [4, 2]  # ceil(6 / 4) calls, the units in order
+    assert [pair for c in calls for pair in c] == [(i.prompt, 11 + k) for i in items for k in range(per_prompt)]
+    batched, alone = read_run(tmp_path / "four"), read_run(tmp_path / "one")
+    assert batched.complete and [(i.id, i.seed) for i in batched.images] == [(i.id, i.seed) for i in alone.images]
+    for a, b in zip(batched.images, alone.images):
+        with Image.open(a.path) as x, Image.open(b.path) as y:
+            pixels_a, pixels_b = np.asarray(x, dtype=np.int16), np.asarray(y, dtype=np.int16)
+        assert np.abs(pixels_a - pixels_b).max() <= 1  # batched matmuls may round differently
+        fields = parse_parameters(read_parameters(a.path))
+        assert (fields["Prompt"], fields["Seed"]) == (a.prompt, str(a.seed)) and "Template" not in fields
+        assert read_parameters(a.path) == read_parameters(b.path)
 
 
 def test_two_processes_under_accelerate_write_every_image_once(tmp_path, prompts_file):

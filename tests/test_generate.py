@@ -278,6 +278,60 @@ def test_wildcards_are_expanded_per_image_seed(sd1, tmp_path):
         assert r.fields["Template"] == template
 
 
+def test_per_image_prompts_and_seeds_share_a_call_and_keep_their_images(sd1, tmp_path, monkeypatch):
+    import atelier.generate.run as generation
+
+    (tmp_path / "color.txt").write_text("red\ngreen\nblue\n")
+    long = "a red circle, " + ", ".join(["a big blue square"] * 20)  # more than 75 tokens: a call of its own
+    pairs = [("a red circle", 7), ("a blue square", 100), ("a __color__ triangle", 3), (long, 7),
+             ("a green diamond", 2**64 - 1)]
+    real, calls = generation._run_chunk, []
+
+    def counted(pipeline, request, prompts, negatives, seeds, *args, **kw):
+        calls.append(list(seeds))
+        return real(pipeline, request, prompts, negatives, seeds, *args, **kw)
+
+    monkeypatch.setattr(generation, "_run_chunk", counted)
+    request = _request(per_image=pairs, n_images=5, batch_size=5, cfg_scale=15.0, wildcard_dir=tmp_path)
+    together = generate(sd1, request, progress=False)
+    assert calls == [[7, 100, 3], [7], [2**64 - 1]]  # equal token lengths only: padding would change a picture
+    assert [r.seed for r in together] == [seed for _, seed in pairs]
+    for r, (template, seed) in zip(together, pairs):
+        (alone,) = generate(sd1, _request(prompt=template, seed=seed, cfg_scale=15.0, wildcard_dir=tmp_path),
+                            progress=False)
+        assert np.abs(_pixels(r) - _pixels(alone)).max() <= 1  # batched matmuls may round differently
+        assert (r.prompt, r.parameters) == (alone.prompt, alone.parameters)
+        fields = parse_parameters(r.parameters)
+        assert (fields["Prompt"], fields["Seed"]) == (r.prompt, str(seed))
+    assert together[2].prompt != pairs[2][0] and together[2].fields["Template"] == pairs[2][0]
+    assert "Template" not in together[0].fields
+    assert _differ(together[0], together[3])  # the same seed, another prompt
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"per_image": [("a cat", 1)], "n_images": 2}, "1 \\(prompt, seed\\) pairs for 2 images"),
+        ({"per_image": [], "n_images": 1}, "0 \\(prompt, seed\\) pairs for 1 images"),
+        ({"per_image": "a cat"}, "list of \\(prompt, seed\\) pairs"),
+        ({"per_image": ["a cat"]}, r"per_image\[0\] must be a \(prompt, seed\) pair"),
+        ({"per_image": [("a cat", 1, 2)]}, r"per_image\[0\] must be a \(prompt, seed\) pair"),
+        ({"per_image": [("a cat", 1), (None, 2)], "n_images": 2}, r"per_image\[1\]: the prompt must be text"),
+        ({"per_image": [("a cat", "1")]}, r"per_image\[0\]: seed must be a whole number"),
+        ({"per_image": [("a cat", True)]}, r"per_image\[0\]: seed must be a whole number"),
+        ({"per_image": [("a cat", -1)]}, r"per_image\[0\]: seed must be between 0 and"),
+        ({"per_image": [("a cat", 2**64)]}, r"per_image\[0\]: seed must be between 0 and"),
+    ],
+)
+def test_per_image_pairs_are_checked(changes, message):
+    from atelier.generate.request import validate_request
+
+    with pytest.raises(UserError, match=message):
+        validate_request(_request(**changes))
+    # the request's own seed is not used then: seed + n_images may pass the largest seed
+    validate_request(_request(seed=2**64 - 1, per_image=[("a cat", 0), ("a dog", 1)], n_images=2))
+
+
 def test_parameters_read_back_make_the_same_image(sd1):
     first = generate(sd1, _request(prompt="a (blue:1.2) square", negative_prompt="red, dark", sampler="DPM++ 2M",
                                    schedule="karras", clip_skip=2, pag_scale=1.5, guidance_rescale=0.3,

@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     generate_cli.add_sampling_options(g)
     g.add_argument("--limit", type=int, metavar="N", help="only the first N prompts of the set")
     g.add_argument("--batch-size", type=int, default=4, metavar="N",
-                   help="images of one prompt per pipeline call (default 4; memory only, results do not change)")
+                   help="images per pipeline call, of any prompts (default 4; speed and memory only, "
+                        "results do not change)")
     g.add_argument("--overwrite", action="store_true",
                    help="start the run again: delete OUTDIR's images, even when its settings differ")
     generate_cli.add_loading_options(g)  # --device defaults to each accelerate process's own GPU

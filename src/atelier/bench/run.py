@@ -3,7 +3,9 @@
 A run makes `images_per_prompt` images of every prompt, image k from seed + k (the same seeds for
 every prompt). Its work units are the (prompt id, seed) pairs in prompt order; process `rank` of
 `world` takes the contiguous slice `shard(units, rank, world)`, so each unit belongs to exactly one
-process whatever the others do, and the seeds of one prompt stay together for batched calls.
+process whatever the others do. A process makes its units in order, up to `batch_size` of them per
+pipeline call whatever their prompts (`GenerationRequest.per_image`), so that a run of one image per
+prompt still fills the GPU; batching never changes an image.
 
 The run folder:
 
@@ -149,8 +151,8 @@ def run_generation(
     items: `PromptItem`s (atelier.bench.prompts); model: what the manifest records as the model (the
     source it was loaded from); prompt_source: recorded as is (e.g. {"path", "format"}).
     Generation parameters left as None take the model's defaults, as `atelier generate` does; they
-    are resolved once and recorded resolved. batch_size bounds the images of one pipeline call (one
-    prompt, consecutive seeds); it never changes the pixels.
+    are resolved once and recorded resolved. batch_size bounds the images of one pipeline call
+    (consecutive units, of any prompts); it never changes the pixels.
     state: an accelerate `PartialState`, a (rank, world) pair, or None (one process). With a
     PartialState the processes wait for each other at set-up and the summary adds up every
     process's counts; with a pair each process only counts its own.
@@ -164,7 +166,7 @@ def run_generation(
     template = resolve_request(pipe, GenerationRequest(
         prompt="", negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
         schedule=schedule, width=width, height=height, clip_skip=clip_skip, seed=seed,
-        n_images=images_per_prompt, batch_size=min(batch_size, images_per_prompt),
+        n_images=images_per_prompt, batch_size=batch_size,
     ))
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -331,15 +333,18 @@ def _finished(path: Path) -> bool:
 
 
 def _calls(todo: list[Unit], batch_size: int) -> list[list[Unit]]:
-    """Units in groups for one pipeline call: one prompt, consecutive seeds, at most batch_size."""
-    calls: list[list[Unit]] = []
-    for unit in todo:
-        last = calls[-1] if calls else None
-        if last and last[-1].id == unit.id and last[-1].seed + 1 == unit.seed and len(last) < batch_size:
-            last.append(unit)
-        else:
-            calls.append([unit])
-    return calls
+    """Units in groups for one pipeline call, in order, at most batch_size each, whatever their prompts
+    (`generate` splits a group whose prompts would need padding, so no image changes)."""
+    return [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+
+
+def _describe(call: list[Unit]) -> str:
+    """The units of a failed call for the warning: `a seeds 0-3` when they are one prompt's, else
+    `4 images (a seed 0 ... d seed 0)`."""
+    first, last = call[0], call[-1]
+    if all(u.id == first.id for u in call):
+        return f"{first.id} seeds {first.seed}-{last.seed}" if len(call) > 1 else f"{first.id} seed {first.seed}"
+    return f"{len(call)} images ({first.id} seed {first.seed} ... {last.id} seed {last.seed})"
 
 
 def _bar(total: int, done: int, ranks: _Ranks, enabled: bool):
@@ -359,15 +364,14 @@ def _generate(pipe, template, prompts, todo, batch_size, outdir, ranks, summary,
     with open(log_path, "a", encoding="utf-8") as log, bar:
         for call in _calls(todo, batch_size):
             t0 = time.monotonic()
-            request = replace(template, prompt=prompts[call[0].id], seed=call[0].seed,
+            request = replace(template, per_image=[(prompts[u.id], u.seed) for u in call],
                               n_images=len(call), batch_size=len(call))
             try:
                 images = generate(pipe, request, progress=False)
-            except Exception as exc:  # noqa: BLE001 - one prompt's failure does not end the run
+            except Exception as exc:  # noqa: BLE001 - one call's failure does not end the run
                 summary.failed += len(call)
                 summary.failures += [{"id": u.id, "seed": u.seed, "error": str(exc)} for u in call]
-                print(f"atelier: warning: {call[0].id} seeds {call[0].seed}-{call[-1].seed} failed: {exc}",
-                      file=sys.stderr)
+                print(f"atelier: warning: {_describe(call)} failed: {exc}", file=sys.stderr)
                 early_failures += 1
                 if not summary.written and early_failures >= MAX_EARLY_FAILURES:
                     raise

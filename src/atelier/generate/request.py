@@ -36,6 +36,11 @@ class GenerationRequest:
     Fields left as None are filled by `resolve_request`: steps, CFG scale and sampler from the model's
     recommended defaults, the size from the model's native resolution (or the init image's), the seed
     at random. Image k of the request is made from seed + k, whatever the batch size.
+
+    `per_image`, when set, gives every image its own prompt and seed: image k is made from the pair
+    per_image[k] = (prompt, seed) instead of (prompt, seed + k), so that one pipeline call can take
+    images of different prompts; n_images must be its length, and `prompt` and `seed` are not used.
+    The negative prompt and every other setting stay common to all the images.
     """
 
     prompt: str
@@ -61,15 +66,24 @@ class GenerationRequest:
     model_hash: str | None = None  # recorded in the metadata
     extra_parameters: dict = field(default_factory=dict)  # more infotext fields to record
     image_prompts: list = field(default_factory=list)  # IP-Adapter references (atelier.image_prompts)
+    per_image: list[tuple[str, int]] | None = None  # (prompt, seed) of each image; see above
 
     @property
     def is_img2img(self) -> bool:
         return self.init_image is not None
 
     def seeds(self) -> list[int]:
+        if self.per_image is not None:
+            return [seed for _, seed in self.per_image]
         if self.seed is None:
             raise ValueError("resolve the request first: the seed is not set")
         return [self.seed + k for k in range(self.n_images)]
+
+    def prompts(self) -> list[str]:
+        """Each image's prompt, before wildcard expansion."""
+        if self.per_image is not None:
+            return [prompt for prompt, _ in self.per_image]
+        return [self.prompt] * self.n_images
 
 
 def _check_number(name: str, value, low, high, *, low_open: bool = False) -> None:
@@ -85,6 +99,20 @@ def _check_whole(name: str, value, low: int, high: int) -> None:
         raise UserError(f"{name} must be a whole number, not {value!r}")
     if not low <= value <= high:
         raise UserError(f"{name} must be between {low} and {high}, not {value}")
+
+
+def _check_per_image(per_image, n_images: int) -> None:
+    if not isinstance(per_image, (list, tuple)):
+        raise UserError(f"per_image must be a list of (prompt, seed) pairs, not {type(per_image).__name__}")
+    if len(per_image) != n_images:
+        raise UserError(f"per_image has {len(per_image)} (prompt, seed) pairs for {n_images} images; "
+                        "give one pair per image")
+    for k, pair in enumerate(per_image):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise UserError(f"per_image[{k}] must be a (prompt, seed) pair, not {pair!r}")
+        if not isinstance(pair[0], str):
+            raise UserError(f"per_image[{k}]: the prompt must be text, not {pair[0]!r}")
+        _check_whole(f"per_image[{k}]: seed", pair[1], 0, MAX_SEED)
 
 
 def validate_request(request: GenerationRequest) -> None:
@@ -110,8 +138,10 @@ def validate_request(request: GenerationRequest) -> None:
     _check_whole("the batch size", request.batch_size, 1, MAX_BATCH_SIZE)
     if request.seed is not None:
         _check_whole("seed", request.seed, 0, MAX_SEED)
-        if request.seed + request.n_images - 1 > MAX_SEED:
+        if request.per_image is None and request.seed + request.n_images - 1 > MAX_SEED:
             raise UserError(f"seed {request.seed} + {request.n_images} images runs past the largest seed {MAX_SEED}")
+    if request.per_image is not None:
+        _check_per_image(request.per_image, request.n_images)
     from atelier.prompts.chunks import check_emphasis
 
     check_emphasis(request.emphasis)

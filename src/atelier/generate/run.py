@@ -1,6 +1,6 @@
 """Run a `GenerationRequest` through a diffusers pipeline: txt2img or img2img, any named sampler,
 CFG with guidance rescale, perturbed-attention guidance, A1111 prompts with prompt editing, and
-per-image seeds.
+per-image seeds (and, with `GenerationRequest.per_image`, per-image prompts).
 
 Image k is drawn from its own `torch.Generator` seeded with seed + k: diffusers takes a list of
 generators and uses generator k for everything random about image k (initial noise, the VAE's
@@ -47,8 +47,8 @@ def generate(pipe, request: GenerationRequest, *, progress: bool = True) -> list
     from atelier.samplers import a1111_fields, make_scheduler
 
     request = resolve_request(pipe, request)
-    seeds = request.seeds()
-    prompts, negatives = _expand_wildcards(request, seeds)
+    seeds, templates = request.seeds(), request.prompts()
+    prompts, negatives = _expand_wildcards(request, templates, seeds)
     scheduler = make_scheduler(request.sampler, pipe.scheduler.config, schedule=request.schedule)
     sampler_name, schedule_type = a1111_fields(request.sampler, request.schedule, base_config=pipe.scheduler.config)
     working = _working_pipeline(pipe, scheduler, img2img=request.is_img2img, pag=request.pag_scale > 0)
@@ -71,7 +71,8 @@ def generate(pipe, request: GenerationRequest, *, progress: bool = True) -> list
             images, more_flags = hires(images, chunk_prompts, chunk_negatives, chunk_seeds)
             flags = [a or b for a, b in zip(flags, more_flags)]
         for k, image, nsfw in zip(chunk, images, flags):
-            fields = infotext_fields(request, seeds[k], sampler_name, schedule_type, prompts[k], negatives[k])
+            fields = infotext_fields(request, seeds[k], sampler_name, schedule_type, prompts[k], negatives[k],
+                                     template=templates[k])
             results.append(
                 GeneratedImage(
                     image=image,
@@ -120,8 +121,10 @@ def _progress_bar(pipeline, chunk: list[int], total: int, enabled: bool, label: 
     pipeline.set_progress_bar_config(disable=False, desc=desc, leave=False)
 
 
-def infotext_fields(request, seed, sampler_name, schedule_type, prompt, negative) -> dict:
-    """The `Key: value` line of A1111's infotext, in A1111's order (create_infotext), then ours."""
+def infotext_fields(request, seed, sampler_name, schedule_type, prompt, negative, *, template=None) -> dict:
+    """The `Key: value` line of A1111's infotext, in A1111's order (create_infotext), then ours.
+    `template`: the image's prompt before wildcard expansion (default: the request's prompt)."""
+    template = request.prompt if template is None else template
     fields = {
         "Steps": request.steps,
         "Sampler": sampler_name,
@@ -140,7 +143,7 @@ def infotext_fields(request, seed, sampler_name, schedule_type, prompt, negative
         "CFG Rescale phi": _number(request.guidance_rescale) if request.guidance_rescale else None,
         "PAG scale": _number(request.pag_scale) if request.pag_scale else None,
         # As sd-dynamic-prompts records them when a wildcard or variant changed the prompt.
-        "Template": request.prompt if prompt != request.prompt else None,
+        "Template": template if prompt != template else None,
         "Negative Template": request.negative_prompt if negative != request.negative_prompt else None,
     }
     fields.update(image_prompt_fields(request.image_prompts))
@@ -165,10 +168,11 @@ def _number(x: float):
     return int(x) if x.is_integer() else round(x, 6)
 
 
-def _expand_wildcards(request: GenerationRequest, seeds: list[int]) -> tuple[list[str], list[str]]:
+def _expand_wildcards(request: GenerationRequest, templates: list[str],
+                      seeds: list[int]) -> tuple[list[str], list[str]]:
     from atelier.prompts import expand_prompt
 
-    prompts = [expand_prompt(request.prompt, s, wildcard_dir=request.wildcard_dir) for s in seeds]
+    prompts = [expand_prompt(t, s, wildcard_dir=request.wildcard_dir) for t, s in zip(templates, seeds)]
     negatives = [expand_prompt(request.negative_prompt, s, wildcard_dir=request.wildcard_dir) for s in seeds]
     return prompts, negatives
 
