@@ -183,3 +183,16 @@ def test_inverter_ablation_runs_small(capsys):
     assert inverter_ablation.parse_variant("a=toyworld-inverter") == ("a", "toyworld-inverter", "off")
     assert inverter_ablation.main(["--variant", "shipped=toyworld-inverter:off", "--cases", "2", "--partial", "2"]) == 0
     assert "shipped (off)" in capsys.readouterr().out
+
+
+def test_evaluate_benchmark_runs_small(capsys):
+    """The two loops give identical features, and the toy-FID table has every setting and a verdict."""
+    import evaluate
+
+    assert evaluate.main(["--per-count", "1", "--references", "6", "--images", "2", "--size", "96", "--repeats", "1",
+                          "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "largest feature difference between the two loops: 0.00e+00" in out
+    for setting in ("toyworld (defaults)", "toyworld-turbo 1 step", "toyworld-turbo 2 steps", "toyworld-turbo 4 steps"):
+        assert setting in out
+    assert "ranking check PASSED" in out or "ranking check FAILED" in out
