@@ -99,6 +99,30 @@ def test_exported_model_loads_as_a_diffusers_pipeline(exported, fmt):
     assert detect_family(pipe).family and pipe.atelier_defaults["turbo"] is True
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_exported_component_computes_what_pytorch_does(exported, fmt, turbo):
+    """UNet, VAE encoder and decoder, text encoder (every hidden state): other sizes and batches
+    than the ones exported with, within float32 rounding."""
+    from atelier.models import load_pipeline
+
+    pipe = load_pipeline(exported[fmt])
+    torch.manual_seed(0)
+    x, hidden = torch.randn(3, 4, 32, 16), torch.randn(3, 64, pipe.unet.config.cross_attention_dim)  # two chunks
+    t = torch.tensor([999.0, 500.0, 3.0])
+    with torch.no_grad():
+        close = lambda a, b: torch.allclose(a, b, atol=1e-3, rtol=1e-3)  # noqa: E731
+        assert close(pipe.unet(x, t, encoder_hidden_states=hidden).sample, turbo.unet(x, t, encoder_hidden_states=hidden).sample)
+        images = torch.rand(2, 3, 64, 128) * 2 - 1
+        assert close(pipe.vae.encode(images).latent_dist.mean, turbo.vae.encode(images).latent_dist.mean)
+        assert close(pipe.vae.encode(images).latent_dist.logvar, turbo.vae.encode(images).latent_dist.logvar)
+        assert close(pipe.vae.decode(x).sample, turbo.vae.decode(x).sample)
+        ids = turbo.tokenizer([CAPTION, ""], padding="max_length", return_tensors="pt").input_ids
+        got, want = pipe.text_encoder(ids, output_hidden_states=True), turbo.text_encoder(ids, output_hidden_states=True)
+        assert close(got.last_hidden_state, want.last_hidden_state) and close(got.pooler_output, want.pooler_output)
+        assert len(got.hidden_states) == len(want.hidden_states)
+        assert all(close(a, b) for a, b in zip(got.hidden_states, want.hidden_states))
+
+
 # ---------------------------------------------------------------------------------- the same images
 
 
