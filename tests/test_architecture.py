@@ -16,7 +16,8 @@ ALLOWED = {
     "prompts": set(),
     "core": {"prompts"},
     "samplers": {"core"},
-    "models": {"core"},
+    "runtime": {"core"},  # exported graphs behind torch modules; models loads exported folders with it
+    "models": {"core", "runtime"},
     "toyworld": {"core"},
     "testing": {"core", "models"},
     "image_prompts": {"core", "models"},  # IP-Adapters through diffusers

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "atelier.generate.cli",
     "atelier.models.cli",
     "atelier.prompts.cli",
+    "atelier.runtime.cli",
     "atelier.samplers.cli",
     "atelier.server.cli",
     "atelier.toyworld.cli",

@@ -528,8 +528,10 @@ def load_pipeline(
       `apply_lora`; lcm forces (True) or forbids (False) the LCM-LoRA scheduler switch.
     The model's family and defaults are available with `detect_family(pipe)`.
     """
-    device, dtype = pick_device_dtype(device, dtype)
     kind, value = classify_source(source)
+    if kind in ("folder", "builtin") and (resolve_model_path(source) / "export.json").is_file():
+        return _load_exported(source, resolve_model_path(source), device=device, dtype=dtype, config=config, lora=lora)
+    device, dtype = pick_device_dtype(device, dtype)
     if config is not None and kind != "file":
         raise UserError("config= applies to single-file checkpoints only; folders and hub models carry their own")
     folder: Path | None
@@ -554,6 +556,24 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     for path, scale in _lora_list(lora):
         apply_lora(pipe, path, scale, lcm=lcm, allow_pickle=allow_pickle)
+    return pipe
+
+
+def _load_exported(source, folder: Path, *, device, dtype, config, lora):
+    """An exported folder (`atelier export`): its runtimes run on the CPU in float32, with no LoRA."""
+    from atelier.runtime.modules import load_exported
+
+    if device is not None and str(device) not in ("auto", "cpu"):
+        raise UserError(f"{folder} is an exported model, which runs on the CPU only: leave out the device {device}")
+    if parse_dtype(dtype) not in (None, torch.float32):
+        raise UserError(f"{folder} is an exported model, which runs in float32 only: leave out the dtype {dtype}")
+    if config is not None:
+        raise UserError("config= applies to single-file checkpoints only; an exported folder carries its own")
+    if lora:
+        raise UserError(f"{folder} is an exported model, whose weights are compiled: export the model with the LoRA applied instead")
+    pipe = _record(load_exported(folder), source, folder)
+    detect_family(pipe)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 

@@ -1,0 +1,59 @@
+"""`atelier export MODEL --out DIR --format openvino|onnx`: the CPU fast path (see docs/cpu-fast-path.md)."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a model to OpenVINO or ONNX for fast CPU generation",
+        description=(
+            "Export MODEL's UNet, VAE (encoder and decoder) and text encoder(s) to OpenVINO IR or ONNX and "
+            "write the rest as the diffusers folder it was. The folder then loads like any model "
+            "(--model DIR): generate, img2img and the stream run on the runtime, on the CPU."
+        ),
+    )
+    p.add_argument("model", help="a model: built-in name, diffusers folder, .safetensors file or cached hub id")
+    p.add_argument("--out", required=True, metavar="DIR", help="the exported model folder to write")
+    p.add_argument("--format", required=True, metavar="F", help="openvino or onnx")
+    p.add_argument("--static-shape", metavar="HxW",
+                   help="fix the image size (pixels, e.g. 512x512) the UNet and VAE are compiled for (default: any size)")
+    p.add_argument("--batch", type=int, metavar="N",
+                   help="fix the UNet's and VAE's batch (with CFG the UNet sees 2 per image; larger batches run in pieces)")
+    p.add_argument("--precision", default="fp32", metavar="P",
+                   help="OpenVINO compute precision: fp32 (default, exact) or auto (bf16 on CPUs that have it)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--config", metavar="C", help="for a single-file checkpoint: a diffusers folder or bundled config")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.ckpt/.bin) weights")
+    p.add_argument("--json", action="store_true", help="print the export record as JSON")
+    p.add_argument("--quiet", action="store_true", help="no library warnings")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from atelier.cli import print_json
+    from atelier.errors import UserError
+    from atelier.models import load_pipeline, resolve_model_path
+    from atelier.runtime.export import export_pipeline, parse_static_shape
+    from atelier.runtime.modules import PRECISIONS, import_runtime, read_export_info
+
+    import_runtime(args.format)  # unknown format or missing package: say so before loading anything
+    if args.precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {args.precision!r}: use {' or '.join(PRECISIONS)}")
+    shape = parse_static_shape(args.static_shape)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} already exists: pass --overwrite to replace it")
+    source = resolve_model_path(args.model)
+    if out.exists() and out.resolve() == source.resolve():
+        raise UserError(f"--out {out} is the model being exported: choose another folder")
+    pipe = load_pipeline(args.model, device="cpu", dtype="fp32", allow_pickle=args.allow_pickle, config=args.config)
+    export_pipeline(pipe, out, args.format, static_shape=shape, batch=args.batch, precision=args.precision,
+                    source_folder=source if source.is_dir() else None, overwrite=args.overwrite)
+    info = read_export_info(out)
+    if args.json:
+        print_json({"out": str(out), **info})
+    else:
+        print(f"exported {args.model} to {out} ({args.format}: {', '.join(info['components'])})")
+    return 0
