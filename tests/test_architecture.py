@@ -27,7 +27,7 @@ ALLOWED = {
     "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate", "image_prompts"},  # edit's inverter, adapters
     "server": {"core", "models", "prompts", "stream", "edit"},  # the app: serves the stream and its edit mode
     "bench": {"core", "generate"},
-    "speed": {"models"},  # quantization, compilation, attention backends, CPU numerics  # runs generation itself, over prompt sets
+    "speed": {"core", "models"},  # quantization, compilation, attention backends, CPU numerics  # runs generation itself, over prompt sets
 }
 # Packages built on top of generation: they call `generate` itself (not helpers that belong in core).
 ON_GENERATE = {"bench"}

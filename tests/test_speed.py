@@ -196,6 +196,28 @@ def test_regional_compile_matches_eager_and_follows_the_batch(unet):
     assert compile_unet(model, "off") == {"compile": "off"}
 
 
+def test_the_stream_engine_runs_on_a_compiled_unet_whatever_its_batch():
+    import random
+
+    from atelier.speed import SpeedOptions, apply_speed
+    from atelier.stream import StreamEngine
+    from atelier.testing import tiny_pipeline
+    from atelier.toyworld import render_pil, sample_scene
+
+    eager, compiled = tiny_pipeline("turbo"), tiny_pipeline("turbo")
+    applied = apply_speed(compiled, SpeedOptions(compile="regional", compile_backend="aot_eager"), dynamic_default=True,
+                          inference_mode=False)
+    assert applied["compile"]["dynamic"] is True
+    frames = [render_pil(sample_scene(random.Random(k))).resize((16, 16)) for k in range(3)]
+    for stages in ([20], [10, 30, 45]):  # stream batches of 1 and 3 latents
+        outputs = []
+        for pipe in (eager, compiled):
+            engine = StreamEngine(pipe, t_index_list=stages)
+            engine.prepare(prompt="a red circle")
+            outputs.append([np.asarray(engine(frame), dtype=int) for frame in frames])
+        assert all(np.abs(a - b).max() <= 1 for a, b in zip(*outputs))
+
+
 def test_apply_speed_reports_what_it_did():
     from atelier.speed import SpeedOptions, apply_speed, describe
     from atelier.testing import tiny_pipeline

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from atelier.core.attention import cross_attention
 from atelier.errors import UserError
 
 DEFAULT_BACKEND = "native"
@@ -54,7 +55,8 @@ def check_backend(name: str, device=None) -> str:
 
 
 class DispatchAttnProcessor:
-    """AttnProcessor2_0's computation with the attention itself done by diffusers' dispatcher."""
+    """AttnProcessor2_0's computation (atelier.core.attention.cross_attention: norms, reshapes,
+    output projection, residual) with the attention itself done by diffusers' dispatcher."""
 
     def __init__(self, backend: str):
         from diffusers.models.attention_dispatch import AttentionBackendName
@@ -62,43 +64,21 @@ class DispatchAttnProcessor:
         self.backend = AttentionBackendName(backend)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        return cross_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                               lambda query, context, mask, batch: self.attend(attn, query, context, mask, batch))
+
+    def attend(self, attn, query, context, attention_mask, batch: int) -> torch.Tensor:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, sequence_length, _ = context.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            context = hidden_states
-        elif attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(context), attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        # the dispatcher takes (batch, sequence, heads, head_dim)
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self.backend)
-        hidden_states = hidden_states.reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        heads = attn.heads
+        # the dispatcher takes (batch, sequence, heads, head_dim); `query` comes as (batch * heads, sequence, head_dim)
+        query = query.view(batch, heads, -1, query.shape[-1]).transpose(1, 2)
+        key, value = (proj(context).view(batch, context.shape[1], heads, -1) for proj in (attn.to_k, attn.to_v))
+        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+        if mask is not None:
+            mask = mask.view(batch, heads, -1, mask.shape[-1])
+        out = dispatch_attention_fn(query, key, value, attn_mask=mask, scale=attn.scale, backend=self.backend)
+        return out.reshape(batch, -1, heads * query.shape[-1]).to(query.dtype)
 
 
 def set_attention(model, backend: str) -> int:
