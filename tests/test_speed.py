@@ -151,6 +151,25 @@ def test_quantize_int8wo_generates_end_to_end(capsys, tmp_path):
     assert Image.open(tmp_path / "q.png").size == (64, 64)
 
 
+def test_img2img_and_edit_take_the_speed_flags_and_report_them(capsys, tmp_path):
+    from atelier.toyworld import parse_caption, render_pil
+
+    source = "a large red circle at the top left"
+    render_pil(parse_caption(source)).save(tmp_path / "in.png")
+    code, out, err = run(["img2img", tmp_path / "in.png", "a large blue circle at the top left", "--model", "toyworld",
+                          "--steps", 4, "--seed", 1, "--channels-last", "--out", tmp_path / "i2i.png", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["speed"]["channels_last"] is True and "channels-last" in err
+    code, out, err = run(["edit", tmp_path / "in.png", "--source", source, "--target", "a large blue circle at the top left",
+                          "--method", "img2img", "--steps", 4, "--quantize", "int4wo", "--out", tmp_path / "e.png", "--json"],
+                         capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["speed"]["quantize"]["mode"] == "int4wo" and (tmp_path / "e.png").is_file()
+    code, _, err = run(["edit", tmp_path / "in.png", "--source", source, "--target", "x", "--quantize", "fp8"], capsys)
+    assert one_error_line(code, err) and "fp8" in err
+
+
 # ------------------------------------------------------------------------------ attention
 
 
