@@ -218,7 +218,7 @@ def test_regional_compile_matches_eager_and_follows_the_batch(unet):
 def test_the_stream_engine_runs_on_a_compiled_unet_whatever_its_batch():
     import random
 
-    from atelier.speed import SpeedOptions, apply_speed
+    from atelier.speed import SpeedOptions, apply_speed, describe
     from atelier.stream import StreamEngine
     from atelier.testing import tiny_pipeline
     from atelier.toyworld import render_pil, sample_scene
@@ -226,7 +226,8 @@ def test_the_stream_engine_runs_on_a_compiled_unet_whatever_its_batch():
     eager, compiled = tiny_pipeline("turbo"), tiny_pipeline("turbo")
     applied = apply_speed(compiled, SpeedOptions(compile="regional", compile_backend="aot_eager"), dynamic_default=True,
                           inference_mode=False)
-    assert applied["compile"]["dynamic"] is True
+    assert applied["compile"]["dynamic"] is True and applied["compile"]["warm_up_s"] > 0
+    assert "compile regional (4 modules, dynamic, warm-up" in describe(applied)
     frames = [render_pil(sample_scene(random.Random(k))).resize((16, 16)) for k in range(3)]
     for stages in ([20], [10, 30, 45]):  # stream batches of 1 and 3 latents
         outputs = []
@@ -244,18 +245,26 @@ def test_apply_speed_reports_what_it_did():
     pipe = tiny_pipeline("sd1")
     inputs = _inputs(pipe.unet)
     reference = _out(pipe.unet, inputs)
-    options = SpeedOptions(quantize="int8wo", compile="regional", compile_backend="aot_eager", channels_last=True,
-                           threads=1, attention="_native_math")
-    applied = apply_speed(pipe, options, dynamic_default=True)
+    options = SpeedOptions(quantize="int8wo", channels_last=True, threads=1, attention="_native_math",
+                           quantize_text_encoder=True)  # compile: in the stream test
+    applied = apply_speed(pipe, options)
     assert applied["flush_denormal"] is True and applied["threads"] == 1 and applied["channels_last"] is True
-    assert applied["compile"]["dynamic"] is True and applied["compile"]["warm_up_s"] > 0
-    assert applied["attention"]["backend"] == "_native_math" and applied["quantize"]["layers"] > 10
+    assert "compile" not in applied and applied["attention"]["backend"] == "_native_math" and applied["quantize"]["layers"] > 10
+    assert applied["quantize_text_encoder"]["layers"] == len([m for m in pipe.text_encoder.modules() if type(m).__name__ == "QLinear"]) > 0
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert pipe.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert (_out(pipe.unet, inputs) - reference).abs().max() < TOLERANCE["int8wo"]
     line = describe(applied)
     assert line.startswith("atelier: speed: denormals flushed, 1 threads, int8wo (quanto)") and "\n" not in line
-    assert "compile regional (4 modules, dynamic, warm-up" in line and "channels-last" in line
+    assert "channels-last" in line and "(and text_encoder)" in line and "compile" not in line
+
+
+def test_the_warm_up_call_fits_every_unet_family():
+    from atelier.speed import warm_up
+    from atelier.testing import tiny_components
+
+    for family in ("sd2", "sdxl"):  # SDXL's added conditions (pooled text embeddings, time ids) included
+        assert warm_up(tiny_components(family)["unet"], batch=2) > 0
 
 
 # ------------------------------------------------------------------------------ CPU numerics

@@ -50,6 +50,8 @@ def add_speed_options(p: argparse.ArgumentParser, *, training: bool = False) -> 
     group.add_argument("--quantize-skip", metavar="PATTERNS", default="conv_in,conv_out,time_embedding",
                        help="modules left in high precision, comma-separated names or fnmatch patterns "
                             "(default conv_in,conv_out,time_embedding; 'none' for none)")
+    group.add_argument("--quantize-text-encoder", action="store_true",
+                       help="also quantize the text encoder(s) (all their Linear layers), with the same mode")
     group.add_argument("--quantize-backend", choices=("auto", "quanto", "torchao"), default="auto",
                        help="library for --quantize (auto: quanto for int8wo/int4wo, torchao for int8dq/fp8)")
     group.add_argument("--compile", choices=COMPILE_CHOICES, default="off",
@@ -75,7 +77,8 @@ def speed_options(args):
 
     return SpeedOptions(
         quantize=get("quantize"), quantize_skip=parse_skip(get("quantize_skip")),
-        quantize_backend=get("quantize_backend", "auto"), compile=get("compile", "off"),
+        quantize_backend=get("quantize_backend", "auto"),
+        quantize_text_encoder=bool(get("quantize_text_encoder", False)), compile=get("compile", "off"),
         compile_dynamic=get("compile_dynamic"), compile_backend=get("compile_backend"),
         attention=get("attention"), channels_last=bool(get("channels_last", False)),
         flush_denormal=not get("keep_denormals", False), threads=get("threads"),

@@ -84,8 +84,10 @@ def apply_speed(pipe, options: SpeedOptions, *, dynamic_default: bool = False, w
         applied["quantize"] = quantize_module(pipe.unet, options.quantize, skip=options.quantize_skip,
                                               backend=options.quantize_backend, device=device)
         if options.quantize_text_encoder:
-            applied["quantize_text_encoder"] = quantize_module(pipe.text_encoder, options.quantize, skip=(),
-                                                               backend=options.quantize_backend, device=device)
+            for name in ("text_encoder", "text_encoder_2"):
+                if isinstance(getattr(pipe, name, None), torch.nn.Module):
+                    applied[f"quantize_{name}"] = quantize_module(getattr(pipe, name), options.quantize, skip=(),
+                                                                  backend=options.quantize_backend, device=device)
     if options.compile != "off":
         dynamic = dynamic_default if options.compile_dynamic is None else options.compile_dynamic
         applied["compile"] = compile_unet(pipe.unet, options.compile, dynamic=dynamic, backend=options.compile_backend)
@@ -99,8 +101,10 @@ def describe(applied: dict) -> str:
     parts = [f"denormals {'flushed' if applied.get('flush_denormal') else 'kept'}", f"{applied.get('threads')} threads"]
     q = applied.get("quantize")
     if q:
+        encoders = [k.removeprefix("quantize_") for k in applied if k.startswith("quantize_text_encoder")]
         parts.append(f"{q['mode']} ({q['backend']}) on {q['layers']} Linear layers, UNet "
-                     f"{q['bytes_before'] / 2**20:.1f} -> {q['bytes_after'] / 2**20:.1f} MiB")
+                     f"{q['bytes_before'] / 2**20:.1f} -> {q['bytes_after'] / 2**20:.1f} MiB"
+                     + (f" (and {', '.join(encoders)})" if encoders else ""))
     c = applied.get("compile")
     if c and c.get("compile") != "off":
         parts.append(f"compile {c['compile']} ({c['blocks']} modules{', dynamic' if c.get('dynamic') else ''}"
