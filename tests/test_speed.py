@@ -125,6 +125,27 @@ def test_torchao_models_cannot_be_saved_and_bad_modes_are_refused(unet, tmp_path
         quantize_module(copy.deepcopy(unet), "int3")
     with pytest.raises(UserError, match="no Linear layer"):
         quantize_module(copy.deepcopy(unet), "int8wo", skip="*")
+    with pytest.raises(UserError, match="needs calibration"):
+        quantize_module(copy.deepcopy(unet), "int8dq", backend="quanto")
+
+
+def test_quanto_int8dq_with_calibration_is_close(unet):
+    from atelier.speed import quantize_module
+
+    inputs = _inputs(unet)
+    model = copy.deepcopy(unet)
+    report = quantize_module(model, "int8dq", backend="quanto", calibrate=lambda: model(**inputs))
+    error = (_out(model, inputs) - _out(unet, inputs)).abs().max().item()
+    print(f"int8dq (quanto, calibrated on the same inputs): max abs error {error:.4f}")
+    assert report["backend"] == "quanto" and 0 < error < TOLERANCE["int8dq"]
+
+
+def test_bad_speed_flags_fail_in_one_line_before_loading(capsys, tmp_path):
+    for flags, words in ((["--threads", 0], "--threads must be"),
+                         (["--quantize", "int4wo", "--quantize-backend", "torchao"], "use the quanto backend"),
+                         (["--quantize", "int8dq", "--quantize-backend", "quanto"], "needs calibration")):
+        code, _, err = run(["generate", "a red circle", "--model", "toyworld", *flags, "--out", tmp_path / "a.png"], capsys)
+        assert one_error_line(code, err) and words in err, err
 
 
 def test_fp8_is_refused_below_sm89_in_one_line(capsys, tmp_path):

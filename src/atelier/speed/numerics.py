@@ -20,14 +20,19 @@ def default_threads() -> int:
     return torch.get_num_threads()
 
 
+def check_threads(threads) -> int:
+    most = (os.cpu_count() or 1) * 4
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most:
+        raise UserError(f"--threads must be a whole number from 1 to {most}, got {threads!r}")
+    return threads
+
+
 def apply_cpu_numerics(device=None, *, flush_denormal: bool = True, threads: int | None = None) -> dict:
     """Flush denormals for a CPU run (`device` None or "cpu"; a GPU run is left alone, as its
     kernels flush anyway) and set torch's thread count when `threads` is given.
     Returns what is in force: {"flush_denormal": bool, "threads": int}."""
     if threads is not None:
-        if not isinstance(threads, int) or threads < 1 or threads > (os.cpu_count() or 1) * 4:
-            raise UserError(f"--threads must be a whole number from 1 to {(os.cpu_count() or 1) * 4}, got {threads!r}")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_threads(threads))
     on_cpu = device is None or torch.device(device).type == "cpu"
     flushed = False
     if on_cpu:

@@ -15,8 +15,8 @@ import torch
 from atelier.errors import UserError
 from atelier.speed.attention import DEFAULT_BACKEND, check_backend, set_attention
 from atelier.speed.compile import COMPILE_MODES, compile_unet, warm_up
-from atelier.speed.numerics import apply_cpu_numerics
-from atelier.speed.quantize import DEFAULT_SKIP, QUANTIZE_MODES, fp8_supported, quantize_module
+from atelier.speed.numerics import apply_cpu_numerics, check_threads
+from atelier.speed.quantize import DEFAULT_SKIP, QUANTIZE_MODES, backend_for, fp8_supported, quantize_module
 
 
 @dataclass
@@ -50,6 +50,11 @@ class SpeedOptions:
                 raise UserError(reason)
         if self.attention:
             check_backend(self.attention, device)
+        if self.threads is not None:
+            check_threads(self.threads)
+        if self.quantize and backend_for(self.quantize, self.quantize_backend) == "quanto" and self.quantize == "int8dq":
+            raise UserError("--quantize int8dq with quanto quantizes activations statically and needs calibration, "
+                            "which the commands do not run: use the torchao backend (default), dynamic int8")
         return self
 
     @property

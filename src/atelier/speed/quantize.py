@@ -114,6 +114,9 @@ def quantize_module(module: torch.nn.Module, mode: str, *, skip=DEFAULT_SKIP, ba
     runs the module on typical inputs to record activation ranges (without it the ranges
     stay at quanto's defaults and the error is large). Returns {"mode", "backend", "layers", "skipped", "bytes_before", "bytes_after"}."""
     backend = backend_for(mode, backend)
+    if mode == "int8dq" and backend == "quanto" and calibrate is None:
+        raise UserError("--quantize int8dq with quanto quantizes activations statically and needs calibration "
+                        "(quantize_module(..., calibrate=fn)); the torchao backend (default) quantizes them dynamically")
     if mode == "fp8":
         reason = fp8_supported(device if device is not None else next(module.parameters()).device)
         if reason:
