@@ -15,7 +15,6 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "describe": "atelier.speed.options",
     "speed_info": "atelier.speed.info",
     "apply_cpu_numerics": "atelier.speed.numerics",
-    "default_threads": "atelier.speed.numerics",
     "denormals_flushed": "atelier.speed.numerics",
     "QUANTIZE_MODES": "atelier.speed.quantize",
     "quantize_module": "atelier.speed.quantize",

@@ -15,11 +15,6 @@ import torch
 from atelier.errors import UserError
 
 
-def default_threads() -> int:
-    """torch's own choice (its intra-op pool is sized to the physical cores)."""
-    return torch.get_num_threads()
-
-
 def check_threads(threads) -> int:
     most = (os.cpu_count() or 1) * 4
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most:
