@@ -27,7 +27,8 @@ ALLOWED = {
     "evaluate": {"core", "models", "edit", "toyworld", "bench"},  # evaluates the editing methods
     "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate", "image_prompts"},  # edit's inverter, adapters
     "server": {"core", "models", "prompts", "stream", "edit"},  # the app: serves the stream and its edit mode
-    "bench": {"core", "generate"},  # runs generation itself, over prompt sets
+    "bench": {"core", "generate"},
+    "speed": {"core", "models"},  # quantization, compilation, attention backends, CPU numerics  # runs generation itself, over prompt sets
 }
 # Packages built on top of generation: they call `generate` itself (not helpers that belong in core).
 ON_GENERATE = {"bench"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -28,6 +29,7 @@ COMMAND_MODULES = [
     "atelier.runtime.cli",
     "atelier.samplers.cli",
     "atelier.server.cli",
+    "atelier.speed.cli",
     "atelier.toyworld.cli",
     "atelier.train.cli",
 ]
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     # command line; set these variables to "warning" or "info" to see it.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # diffusers imports torchao (atelier.speed's int8dq / fp8 backend) whenever it is installed, and
+    # torchao's import makes torch warn about Enum registrations on every model load
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

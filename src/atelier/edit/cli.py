@@ -9,6 +9,7 @@ from pathlib import Path
 from atelier.core.io import check_writable
 from atelier.errors import UserError
 from atelier.image_prompts import cli as image_prompts_cli
+from atelier.speed import cli as speed_cli
 
 METHOD_CHOICES = ("auto", "ddpm", "diffedit", "turbo", "img2img", "one-step")
 
@@ -65,6 +66,7 @@ def register(subparsers) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt pickle weights (runs code in the file)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     image_prompts_cli.add_options(p)
+    speed_cli.add_speed_options(p)
     p.set_defaults(func=run_edit)
 
 
@@ -189,22 +191,30 @@ def run_edit(args) -> int:
     settings = _settings(args)
     cases, skipped = _check_batch(args) if args.cases else (_check_single(args), [])
     image_prompts = image_prompts_cli.plan(args, args.model, one_step=args.method == "one-step")
+    speed_cli.speed_options(args).check()  # before the model loads
     summary = [{"image": c["image"], "out": str(c["out"]), "skipped": True} for c in skipped]
     if skipped and not args.json:
         print(f"skipped {len(skipped)} of {len(cases) + len(skipped)} cases whose output exists (--overwrite redoes them)")
+    speed = None
     if cases:
-        summary += _run(args, settings, cases, image_prompts)
+        speed, done = _run(args, settings, cases, image_prompts)
+        summary += done
     if args.json:
-        print_json(summary if args.cases else summary[0])
+        if args.cases:
+            print_json(summary)
+        else:
+            print_json({**summary[0], "speed": speed})
     return 0
 
 
-def _run(args, settings, cases: list[dict], image_prompts) -> list[dict]:
+def _run(args, settings, cases: list[dict], image_prompts) -> tuple[dict, list[dict]]:
+    """(what apply_speed did, one summary per case)."""
     from atelier.core.images import open_image, save_image
     from atelier.edit.methods import Editor, resolve_settings
     from atelier.models import load_pipeline
 
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    speed = speed_cli.apply_from_args(pipe, args, inference_mode=False)
     ip_fields = image_prompts.apply_to_edit(pipe, resolve_settings(pipe, settings))  # bad options fail before any work
     editor = Editor(pipe)
     if settings.method == "one-step":  # a missing or unfit inverter or adapter fails before any work
@@ -226,4 +236,4 @@ def _run(args, settings, cases: list[dict], image_prompts) -> list[dict]:
                         "seconds": round(result.seconds, 3)})
         if not args.json:
             print(f"{out}  ({result.settings.method}, {result.seconds:.2f} s)")
-    return summary
+    return speed, summary

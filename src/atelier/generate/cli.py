@@ -12,6 +12,7 @@ from pathlib import Path
 
 from atelier.errors import UserError
 from atelier.image_prompts import cli as image_prompts_cli
+from atelier.speed import cli as speed_cli
 
 DEFAULT_MODEL = "toyworld"
 DEFAULT_OUTDIR = "outputs"
@@ -124,6 +125,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print results (paths, seeds, parameters) as JSON")
     image_prompts_cli.add_options(p)
+    speed_cli.add_speed_options(p)
 
 
 # --- handlers ---------------------------------------------------------------------------------
@@ -331,12 +333,14 @@ def _run(args, base: dict, prompts: list[str], init_image) -> int:
     requests = _requests(args, base, prompts, init_image, model_name)
     paths = _outputs(args, sum(r.n_images for r in requests))
     image_prompts = image_prompts_cli.plan(args, model_source, from_image=args.from_image)
+    speed_cli.speed_options(args).check(args.device)  # fp8 on a GPU without it, unknown attention: before loading
 
     from atelier.generate.metadata import save_png
     from atelier.generate.run import generate
 
     pipe = load_model(args, model_source, from_image=bool(base) and not args.model)
     image_prompts.apply(pipe, requests)
+    speed = speed_cli.apply_from_args(pipe, args, inference_mode=True)  # generation runs under inference_mode
     if Path(model_source).is_file():  # a single-file checkpoint: record A1111's Model hash
         from atelier.generate.metadata import model_hash
 
@@ -363,7 +367,7 @@ def _run(args, base: dict, prompts: list[str], init_image) -> int:
     if args.json:
         from atelier.cli import print_json
 
-        print_json({"model": model_source, "images": results})
+        print_json({"model": model_source, "images": results, "speed": speed})
     else:
         for r in results:
             print(r["path"])

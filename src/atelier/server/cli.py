@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from atelier.errors import UserError
+from atelier.speed import cli as speed_cli
 
 IDLE_TIMEOUT = 120.0  # atelier.server.app.IDLE_TIMEOUT, not imported here to keep --help quick
 
@@ -60,6 +61,7 @@ def register(subparsers) -> None:
                    help="the CLIP vision folder the adapter was trained with (default: found beside the adapter)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default warning)")
+    speed_cli.add_speed_options(p)
     p.set_defaults(func=run_serve)
 
 
@@ -84,17 +86,21 @@ def run_serve(args) -> int:
     from atelier.server.app import create_app, listen, make_server
     from atelier.server.security import allowed_hosts_for, is_loopback, normal_origin
 
+    from atelier.models import load_pipeline
+
     origins = [normal_origin(o) for o in args.allowed_origin]  # a bad one fails before the model loads
-    sock = listen(args.host, args.port)  # so does a busy port
+    speed_cli.speed_options(args).check(args.device)  # so do speed options this machine cannot run
+    sock = listen(args.host, args.port)  # and a busy port
     _quiet_loading()
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                         config=args.config)
+    # the stream's batch (frames x stages) varies with the live settings: compiled for dynamic shapes
+    speed_cli.apply_from_args(pipe, args, dynamic_default=True, inference_mode=False)
     app = create_app(
-        args.model,
+        pipe,
         max_sessions=args.max_sessions,
         max_frame_bytes=int(args.max_frame_mb * 1024 * 1024),
-        device=args.device,
-        dtype=args.dtype,
         allow_pickle=args.allow_pickle,
-        config=args.config,
         allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
         allowed_origins=origins,
         auth_token=token,

@@ -9,6 +9,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from atelier.errors import UserError
+from atelier.speed import cli as speed_cli
 
 STAGES = ("vae", "text", "unet", "turbo", "taesd", "clip", "ip")
 # What each stage needs trained (or resumed) first. clip and ip start from the exported toyworld model.
@@ -48,6 +49,7 @@ def register(subparsers) -> None:
                    help="override any training setting, e.g. --set unet_lr=3e-4 (see --show-config)")
     t.add_argument("--show-config", action="store_true", help="print the settings that would be used and exit")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    speed_cli.add_speed_options(t, training=True)
     t.set_defaults(func=run_toyworld)
     register_inverter(sub)
     register_ip_adapter(sub)
@@ -123,6 +125,7 @@ def check_resumable(cfg) -> None:
 def run_toyworld(args) -> int:
     from atelier.cli import print_json
 
+    speed_cli.apply_training_numerics(args)  # denormals flushed on CPU; --quantize refused
     cfg = build_config(args)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in stages if s not in STAGES]
@@ -218,6 +221,7 @@ def register_inverter(sub) -> None:
     i.add_argument("--threads", type=int, help="torch CPU threads")
     i.add_argument("--export_dir", help="also write the final inverter here as an fp16 safetensors UNet folder")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    speed_cli.add_speed_options(i, training=True)
     i.set_defaults(func=run_inverter)
 
     d = sub.add_parser(
@@ -244,6 +248,7 @@ def inverter_config(args):
 def run_inverter(args) -> int:
     from atelier.cli import print_json
 
+    speed_cli.apply_training_numerics(args)
     cfg = inverter_config(args)
     from atelier.train.inverter import export_inverter, train_inverter
 
@@ -319,6 +324,7 @@ def register_ip_adapter(sub) -> None:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--threads", type=int, help="torch CPU threads")
     a.add_argument("--json", action="store_true", help="print the summary as JSON")
+    speed_cli.add_speed_options(a, training=True)
     a.set_defaults(func=run_ip_adapter)
 
 
@@ -326,6 +332,7 @@ def run_ip_adapter(args) -> int:
     from atelier.cli import print_json
     from atelier.train.ip_adapter import IPAdapterConfig
 
+    speed_cli.apply_training_numerics(args)
     keys = {f.name for f in fields(IPAdapterConfig)}
     cfg = IPAdapterConfig(**{k: v for k, v in vars(args).items() if k in keys and v is not None})
     cfg.check()
