@@ -47,6 +47,12 @@ def refuse(what: str) -> UserError:
 # ---------------------------------------------------------------------------------- graphs
 
 
+def _exported_name(port) -> str:
+    """The name atelier gave a port at export (the one that is not a number); its only name otherwise."""
+    names = sorted(port.get_names())
+    return next((n for n in names if not n.isdigit()), names[0])
+
+
 class CompiledGraph:
     """One exported graph compiled for the CPU: numpy arrays in by input name, out by output name.
 
@@ -68,12 +74,17 @@ class CompiledGraph:
             config = {"INFERENCE_NUM_THREADS": threads}
             if precision == "fp32":
                 config["INFERENCE_PRECISION_HINT"] = "f32"
-            self._compiled = runtime.Core().compile_model(str(path), "CPU", config)
+            core = runtime.Core()
+            model = core.read_model(str(path))
+            # names as exported: compiling may merge a port's tensor with folded ones and give it
+            # several names (a static timestep became {"50", "55", "timestep", "timesteps"})
+            names = [_exported_name(port) for port in model.inputs]
+            self._compiled = core.compile_model(model, "CPU", config)
             self.inputs = {
-                port.get_any_name(): [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
-                for port in self._compiled.inputs
+                name: [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+                for name, port in zip(names, self._compiled.inputs)
             }
-            self.outputs = [port.get_any_name() for port in self._compiled.outputs]
+            self.outputs = [_exported_name(port) for port in model.outputs]
         first = next(iter(self.inputs.values()))
         self.batch = first[0] if first else None
 
@@ -93,8 +104,8 @@ class CompiledGraph:
         if self.format == "onnx":
             return self._session.run(self.outputs, arrays)
         request = self._compiled.create_infer_request()  # one per call: sessions may share the model
-        result = request.infer(arrays)
-        return [np.array(result[self._compiled.output(name)]) for name in self.outputs]
+        result = request.infer([arrays[name] for name in self.inputs])  # by position, in the inputs' order
+        return [np.array(result[self._compiled.outputs[k]]) for k in range(len(self.outputs))]
 
     def __call__(self, **arrays: np.ndarray) -> dict[str, np.ndarray]:
         arrays = {name: np.ascontiguousarray(arrays[name]) for name in self.inputs}

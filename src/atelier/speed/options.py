@@ -63,7 +63,13 @@ class SpeedOptions:
 
 
 def _device_of(pipe) -> torch.device:
-    return next(pipe.unet.parameters()).device
+    """The UNet's device; an exported UNet (atelier.runtime) has no parameters but says its device."""
+    param = next(pipe.unet.parameters(), None)
+    return param.device if param is not None else torch.device(getattr(pipe.unet, "device", "cpu"))
+
+
+def _is_exported(pipe) -> bool:
+    return next(pipe.unet.parameters(), None) is None
 
 
 def apply_speed(pipe, options: SpeedOptions, *, dynamic_default: bool = False, warm_up_batch: int = 2,
@@ -73,6 +79,9 @@ def apply_speed(pipe, options: SpeedOptions, *, dynamic_default: bool = False, w
     warm_up_batch / inference_mode: the warm-up call's batch and grad mode, as the caller runs."""
     options.check(_device_of(pipe))
     device = _device_of(pipe)
+    if options.active and _is_exported(pipe):
+        raise UserError("--quantize, --compile, --attention and --channels-last change PyTorch modules; this model "
+                        "is exported (OpenVINO / ONNX Runtime compile it themselves): drop those options")
     applied: dict = apply_cpu_numerics(device, flush_denormal=options.flush_denormal, threads=options.threads)
     applied["device"] = str(device)
     if options.channels_last:
