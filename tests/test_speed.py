@@ -106,7 +106,7 @@ def test_a_quantized_unet_saves_and_loads_back(unet, tmp_path):
     save_quantized(model, tmp_path / "q")
     unet.save_pretrained(tmp_path / "float")
     loaded = load_quantized(tmp_path / "q")
-    assert type(loaded) is type(unet) and loaded.atelier_quantized == {"mode": "int8wo", "backend": "quanto"}
+    assert type(loaded) is type(unet) and loaded.atelier_quantized == {"mode": "int8wo", "backend": "quanto", "inference_mode": True}
     assert torch.equal(_out(loaded, inputs), _out(model, inputs))
     assert model_bytes(loaded) == model_bytes(model) < model_bytes(unet)
     saved = (tmp_path / "q" / "diffusion_pytorch_model.safetensors").stat().st_size
@@ -158,17 +158,18 @@ def test_fp8_is_refused_below_sm89_in_one_line(capsys, tmp_path):
     assert not (tmp_path / "a.png").exists()
 
 
-def test_quantize_int8wo_generates_end_to_end(capsys, tmp_path):
+@pytest.mark.parametrize("mode", ["int8wo", "int4wo"])  # int4wo: quanto's packed weights under generate's grad mode
+def test_quantize_generates_end_to_end(mode, capsys, tmp_path):
     from PIL import Image
 
     code, out, err = run(["generate", "a red circle", "--model", "toyworld", "--steps", 4, "--seed", 1,
-                          "--quantize", "int8wo", "--out", tmp_path / "q.png", "--json"], capsys)
+                          "--quantize", mode, "--out", tmp_path / "q.png", "--json"], capsys)
     assert code == 0, err
     speed = json.loads(out)["speed"]
-    assert speed["quantize"]["mode"] == "int8wo" and speed["quantize"]["layers"] > 50
+    assert speed["quantize"]["mode"] == mode and speed["quantize"]["layers"] > 50
     assert speed["quantize"]["bytes_after"] < speed["quantize"]["bytes_before"]
     lines = [line for line in err.splitlines() if line.startswith("atelier: speed:")]
-    assert len(lines) == 1 and "int8wo (quanto)" in lines[0]
+    assert len(lines) == 1 and f"{mode} (quanto)" in lines[0]
     assert Image.open(tmp_path / "q.png").size == (64, 64)
 
 

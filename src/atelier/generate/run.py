@@ -300,7 +300,10 @@ def _run_chunk(pipeline, request: GenerationRequest, prompts, negatives, seeds, 
         kwargs.update(image=image, strength=request.strength)
     else:
         kwargs.update(width=request.width, height=request.height)
-    with torch.inference_mode():
+    # quanto's int4 weights cannot be used under inference_mode (their views need version counters):
+    # atelier.speed marks such a UNet
+    inference = getattr(pipeline.unet, "atelier_quantized", {}).get("inference_mode", True)
+    with torch.inference_mode() if inference else torch.no_grad():
         out = pipeline(**kwargs)
     flags = getattr(out, "nsfw_content_detected", None) or [False] * len(seeds)
     return out.images, [bool(f) for f in flags]

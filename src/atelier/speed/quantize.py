@@ -130,7 +130,9 @@ def quantize_module(module: torch.nn.Module, mode: str, *, skip=DEFAULT_SKIP, ba
         _quanto(module, mode, names, calibrate)
     else:
         _torchao(module, mode, set(names))
-    module.atelier_quantized = {"mode": mode, "backend": backend}
+    # quanto's packed int4 weights fail under torch.inference_mode ("Cannot set version_counter for
+    # inference tensor"): callers that use it (atelier.generate) run these under no_grad instead
+    module.atelier_quantized = {"mode": mode, "backend": backend, "inference_mode": not (backend == "quanto" and mode == "int4wo")}
     return {"mode": mode, "backend": backend, "layers": len(names), "skipped": list(skip),
             "bytes_before": before, "bytes_after": model_bytes(module)}
 
@@ -199,5 +201,5 @@ def load_quantized(folder, model_class=None, *, device="cpu"):
     with torch.device("meta"):
         model = cls.from_config(config)
     quanto.requantize(model, load_file(os.fspath(folder / WEIGHTS_FILE)), saved["map"], device=torch.device(device))
-    model.atelier_quantized = {"mode": saved["mode"], "backend": "quanto"}
+    model.atelier_quantized = {"mode": saved["mode"], "backend": "quanto", "inference_mode": saved["mode"] != "int4wo"}
     return model.eval()
