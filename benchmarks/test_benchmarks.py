@@ -196,3 +196,14 @@ def test_evaluate_benchmark_runs_small(capsys):
     for setting in ("toyworld (defaults)", "toyworld-turbo 1 step", "toyworld-turbo 2 steps", "toyworld-turbo 4 steps"):
         assert setting in out
     assert "ranking check PASSED" in out or "ranking check FAILED" in out
+
+
+def test_speed_benchmark_runs_small(capsys):
+    """Every configuration of part 1 on the toy UNet is a row with a ratio (none fails on this CPU)."""
+    import speed
+
+    assert speed.main(["--archs", "toy", "--repeats", "1", "--skip", "toy,stream", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("toy ")]
+    assert len(table) == 2 + len(speed.unet_configs("toy"))
+    assert not any("failed" in line for line in table), out
