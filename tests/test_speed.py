@@ -281,6 +281,47 @@ def test_apply_speed_reports_what_it_did():
     assert "channels-last" in line and "(and text_encoder)" in line and "compile" not in line
 
 
+def test_compile_mode_needing_cuda_graphs_is_refused_on_cpu_in_one_line(capsys, tmp_path):
+    for mode in ("reduce-overhead", "max-autotune"):
+        code, out, err = run(["generate", "a red circle", "--model", "toyworld", "--compile", "regional",
+                              "--compile-mode", mode, "--out", tmp_path / "a.png"], capsys)
+        assert one_error_line(code, err) and out == "", err
+        assert f"--compile-mode {mode} uses CUDA graphs and needs a CUDA GPU; on this cpu use the default mode" in err
+    code, _, err = run(["train", "toyworld", "--out-dir", tmp_path / "run", "--compile", "regional",
+                        "--compile-mode", "reduce-overhead", "--show-config"], capsys)
+    assert one_error_line(code, err) and "uses CUDA graphs" in err, err
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "run").exists()
+
+
+def test_the_compile_mode_reaches_torch_compile(unet, monkeypatch):
+    from atelier.speed import SpeedOptions, apply_speed, compile_unet
+    from atelier.speed.cli import speed_options
+    from atelier.testing import tiny_pipeline
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: calls.append((type(self).__name__, kwargs)))
+    report = compile_unet(copy.deepcopy(unet), "regional", dynamic=False, compile_mode="reduce-overhead")
+    assert report["mode"] == "reduce-overhead" and len(calls) == report["blocks"] == 4
+    assert all(kwargs["mode"] == "reduce-overhead" and kwargs["dynamic"] is False for _, kwargs in calls)
+    calls.clear()
+    compile_unet(copy.deepcopy(unet), "full", compile_mode="max-autotune")
+    assert calls == [("UNet2DConditionModel", {"dynamic": None, "fullgraph": False, "mode": "max-autotune"})]
+    calls.clear()
+    compile_unet(copy.deepcopy(unet), "full")
+    assert "mode" not in calls[0][1]  # the default: torch.compile's own
+    # the flag, through SpeedOptions and apply_speed (the CUDA check bypassed: this is a CPU)
+    import argparse
+
+    options = speed_options(argparse.Namespace(compile="full", compile_mode="reduce-overhead"))
+    assert options.compile_mode == "reduce-overhead"
+    monkeypatch.setattr(SpeedOptions, "check", lambda self, device=None: self)
+    calls.clear()
+    options.warm_up = False
+    applied = apply_speed(tiny_pipeline("sd1"), options)
+    assert calls == [("UNet2DConditionModel", {"dynamic": False, "fullgraph": False, "mode": "reduce-overhead"})]
+    assert applied["compile"]["mode"] == "reduce-overhead"
+
+
 def test_the_warm_up_call_fits_every_unet_family():
     from atelier.speed import warm_up
     from atelier.testing import tiny_components
@@ -326,6 +367,78 @@ def test_training_flushes_denormals_and_refuses_quantize(capsys, tmp_path):
     assert code == 0 and not denormals_flushed()
     code, _, err = run(["train", "inverter", "--quantize", "int8wo"], capsys)
     assert one_error_line(code, err) and "--quantize is not supported for training" in err
+
+
+TINY_TRAIN = ["--stages", "turbo", "--vae-steps", 1, "--text-steps", 1, "--unet-steps", 2, "--turbo-steps", 2,
+              "--set", "checkpoint_every=1", "--set", "eval_every=1000", "--set", "eval_images=2",
+              "--set", "eval_scenes=2", "--set", "turbo_pairs=0", "--set", "vae_full_steps=1", "--set", "vae_batch=2",
+              "--set", "text_batch=4", "--set", "unet_batch=2", "--set", "turbo_batch=2", "--threads", 1]
+
+
+def test_training_compiles_its_unets_in_place_and_checkpoints_keep_their_keys(capsys, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from atelier.train.checkpoint import load_state
+    from atelier.train.loop import TrainLoop
+
+    fast, plain = tmp_path / "fast", tmp_path / "plain"
+    flags = ["--compile", "regional", "--compile-backend", "aot_eager", "--channels-last"]
+    real_save = TrainLoop.save
+
+    def save_then_die(loop):
+        real_save(loop)
+        if loop.name == "unet" and loop.step == 1:
+            raise KeyboardInterrupt  # killed after the first checkpoint of the compiled, channels-last UNet
+
+    monkeypatch.setattr(TrainLoop, "save", save_then_die)
+    code, _, _ = run(["train", "toyworld", "--out-dir", fast, *TINY_TRAIN, *flags], capsys)
+    assert code == 130
+    monkeypatch.setattr(TrainLoop, "save", real_save)
+    code, _, err = run(["train", "toyworld", "--out-dir", fast, *TINY_TRAIN, *flags], capsys)
+    assert code == 0, err
+    assert "[unet] resumed at step 1" in err
+    assert "[unet] speed: compile regional (7 modules per UNet, default mode, aot_eager), channels-last on 1 UNet(s)" in err
+    assert "[turbo] speed: compile regional" in err and "on 2 UNet(s)" in err  # the student and its frozen teacher
+    code, _, err = run(["train", "toyworld", "--out-dir", plain, *TINY_TRAIN], capsys)
+    assert code == 0, err
+    assert "speed:" not in err
+
+    config = json.loads((fast / "config.json").read_text())
+    assert (config["compile"], config["compile_backend"], config["channels_last"]) == ("regional", "aot_eager", True)
+    done = json.loads((fast / "unet" / "done.json").read_text())
+    assert done["steps"] == 2 and done["speed"]["compile"]["blocks"] == 7 and done["speed"]["channels_last"] is True
+    for stage in ("unet", "turbo"):
+        states = [load_state(run_dir / stage / "checkpoint.safetensors") for run_dir in (fast, plain)]
+        assert list(states[0]["unet"]) == list(states[1]["unet"]) and len(states[0]["unet"]) > 100
+        assert not any("_orig_mod" in key for key in states[0]["unet"])
+        assert len(states[0]["losses"]) == 2
+    for model in ("toyworld", "toyworld-turbo"):
+        weights = [load_file(run_dir / "weights" / model / "unet" / "diffusion_pytorch_model.safetensors")
+                   for run_dir in (fast, plain)]
+        assert list(weights[0]) == list(weights[1])
+        assert all(w.is_contiguous() for w in weights[0].values())
+    meta = json.loads((fast / "weights" / "toyworld" / "atelier.json").read_text())
+    assert meta["trained_with"]["compile"] == "regional"
+
+
+def test_a_compiled_modules_copy_runs_its_own_weights(unet):
+    from atelier.speed import compile_unet
+    from atelier.speed.compile import plain_copy, uncompile
+
+    model = copy.deepcopy(unet)
+    compile_unet(model, "regional", dynamic=False, backend="aot_eager")
+    clone = plain_copy(model)
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in clone.modules())
+    reference = copy.deepcopy(unet)
+    with torch.no_grad():
+        for module in (clone, reference):
+            for p in module.parameters():
+                p.mul_(0.5)
+    inputs = _inputs(unet)
+    assert torch.allclose(_out(clone, inputs), _out(reference, inputs), atol=1e-5)  # its own weights, not model's
+    assert torch.allclose(_out(model, inputs), _out(unet, inputs), atol=1e-5)
+    uncompile(model)
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
 
 
 # ------------------------------------------------------------------------------ speed info

@@ -9,6 +9,7 @@ from atelier.errors import UserError
 
 QUANTIZE_CHOICES = ("int8wo", "int8dq", "int4wo", "fp8")  # atelier.speed.quantize.QUANTIZE_MODES (kept light here)
 COMPILE_CHOICES = ("off", "regional", "full")
+COMPILE_MODE_CHOICES = ("default", "reduce-overhead", "max-autotune")  # atelier.speed.compile.TORCH_COMPILE_MODES
 
 
 def register(subparsers) -> None:
@@ -36,13 +37,33 @@ def _add_numerics(p) -> None:
         p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's, one per physical core)")
 
 
+def _add_compile(group, *, training: bool) -> None:
+    if training:
+        group.add_argument("--compile", choices=COMPILE_CHOICES, default="off",
+                           help="torch.compile the UNet the training loop runs (trained or frozen), in place: regional "
+                                "(its repeated transformer blocks, fast to compile) or full; it compiles on the first "
+                                "step (checkpoints and exported weights are unchanged)")
+    else:
+        group.add_argument("--compile", choices=COMPILE_CHOICES, default="off",
+                           help="torch.compile the UNet: regional (its repeated transformer blocks, fast to compile) or "
+                                "full; the first call compiles (a warm-up is run and reported)")
+    group.add_argument("--compile-mode", choices=COMPILE_MODE_CHOICES, default="default",
+                       help="torch.compile's mode with --compile: reduce-overhead (CUDA graphs) or max-autotune; "
+                            "both need a CUDA GPU")
+    group.add_argument("--compile-backend", metavar="NAME", help=argparse.SUPPRESS)  # torch.compile backend, for tests
+
+
 def add_speed_options(p: argparse.ArgumentParser, *, training: bool = False) -> None:
-    """The speed flags of a command. training=True: only --keep-denormals and --threads (kept if the
-    parser has it already); --quantize is refused there with one line."""
+    """The speed flags of a command. training=True: --keep-denormals, --threads (kept if the parser
+    has it already), --compile, --compile-mode and --channels-last for the trainer's UNet(s); --quantize
+    is refused there with one line."""
     group = p.add_argument_group("speed", "see docs/speed.md and `atelier speed info`")
     _add_numerics(group)
     if training:
         group.add_argument("--quantize", help=argparse.SUPPRESS)
+        _add_compile(group, training=True)
+        group.add_argument("--channels-last", action="store_true",
+                           help="channels-last memory format for the UNet(s) the training loop runs")
         return
     group.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                        help="quantize the UNet's Linear layers: int8wo / int4wo (optimum-quanto), int8dq (torchao, "
@@ -54,12 +75,9 @@ def add_speed_options(p: argparse.ArgumentParser, *, training: bool = False) -> 
                        help="also quantize the text encoder(s) (all their Linear layers), with the same mode")
     group.add_argument("--quantize-backend", choices=("auto", "quanto", "torchao"), default="auto",
                        help="library for --quantize (auto: quanto for int8wo/int4wo, torchao for int8dq/fp8)")
-    group.add_argument("--compile", choices=COMPILE_CHOICES, default="off",
-                       help="torch.compile the UNet: regional (its repeated transformer blocks, fast to compile) or "
-                            "full; the first call compiles (a warm-up is run and reported)")
+    _add_compile(group, training=False)
     group.add_argument("--compile-dynamic", action="store_true", default=None,
                        help="compile for varying batch sizes (default on for `serve`, whose stream batches vary)")
-    group.add_argument("--compile-backend", metavar="NAME", help=argparse.SUPPRESS)  # torch.compile backend, for tests
     group.add_argument("--attention", metavar="BACKEND",
                        help="attention backend of diffusers' dispatcher, e.g. native (SDPA, default), _native_math, "
                             "flex, flash, sage, xformers; `atelier speed info` lists those usable here")
@@ -80,6 +98,7 @@ def speed_options(args):
         quantize_backend=get("quantize_backend", "auto"),
         quantize_text_encoder=bool(get("quantize_text_encoder", False)), compile=get("compile", "off"),
         compile_dynamic=get("compile_dynamic"), compile_backend=get("compile_backend"),
+        compile_mode=get("compile_mode", "default"),
         attention=get("attention"), channels_last=bool(get("channels_last", False)),
         flush_denormal=not get("keep_denormals", False), threads=get("threads"),
     )
@@ -97,9 +116,11 @@ def apply_from_args(pipe, args, **kwargs) -> dict:
     return applied
 
 
-def apply_training_numerics(args) -> dict:
+def apply_training_numerics(args, speed=None) -> dict:
     """Training: denormals flushed on CPU unless --keep-denormals (threads are the trainer's own
-    option); --quantize refused."""
+    option); --quantize refused; --compile / --compile-mode / --channels-last (of `speed`, a trainer
+    config, else of `args`) checked for the device training runs on (the trainers apply them to
+    their UNets: TrainLoop.speed_up)."""
     import torch
 
     from atelier.speed.numerics import apply_cpu_numerics
@@ -108,7 +129,19 @@ def apply_training_numerics(args) -> dict:
         raise UserError("--quantize is not supported for training: atelier trains full-precision weights "
                         "(no QLoRA-style frozen quantized base); quantize the trained model when you run it")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    training_speed(args if speed is None else speed).check(device)
     return apply_cpu_numerics(device, flush_denormal=not getattr(args, "keep_denormals", False))
+
+
+def training_speed(source):
+    """The SpeedOptions a trainer applies to its UNets, from parsed arguments or a trainer config
+    (fields compile, compile_mode, compile_backend, channels_last)."""
+    from atelier.speed.options import SpeedOptions
+
+    return SpeedOptions(compile=getattr(source, "compile", None) or "off",
+                        compile_mode=getattr(source, "compile_mode", None) or "default",
+                        compile_backend=getattr(source, "compile_backend", None),
+                        channels_last=bool(getattr(source, "channels_last", False)))
 
 
 def run_info(args) -> int:

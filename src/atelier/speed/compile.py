@@ -11,20 +11,39 @@ import torch
 from atelier.errors import UserError
 
 COMPILE_MODES = ("off", "regional", "full")
+# torch.compile's `mode`: "reduce-overhead" records CUDA graphs, "max-autotune" autotunes kernels (and
+# uses CUDA graphs too); both need a CUDA GPU.
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(compile_mode: str, device) -> None:
+    """UserError (one line) for a torch.compile mode unknown, or needing CUDA on a non-CUDA `device`."""
+    if compile_mode not in TORCH_COMPILE_MODES:
+        raise UserError(f"unknown --compile-mode {compile_mode!r}: choose from {', '.join(TORCH_COMPILE_MODES)}")
+    kind = torch.device(device).type
+    if compile_mode != "default" and kind != "cuda":
+        raise UserError(f"--compile-mode {compile_mode} uses CUDA graphs and needs a CUDA GPU; "
+                        f"on this {kind} use the default mode")
 
 
 def compile_unet(unet, mode: str = "regional", *, dynamic: bool | None = None, fullgraph: bool = False,
-                 backend: str | None = None) -> dict:
-    """Compile `unet` in place (the same object stays in the pipeline). `dynamic=True` for callers
-    whose batch size varies (the stream); `backend`: torch.compile's ("inductor" by default; tests
-    use "aot_eager"). Returns {"compile": mode, "blocks": n compiled modules, "dynamic", "backend"}."""
+                 backend: str | None = None, compile_mode: str = "default") -> dict:
+    """Compile `unet` in place (the same object stays in the pipeline; its state-dict keys do not
+    change: no `_orig_mod.` wrapper). `dynamic=True` for callers whose batch size varies (the stream);
+    `backend`: torch.compile's ("inductor" by default; tests use "aot_eager"); `compile_mode`:
+    torch.compile's `mode` ("reduce-overhead": CUDA graphs). Returns {"compile": mode, "blocks": n
+    compiled modules, "dynamic", "backend", "mode"}."""
     if mode not in COMPILE_MODES:
         raise UserError(f"unknown compile mode {mode!r}: choose from {', '.join(COMPILE_MODES)}")
+    if compile_mode not in TORCH_COMPILE_MODES:
+        raise UserError(f"unknown torch.compile mode {compile_mode!r}: choose from {', '.join(TORCH_COMPILE_MODES)}")
     if mode == "off":
         return {"compile": "off"}
     kwargs = {"dynamic": dynamic, "fullgraph": fullgraph}
     if backend:
         kwargs["backend"] = backend
+    if compile_mode != "default":
+        kwargs["mode"] = compile_mode
     if mode == "full":
         unet.compile(**kwargs)
         blocks = 1
@@ -40,7 +59,24 @@ def compile_unet(unet, mode: str = "regional", *, dynamic: bool | None = None, f
         blocks = sum(type(m).__name__ in names for m in unet.modules())
         if not blocks:
             raise UserError(f"--compile regional: {type(unet).__name__} has no transformer blocks; use --compile full")
-    return {"compile": mode, "blocks": blocks, "dynamic": dynamic, "backend": backend or "inductor"}
+    return {"compile": mode, "blocks": blocks, "dynamic": dynamic, "backend": backend or "inductor", "mode": compile_mode}
+
+
+def uncompile(module) -> None:
+    """Undo `compile_unet` (and `Module.compile`) on `module` and its submodules, in place: eager again."""
+    for sub in module.modules():
+        if getattr(sub, "_compiled_call_impl", None) is not None:
+            sub._compiled_call_impl = None
+
+
+def plain_copy(module):
+    """A deep copy of `module` that runs eagerly. (A deep copy of a compiled module would keep the
+    compiled call of the original, bound to the original's weights.)"""
+    import copy
+
+    clone = copy.deepcopy(module)
+    uncompile(clone)
+    return clone
 
 
 def dummy_unet_inputs(unet, batch: int = 2, size: int | None = None) -> dict:

@@ -14,7 +14,7 @@ import torch
 
 from atelier.errors import UserError
 from atelier.speed.attention import DEFAULT_BACKEND, check_backend, set_attention
-from atelier.speed.compile import COMPILE_MODES, compile_unet, warm_up
+from atelier.speed.compile import COMPILE_MODES, check_compile_mode, compile_unet, warm_up
 from atelier.speed.numerics import apply_cpu_numerics, check_threads
 from atelier.speed.quantize import DEFAULT_SKIP, QUANTIZE_MODES, backend_for, fp8_supported, quantize_module
 
@@ -28,6 +28,7 @@ class SpeedOptions:
     compile: str = "off"                   # off, regional, full
     compile_dynamic: bool | None = None    # None: the caller's default (True for the stream)
     compile_backend: str | None = None     # torch.compile backend (None: inductor)
+    compile_mode: str = "default"          # torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune
     warm_up: bool = True                   # run (and time) one UNet call after compiling
     attention: str | None = None           # a diffusers attention backend (None: SDPA, "native")
     channels_last: bool = False
@@ -44,6 +45,9 @@ class SpeedOptions:
             raise UserError(f"unknown --quantize {self.quantize!r}: choose from {', '.join(QUANTIZE_MODES)}")
         if self.compile not in COMPILE_MODES:
             raise UserError(f"unknown --compile {self.compile!r}: choose from {', '.join(COMPILE_MODES)}")
+        check_compile_mode(self.compile_mode, device)
+        if self.compile_mode != "default" and self.compile == "off":
+            raise UserError(f"--compile-mode {self.compile_mode} needs --compile regional or full")
         if self.quantize == "fp8":
             reason = fp8_supported(device)
             if reason:
@@ -104,7 +108,8 @@ def apply_speed(pipe, options: SpeedOptions, *, dynamic_default: bool = False, w
                                                                   backend=options.quantize_backend, device=device)
     if options.compile != "off":
         dynamic = dynamic_default if options.compile_dynamic is None else options.compile_dynamic
-        applied["compile"] = compile_unet(pipe.unet, options.compile, dynamic=dynamic, backend=options.compile_backend)
+        applied["compile"] = compile_unet(pipe.unet, options.compile, dynamic=dynamic, backend=options.compile_backend,
+                                          compile_mode=options.compile_mode)
         if options.warm_up:
             applied["compile"]["warm_up_s"] = round(warm_up(pipe.unet, warm_up_batch, inference_mode=inference_mode), 3)
     return applied
@@ -121,7 +126,9 @@ def describe(applied: dict) -> str:
                      + (f" (and {', '.join(encoders)})" if encoders else ""))
     c = applied.get("compile")
     if c and c.get("compile") != "off":
+        mode = c.get("mode", "default")
         parts.append(f"compile {c['compile']} ({c['blocks']} modules{', dynamic' if c.get('dynamic') else ''}"
+                     + (f", {mode}" if mode != "default" else "")
                      + (f", warm-up {c['warm_up_s']:.1f} s" if "warm_up_s" in c else "") + ")")
     attention = applied.get("attention", {}).get("backend")
     if attention and attention != DEFAULT_BACKEND:

@@ -16,7 +16,8 @@ STAGES = ("vae", "text", "unet", "turbo", "taesd", "clip", "ip")
 NEEDS = {"vae": (), "text": (), "unet": ("vae", "text"), "turbo": ("vae", "text", "unet"), "taesd": ("vae",),
          "clip": (), "ip": ("clip",)}
 # Fields that may differ between the run that wrote a checkpoint and the one resuming it.
-_RESUME_FREE = {"out_dir", "threads", "checkpoint_every", "eval_every"}
+_RESUME_FREE = {"out_dir", "threads", "checkpoint_every", "eval_every",
+                "compile", "compile_mode", "compile_backend", "channels_last"}  # toyworld.SPEED_FIELDS
 
 
 def register(subparsers) -> None:
@@ -75,7 +76,9 @@ def _parse_value(text: str, current):
 def build_config(args):
     from atelier.train.toyworld import ToyTrainConfig
 
-    cfg = ToyTrainConfig(out_dir=args.out_dir, seed=args.seed, threads=args.threads)
+    cfg = ToyTrainConfig(out_dir=args.out_dir, seed=args.seed, threads=args.threads, compile=args.compile,
+                         compile_mode=args.compile_mode, compile_backend=args.compile_backend,
+                         channels_last=args.channels_last)
     known = {f.name for f in fields(ToyTrainConfig)}
     for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps", "clip_steps", "ip_steps"):
         if getattr(args, name) is not None:
@@ -125,8 +128,8 @@ def check_resumable(cfg) -> None:
 def run_toyworld(args) -> int:
     from atelier.cli import print_json
 
-    speed_cli.apply_training_numerics(args)  # denormals flushed on CPU; --quantize refused
     cfg = build_config(args)
+    speed_cli.apply_training_numerics(args, speed=cfg)  # denormals flushed on CPU; --quantize refused; speed checked
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:

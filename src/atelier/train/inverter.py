@@ -44,6 +44,7 @@ from atelier.edit.one_step import ADAPTER_FILE, generate, invert, recorded_adapt
 from atelier.core import vae as vae_calls
 from atelier.core.io import atomic_open
 from atelier.errors import UserError
+from atelier.speed.cli import training_speed
 from atelier.train.loop import TrainLoop, lr_at, make_accelerator
 from atelier.train.options import check_all, check_number
 
@@ -84,6 +85,11 @@ class InverterConfig:
     ip_adapter: str | None = None  # image branch: an adapter folder, file, h94 layout or cached hub id
     train_ip_adapter: bool = False  # image branch trained with the inverter (from scratch without an adapter)
     ip_image_proj: str = "base"  # a branch trained from scratch: "base" (4 tokens) or "full" (every encoder token)
+    # speed: applied to the UNets the loop runs (the inverter, the generator, the stage-2 teacher)
+    compile: str = "off"  # --compile off, regional, full
+    compile_mode: str = "default"  # --compile-mode default, reduce-overhead, max-autotune (CUDA)
+    compile_backend: str | None = None  # torch.compile backend (None: inductor)
+    channels_last: bool = False
 
     @property
     def image_branch(self) -> bool:
@@ -506,7 +512,8 @@ def train_inverter(cfg: InverterConfig) -> dict:
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, project_dir=out,
                                    logging_dir=cfg.logging_dir, flag="--mixed_precision")
     loop = TrainLoop(out / name, cfg.max_train_steps, checkpoint_every=cfg.checkpointing_steps,
-                     eval_every=cfg.validation_steps, title=f"inverter {name}", accelerator=accelerator)
+                     eval_every=cfg.validation_steps, title=f"inverter {name}", accelerator=accelerator,
+                     speed=training_speed(cfg))
     final = loop.dir / "final"
     if loop.done:
         summary = json.loads((loop.dir / "done.json").read_text())
@@ -526,6 +533,7 @@ def train_inverter(cfg: InverterConfig) -> dict:
     params = [p for module in (m.inverter, *trained_branch.values()) for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     (inverter,), opt = loop.prepare({"inverter": m.inverter}, opt, extra=trained_branch)
+    loop.speed_up(m.inverter, m.gen.unet, None if m.teacher is None else m.teacher.unet)
     m.inv = with_unet(m.den, inverter)
     m.inv.dtype = torch.float32
     val_captions, val_x = Data(None, 64).batch(987_654, cfg.validation_images) if data.items is None else \

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from atelier.core.io import atomic_open
 from atelier.core.prediction import model_target
 from atelier.errors import UserError
+from atelier.speed.cli import training_speed
 from atelier.train.loop import TrainLoop, lr_at, make_accelerator
 from atelier.train.options import check_all
 
@@ -69,6 +70,11 @@ class IPAdapterConfig:
     mixed_precision: str = "no"
     seed: int = 0
     threads: int | None = None
+    # speed: applied to the base model's UNet (frozen, holding the adapter), the module the loop runs
+    compile: str = "off"  # --compile off, regional, full
+    compile_mode: str = "default"  # --compile-mode default, reduce-overhead, max-autotune (CUDA)
+    compile_backend: str | None = None  # torch.compile backend (None: inductor)
+    channels_last: bool = False
 
     def check(self) -> None:
         at_least_1 = dict(integer=True, minimum=1)
@@ -325,7 +331,8 @@ def train_ip_adapter(cfg: IPAdapterConfig) -> dict:
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, project_dir=out,
                                    logging_dir=cfg.logging_dir, flag="--mixed_precision")
     loop = TrainLoop(out, cfg.max_train_steps, checkpoint_every=cfg.checkpointing_steps,
-                     eval_every=cfg.validation_steps, name="ip-adapter", title="IP-Adapter", accelerator=accelerator)
+                     eval_every=cfg.validation_steps, name="ip-adapter", title="IP-Adapter", accelerator=accelerator,
+                     speed=training_speed(cfg))
     final = out / "final"
     if loop.done:
         return {**json.loads((out / "done.json").read_text()), "final": str(final), "resumed_done": True}
@@ -347,6 +354,7 @@ def train_ip_adapter(cfg: IPAdapterConfig) -> dict:
     data = Data(items, size)
     opt = torch.optim.AdamW(trainee.adapter_parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     (model,), opt = loop.prepare({"adapter": trainee}, opt)
+    loop.speed_up(pipe.unet)
     scheduler_t = pipe.scheduler.config.num_train_timesteps
     toy = items is None
     defaults = _model_defaults(cfg.pretrained_model_name_or_path)

@@ -14,6 +14,11 @@ accelerate, gradient clipping, the loss log, atomic checkpoints every `checkpoin
     loop.run(lambda step, micro: loss_of(model, batch(step, micro)), lr=lambda step: 1e-4, clip=1.0)
     loop.finish({"final_loss": loop.losses[-1]})
 
+With `speed` (SpeedOptions: --compile, --compile-mode, --channels-last), `loop.speed_up(unet, ...)` compiles
+the UNets the step function runs (trained or frozen) in place and/or makes them channels-last; `run`
+gives them back eager and contiguous when it ends. Compiled in place, their state-dict keys (the
+checkpoints', the exported weights') are those of the plain modules.
+
 Every step's data must come from a seed derived from the step (and micro-batch), so a resumed run
 makes exactly the steps an uninterrupted one makes."""
 
@@ -66,7 +71,7 @@ class TrainLoop:
 
     def __init__(self, run_dir, total_steps: int, *, checkpoint_every: int, eval_every: int | None = None,
                  name: str | None = None, title: str | None = None, mixed_precision: str = "no",
-                 gradient_accumulation_steps: int = 1, accelerator=None):
+                 gradient_accumulation_steps: int = 1, accelerator=None, speed=None):
         self.dir = Path(run_dir)
         self.name = name or self.dir.name
         self.title = title or self.name
@@ -83,6 +88,9 @@ class TrainLoop:
         self.state: dict = {}  # name -> object with state_dict / load_state_dict, checkpointed
         self.models: list = []
         self.optimizer = None
+        self.speed = speed  # atelier.speed.SpeedOptions for speed_up (None: off)
+        self.sped_up: list = []  # the modules speed_up changed, restored when `run` ends
+        self.speed_applied: dict = {}
 
     # ------------------------------------------------------------ placement
 
@@ -138,6 +146,43 @@ class TrainLoop:
         self.models = models
         return models, self.optimizer
 
+    def speed_up(self, *modules) -> dict:
+        """Apply the loop's speed options to `modules` (the UNets the step runs, trained or frozen), in
+        place, after `prepare`: channels-last, then torch.compile (regional by default, static shapes;
+        it compiles on the first step, no warm-up: training needs gradients). Returns what was done."""
+        options = self.speed
+        if options is None or (options.compile == "off" and not options.channels_last):
+            return {}
+        from atelier.speed.compile import compile_unet
+
+        for module in modules:
+            if module is None or any(module is done for done in self.sped_up):
+                continue
+            if options.channels_last:
+                module.to(memory_format=torch.channels_last)
+            applied = {"channels_last": bool(options.channels_last)}
+            if options.compile != "off":
+                applied["compile"] = compile_unet(module, options.compile, dynamic=False,
+                                                  backend=options.compile_backend, compile_mode=options.compile_mode)
+            self.sped_up.append(module)
+            self.speed_applied = {"unets": len(self.sped_up), **applied}
+        if self.accelerator.is_main_process:
+            c = self.speed_applied.get("compile")
+            what = [f"compile {c['compile']} ({c['blocks']} modules per UNet, {c['mode']} mode, {c['backend']})"] if c else []
+            what += ["channels-last"] if options.channels_last else []
+            print(f"[{self.name}] speed: {', '.join(what)} on {len(self.sped_up)} UNet(s); compiles on the first step",
+                  file=sys.stderr)
+        return self.speed_applied
+
+    def restore_speed(self) -> None:
+        """The modules `speed_up` changed, eager and in the contiguous memory format again."""
+        from atelier.speed.compile import uncompile
+
+        for module in self.sped_up:
+            uncompile(module)
+            module.to(memory_format=torch.contiguous_format)
+        self.sped_up = []
+
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
@@ -180,16 +225,26 @@ class TrainLoop:
         """Train until `total_steps`. `step_fn(step, micro)` returns the loss of one micro-batch (or
         `(loss, parts)`, a dict of floats handed to `evaluate`); `lr(step)` the learning rate of the
         step; `after_step()` runs after each optimizer step (an EMA update); `evaluate(parts)` returns
-        a dict for the log, every `eval_every` steps and at the last (under autocast, no gradients)."""
+        a dict for the log, every `eval_every` steps and at the last (under autocast, no gradients).
+        When it ends (or fails), the modules `speed_up` changed are eager and contiguous again."""
         from tqdm.auto import tqdm
 
         if self.optimizer is None:
             raise RuntimeError("TrainLoop.prepare() first")
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        bar = tqdm(total=self.total, initial=self.step, desc=self.title, dynamic_ncols=True,
+                   disable=not self.accelerator.is_main_process)
+        try:
+            self._run(step_fn, bar, params, lr, clip, after_step, evaluate, window)
+        finally:
+            bar.close()
+            self.restore_speed()
+
+    def _run(self, step_fn, bar, params, lr, clip, after_step, evaluate, window) -> None:
+        from tqdm.auto import tqdm
+
         acc, opt = self.accelerator, self.optimizer
         micro_steps = acc.gradient_accumulation_steps
-        params = [p for group in opt.param_groups for p in group["params"]]
-        bar = tqdm(total=self.total, initial=self.step, desc=self.title, dynamic_ncols=True,
-                   disable=not acc.is_main_process)
         while self.step < self.total:
             if lr is not None:
                 rate = lr(self.step)
@@ -222,11 +277,12 @@ class TrainLoop:
                     tqdm.write(f"[{self.name}] step {self.step}: {entry}", file=sys.stderr)
             if self.step % self.checkpoint_every == 0 or last:
                 self.save()
-        bar.close()
 
     def finish(self, summary: dict) -> dict:
         """Write done.json (steps, wall time and `summary`) and the final loss plot."""
         done = {"steps": self.step, "wall_time_s": round(self.seconds, 1), **summary}
+        if self.speed_applied:
+            done["speed"] = self.speed_applied
         if self.accelerator.is_main_process:
             self.plot()
             with atomic_open(self.dir / "done.json", "w", encoding="utf-8") as f:

@@ -72,6 +72,8 @@ SCHEDULER_CONFIG = dict(
     prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1,
 )
 TURBO_TIMESTEPS = (999, 749, 499, 249)
+# Settings of how fast the UNets run, not of what they learn: free to change when a run resumes.
+SPEED_FIELDS = ("compile", "compile_mode", "compile_backend", "channels_last")
 
 
 @dataclass
@@ -123,6 +125,11 @@ class ToyTrainConfig:
     eval_scenes: int = 500  # rendered scenes in the final VAE round-trip check
     n_objects_weights: tuple = (0.34, 0.33, 0.33)
     mixed_precision: str = "no"  # accelerate's: frozen models in fp16 / bf16, trained ones in fp32
+    # speed (--compile, --compile-mode, --channels-last): the UNets of the unet, turbo and ip stages
+    compile: str = "off"  # off, regional, full
+    compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead, max-autotune (CUDA)
+    compile_backend: str | None = None  # torch.compile backend (None: inductor)
+    channels_last: bool = False
     extra: dict = field(default_factory=dict)
 
     def check(self, flag_of=lambda name: name) -> None:
@@ -196,8 +203,10 @@ def tokenize(tokenizer, captions):
 # ---------------------------------------------------------------- shared loop pieces
 
 def stage_loop(cfg: ToyTrainConfig, name: str, total: int) -> TrainLoop:
+    from atelier.speed.cli import training_speed
+
     return TrainLoop(Path(cfg.out_dir) / name, total, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
-                     title=f"toyworld {name}", mixed_precision=cfg.mixed_precision)
+                     title=f"toyworld {name}", mixed_precision=cfg.mixed_precision, speed=training_speed(cfg))
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -382,6 +391,7 @@ def train_unet(cfg: ToyTrainConfig, vae, te, tokenizer):
     source = LatentSource(cfg, vae, te, tokenizer)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     (model,), _ = loop.prepare({"unet": unet}, opt, extra={"ema": _EmaHolder(ema)})
+    loop.speed_up(unet)
     snr = (scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)).to(loop.device)
     unet.train()
 
@@ -426,9 +436,9 @@ class _EmaHolder(torch.nn.Module):
 
 
 def _ema_copy(unet, ema):
-    import copy
+    from atelier.speed.compile import plain_copy
 
-    model = copy.deepcopy(unet)
+    model = plain_copy(unet)  # eager: a compiled module's copy would run the original's weights
     ema.copy_to(model.parameters())
     model.eval()
     return model
@@ -549,6 +559,7 @@ def train_turbo(cfg: ToyTrainConfig, vae, te, tokenizer, teacher):
     source = LatentSource(cfg, vae, te, tokenizer)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.turbo_lr, weight_decay=0.0)
     (model,), _ = loop.prepare({"unet": student}, opt)
+    loop.speed_up(student, teacher)
     pairs = None
     if cfg.turbo_pairs:
         with loop.autocast():
@@ -758,7 +769,8 @@ def train_eyes(cfg: ToyTrainConfig, stages, weights_dir: Path) -> dict:
         train_batch_size=cfg.ip_batch, learning_rate=cfg.ip_lr, max_train_steps=cfg.ip_steps,
         text_drop_rate=cfg.ip_text_drop, image_proj=cfg.ip_image_proj,
         checkpointing_steps=cfg.checkpoint_every, validation_steps=cfg.eval_every, num_validation_images=cfg.eval_images,
-        mixed_precision=cfg.mixed_precision, seed=cfg.seed))
+        mixed_precision=cfg.mixed_precision, seed=cfg.seed,
+        **{name: getattr(cfg, name) for name in SPEED_FIELDS}))
     paths["toyworld-ip"] = str(ship_adapter(Path(summary["final"]), weights_dir))
     return paths
 
