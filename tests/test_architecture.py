@@ -25,7 +25,7 @@ ALLOWED = {
     "edit": {"core", "models", "prompts", "samplers", "image_prompts"},
     "stream": {"core", "models", "prompts", "image_prompts"},
     "evaluate": {"core", "models", "edit", "toyworld", "bench"},  # evaluates the editing methods
-    "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate", "image_prompts"},  # edit's inverter, adapters
+    "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate", "image_prompts", "speed"},  # edit's inverter, adapters; speed (compile, numerics)
     "server": {"core", "models", "prompts", "stream", "edit"},  # the app: serves the stream and its edit mode
     "bench": {"core", "generate"},
     "speed": {"core", "models"},  # quantization, compilation, attention backends, CPU numerics  # runs generation itself, over prompt sets
