@@ -14,12 +14,11 @@ A malformed file is a `UserError` of one line naming the file and the problem.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from atelier.core.io import read_text
+from atelier.core.io import parse_json, read_text
 from atelier.errors import UserError
 
 MJHQ_FILE = "meta_data.json"
@@ -83,12 +82,7 @@ def _read_text(path) -> str:
 
 
 def _read_mjhq(path: Path, text: str) -> list[PromptItem]:
-    try:
-        table = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(table, dict):
-        raise UserError(f"{path}: expected a JSON object {{id: {{\"prompt\": ..., \"category\": ...}}}}")
+    table = parse_json(text, path, dict, 'a JSON object {id: {"prompt": ..., "category": ...}}')
     items = []
     for key, entry in table.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):

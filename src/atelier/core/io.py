@@ -89,6 +89,20 @@ def read_text(path, what: str = "file") -> str:
         raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
+def parse_json(text: str, where, expected: type | None = None, shape: str = ""):
+    """JSON text as Python objects; invalid JSON, or a top level that is not `expected`, is a UserError
+    of one line naming `where` (a file, or file:line) and, with `shape`, what was expected."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if expected is not None and not isinstance(value, expected):
+        raise UserError(f"{where}: expected {shape or expected.__name__}")
+    return value
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)

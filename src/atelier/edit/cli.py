@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from atelier.core.io import check_writable
+from atelier.core.io import check_writable, parse_json
 from atelier.errors import UserError
 from atelier.image_prompts import cli as image_prompts_cli
 from atelier.speed import cli as speed_cli
@@ -120,12 +119,7 @@ def read_cases(path: Path, outdir: Path) -> list[dict]:
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            case = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(case, dict):
-            raise UserError(f"{where}: each line must be a JSON object")
+        case = parse_json(line, where, dict, "each line to be a JSON object")
         missing = [k for k in ("image", "source", "target") if not isinstance(case.get(k), str) or not case[k].strip()]
         if missing:
             raise UserError(f"{where}: missing or empty {', '.join(missing)}")

@@ -242,19 +242,12 @@ def run_ref_stats_command(args) -> int:
 def read_prompts(path, files) -> list[str]:
     """The prompt of each image: a JSON object {image_stem: prompt}, or one prompt per line in the
     order of the sorted image files."""
-    import json
+    from atelier.core.io import parse_json, read_text
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no such prompts file: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "prompts file")
     if path.suffix == ".json":
-        try:
-            table = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(table, dict):
-            raise UserError(f"{path} must hold a JSON object {{image_stem: prompt}}")
+        table = parse_json(text, path, dict, "a JSON object {image_stem: prompt}")
         missing = [f.stem for f in files if not isinstance(table.get(f.stem), str)]
         if missing:
             raise UserError(f"{path} has no prompt for {len(missing)} images (e.g. {missing[0]!r})")
