@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from atelier.cli import main
 from atelier.generate import parse_parameters, read_parameters
+from atelier.testing.cli import one_error_line, run
 
 SEED = 2**64 - 7  # ComfyUI seeds are 64-bit
 
@@ -84,17 +84,6 @@ def comfy_png(path, graph=None, *, workflow=True, size=16):
         info.add_text("workflow", json.dumps(workflow_for(graph or default_graph())))
     Image.new("RGB", (size, size), "gray").save(path, pnginfo=info)
     return path
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(code, err):
-    lines = err.strip().splitlines()
-    return code == 2 and len(lines) == 1 and lines[0].startswith("atelier: error: ") and "Traceback" not in err
 
 
 def test_info_reads_the_default_graph_in_a1111_form(tmp_path, capsys):

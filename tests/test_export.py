@@ -16,15 +16,10 @@ from PIL import Image
 from atelier.cli import main
 from atelier.errors import UserError
 from atelier.toyworld import judge, render_pil, sample_scene
+from atelier.testing.cli import run
 
 CAPTION = "a large red circle at the top left"
 FORMATS = ["openvino", "onnx"]
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def psnr(a, b) -> float:

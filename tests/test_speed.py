@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from atelier.cli import main
 from atelier.speed.numerics import apply_cpu_numerics, denormals_flushed
+from atelier.testing.cli import one_error_line, run
 
 
 @pytest.fixture(autouse=True)
@@ -44,17 +44,6 @@ def _inputs(unet, batch=2):
 def _out(unet, inputs):
     with torch.no_grad():
         return unet(**inputs).sample
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(code, err):
-    lines = err.strip().splitlines()
-    return code == 2 and len(lines) == 1 and lines[0].startswith("atelier: error: ") and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------ quantization
