@@ -43,15 +43,10 @@ def reference_from_folder(folder) -> Reference:
     from atelier.evaluate.distribution import image_files
 
     root = Path(os.path.expanduser(os.fspath(folder)))
-    image_files(root)  # a missing or imageless folder is refused here, with the reason
-    folders = {}
-    loose = [p for p in image_files(root) if p.parent == root]
-    if loose:
-        folders[""] = loose
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = [p for p in image_files(root) if sub in p.parents]
-        if files:
-            folders[sub.name] = files
+    folders: dict[str, list[Path]] = {}
+    for path in image_files(root):  # a missing or imageless folder is refused here, with the reason
+        parts = path.relative_to(root).parts
+        folders.setdefault(parts[0] if len(parts) > 1 else "", []).append(path)
     return Reference(folders=folders)
 
 
@@ -84,16 +79,21 @@ def evaluate_run(run, reference: Reference, extractor, *, clip_scorer=None, batc
     items = run.images
     if not items:
         raise UserError(f"{run.dir} holds no finished images")
-    gen_feats = files_features([item.path for item in items], extractor, batch_size, progress)
+    # each generated image is read once, for its features and its CLIP score
+    feats, cosines = [], []
+    for k in range(0, len(items), batch_size):
+        batch = items[k:k + batch_size]
+        images = [read_image(item.path) for item in batch]
+        feats.append(extractor.features(images, batch_size))
+        if clip_scorer is not None:
+            cosines.append(clip_cosines(clip_scorer, images, [item.prompt for item in batch]))
+        if progress is not None:
+            progress(k + len(batch), len(items))
+    gen_feats = np.concatenate(feats)
+    # 100 x cosine per pair; a set's score is torchmetrics' CLIPScore: the mean, floored at 0
+    clip = 100 * np.concatenate(cosines) if cosines else None
     ref_feats = {cat: files_features(files, extractor, batch_size, progress) for cat, files in reference.folders.items()}
     all_ref = np.concatenate(list(ref_feats.values())) if ref_feats else None
-
-    clip = None
-    if clip_scorer is not None:
-        # 100 x cosine per pair; a set's score is torchmetrics' CLIPScore: the mean, floored at 0
-        clip = np.concatenate([100 * clip_cosines(clip_scorer, [read_image(i.path) for i in items[k:k + batch_size]],
-                                                  [i.prompt for i in items[k:k + batch_size]])
-                               for k in range(0, len(items), batch_size)])
 
     def summary(indices, ref, stats) -> dict:
         out = _score(gen_feats[indices], ref, stats, kid_subsets=kid_subsets, seed=seed)
