@@ -1,4 +1,4 @@
-"""`atelier toyworld render|judge|edits|mjhq`."""
+"""`atelier toyworld render|judge|edits|mjhq|concept-data`."""
 
 from __future__ import annotations
 
@@ -50,6 +50,19 @@ def register(subparsers) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json", action="store_true", help="print the result as JSON")
     m.set_defaults(func=run_mjhq)
+
+    c = sub.add_parser("concept-data", help="write a concept-learning set: instance images with token captions, held-out captions",
+                       description="Instance images of a reserved concept (ring, bar, teal) for DreamBooth / LoRA training, "
+                                   "each with a caption .txt in which TOKEN stands where the concept's word would, and "
+                                   "held-out captions to judge the trained model by (DIR/held_out.jsonl).")
+    c.add_argument("--concept", required=True, help="ring, bar or teal")
+    c.add_argument("--out", required=True, metavar="DIR", help="output folder: DIR/instance/*.png + .txt, DIR/held_out.jsonl")
+    c.add_argument("--n", type=int, default=8, help="instance images (default 8)")
+    c.add_argument("--held-out", type=int, default=50, help="held-out captions (default 50)")
+    c.add_argument("--token", default="sks", help="the word that stands for the concept (default sks)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+    c.set_defaults(func=run_concept_data)
 
 
 def run_render(args) -> int:
@@ -164,4 +177,33 @@ def run_mjhq(args) -> int:
         print_json({"meta_data": str(meta), "categories": list(CATEGORIES), "prompts": args.per_category * len(CATEGORIES)})
     else:
         print(f"wrote {args.per_category * len(CATEGORIES)} prompts in {len(CATEGORIES)} categories to {meta}")
+    return 0
+
+
+def run_concept_data(args) -> int:
+    from atelier.cli import check_output_folder
+    from atelier.core.images import save_png
+    from atelier.core.io import atomic_write_bytes
+
+    from .concepts import check_concept, held_out_examples, instance_examples
+    from .render import render_pil
+
+    check_concept(args.concept)
+    if args.n < 1 or args.held_out < 0:
+        raise UserError("--n must be at least 1 and --held-out at least 0")
+    if not args.token.strip() or len(args.token.split()) != 1:
+        raise UserError(f"--token must be one word, not {args.token!r}")
+    out = check_output_folder(args.out)
+    instances = instance_examples(args.concept, args.n, args.seed, args.token)
+    for i, ex in enumerate(instances):
+        save_png(render_pil(ex.scene), out / "instance" / f"{i:03d}.png", ex.caption)
+        atomic_write_bytes(out / "instance" / f"{i:03d}.txt", (ex.caption + "\n").encode("utf-8"))
+    held_out = held_out_examples(args.concept, args.held_out, args.token, instances=instances)
+    atomic_write_bytes(out / "held_out.jsonl", "".join(json.dumps(ex.to_dict()) + "\n" for ex in held_out).encode("utf-8"))
+    if args.json:
+        from atelier.cli import print_json
+
+        print_json({"out": str(out), "instance": len(instances), "held_out": len(held_out), "token": args.token})
+    else:
+        print(f"wrote {len(instances)} instance images to {out / 'instance'} and {len(held_out)} held-out captions to {out / 'held_out.jsonl'}")
     return 0

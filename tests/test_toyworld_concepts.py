@@ -1,0 +1,48 @@
+"""Concept-learning sets of the toy world: the reserved concepts, token captions, the scoring."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from atelier.testing.cli import one_error_line, run
+from atelier.toyworld import render
+from atelier.toyworld.concepts import CONCEPTS, held_out_examples, instance_examples, score_concept
+from atelier.toyworld.scene import Scene, ToyObject
+
+
+@pytest.mark.parametrize("concept", sorted(CONCEPTS))
+def test_rendered_examples_score_right_and_token_replaces_only_the_concept(concept):
+    instances = instance_examples(concept, 8, token="sks")
+    held = held_out_examples(concept, 50, token="sks", instances=instances)
+    assert len(held) == 50
+    assert not {tuple(e.scene.keys()) for e in held} & {tuple(e.scene.keys()) for e in instances}
+    for ex in instances + held[:20]:
+        assert concept not in ex.caption.split() and ex.caption.split().count("sks") == 1
+        assert ex.caption.replace("sks", concept) == ex.true_caption
+        assert score_concept(render(ex.scene), ex, concept) == {"concept_right": True, "rest_right": True, "match": True}
+
+
+def test_base_word_in_place_of_the_concept_fails_only_the_concept():
+    ex = next(e for e in held_out_examples("ring", 50) if len(e.scene.objects) == 2)
+    carrier, other = ex.scene.objects
+    drawn = Scene((ToyObject(**{**carrier.__dict__, "shape": "circle"}), other))
+    assert score_concept(render(drawn), ex, "ring") == {"concept_right": False, "rest_right": True, "match": False}
+    wrong_colour = "blue" if carrier.colour != "blue" else "red"
+    drawn = Scene((ToyObject(**{**carrier.__dict__, "colour": wrong_colour}), other))
+    assert score_concept(render(drawn), ex, "ring") == {"concept_right": True, "rest_right": False, "match": False}
+    assert score_concept(np.full((64, 64, 3), 245, np.uint8), ex, "ring")["concept_right"] is False
+
+
+def test_concept_data_cli(tmp_path, capsys):
+    code, out, _ = run(["toyworld", "concept-data", "--concept", "teal", "--out", str(tmp_path / "d"), "--n", "3",
+                        "--held-out", "4", "--token", "zq", "--json"], capsys)
+    assert code == 0 and json.loads(out)["instance"] == 3
+    captions = sorted((tmp_path / "d" / "instance").glob("*.txt"))
+    assert len(captions) == 3 and all("zq" in p.read_text() for p in captions)
+    assert all(p.with_suffix(".png").is_file() for p in captions)
+    assert len((tmp_path / "d" / "held_out.jsonl").read_text().splitlines()) == 4
+    code, _, err = run(["toyworld", "concept-data", "--concept", "cyan", "--out", str(tmp_path / "e")], capsys)
+    assert one_error_line(code, err) and "unknown concept 'cyan'" in err
