@@ -329,3 +329,105 @@ def test_embeddings_for_another_model_are_refused(tmp_path):
     with pytest.raises(UserError, match="needs clip_g"):
         apply_embedding(tiny_pipeline("sdxl"), save_embedding_file(tmp_path / "l.safetensors", {"clip_l": torch.randn(1, 32)}))
     assert sd1.atelier_embeddings == []
+
+
+# ----------------------------------------------------------------------------- prompts and the command line
+
+
+def test_lora_tags_are_cut_out_of_the_prompt_as_a1111_does():
+    from atelier.prompts import extract_lora_tags
+
+    text, tags = extract_lora_tags("a cat, <lora:my style:0.8>, <lora:detail> <lora:mix:0.5:1> <lora:x:te=0.2:unet=0.7>")
+    assert text == "a cat, ,   "
+    assert [(t.name, t.weight) for t in tags] == [("my style", 0.8), ("detail", 1.0), ("mix", (0.5, 1.0)), ("x", (0.2, 0.7))]
+    with pytest.raises(UserError, match="<hypernet:h:1>: atelier applies <lora:…> extra networks only"):
+        extract_lora_tags("a cat <hypernet:h:1>")
+    with pytest.raises(UserError, match="cannot read the weight 'strong'"):
+        extract_lora_tags("a cat <lora:style:strong>")
+
+
+@pytest.fixture
+def lora_dir(tmp_path):
+    """A LoRA folder with a kohya-format LoRA (UNet and text encoder) for the tiny SD 1.x model in a
+    subfolder, and the diffusers file it was made from."""
+    source = tiny_lora_file("sd1", tmp_path)
+    folder = tmp_path / "loras"
+    save_kohya_copy(source, folder / "styles" / "style.safetensors", "sd1")
+    return folder
+
+
+def test_lora_tags_and_the_lora_option_give_the_same_image_and_metadata(model, lora_dir, tmp_path, capsys):
+    from atelier.generate import parse_parameters, read_parameters
+    from atelier.testing.cli import one_error_line, run
+
+    common = ["generate", "--model", model, "--seed", 3, "--steps", 2, "--quiet"]
+    assert run([*common, "a red circle <lora:style:0.5>", "--lora-dir", lora_dir, "--out", tmp_path / "tag.png"], capsys)[0] == 0
+    style = lora_dir / "styles" / "style.safetensors"
+    assert run([*common, "a red circle", "--lora", f"{style}:0.5", "--out", tmp_path / "option.png"], capsys)[0] == 0
+    assert run([*common, "a red circle", "--out", tmp_path / "plain.png"], capsys)[0] == 0
+    tag, option, plain = (image_pixels(tmp_path / f"{n}.png") for n in ("tag", "option", "plain"))
+    assert np.array_equal(tag, option) and np.abs(tag - plain).max() > 10
+
+    data = style.read_bytes()
+    a1111_hash = addnet_hash(data)[:12]  # what A1111 computes for a .safetensors LoRA
+    fields = parse_parameters(read_parameters(tmp_path / "tag.png"))
+    assert fields["Prompt"] == "a red circle <lora:style:0.5>"  # the tag stays, as in A1111
+    assert fields["Lora hashes"] == f"style: {a1111_hash}"
+    assert f'Lora hashes: "style: {a1111_hash}"' in read_parameters(tmp_path / "tag.png")
+    assert read_parameters(tmp_path / "option.png") == read_parameters(tmp_path / "tag.png")  # --lora recorded as a tag
+
+    code, _, err = run([*common, "a red circle <lora:nothere>", "--lora-dir", lora_dir, "--out", tmp_path / "x.png"], capsys)
+    assert one_error_line(code, err) and "nothere" in err and str(lora_dir) in err
+    code, _, err = run([*common, "a red circle <lora:style>", "--out", tmp_path / "x.png"], capsys)
+    assert one_error_line(code, err) and "--lora-dir" in err
+
+
+def test_from_applies_the_images_loras_again_and_checks_their_hashes(model, lora_dir, tmp_path, capsys):
+    from atelier.generate import read_parameters
+    from atelier.testing.cli import one_error_line, run
+
+    first = tmp_path / "first.png"
+    run(["generate", "a red circle <lora:style:0.7>", "--model", model, "--seed", 4, "--steps", 2, "--quiet",
+         "--lora-dir", lora_dir, "--out", first], capsys)
+    for sources in (["--lora-dir", lora_dir], ["--lora", lora_dir / "styles" / "style.safetensors"]):
+        again = tmp_path / "again.png"
+        assert run(["generate", "--from", first, "--model", model, *sources, "--quiet", "--out", again], capsys)[0] == 0
+        assert np.array_equal(image_pixels(again), image_pixels(first))
+        assert read_parameters(again) == read_parameters(first)
+    code, _, err = run(["generate", "--from", first, "--model", model, "--out", tmp_path / "x.png"], capsys)
+    assert one_error_line(code, err) and "<lora:style>" in err
+    other = save_kohya_copy(tiny_lora_file("sd1", tmp_path / "other", seed=9), tmp_path / "other" / "style.safetensors", "sd1")
+    code, _, err = run(["generate", "--from", first, "--model", model, "--lora", other, "--out", tmp_path / "x.png"], capsys)
+    assert one_error_line(code, err) and f"LoRA style ({other}) is not the one {first} was made with" in err
+
+
+def test_embeddings_from_a_folder_or_the_option_are_recorded_and_reapplied(model, tmp_path, capsys):
+    import hashlib
+
+    from atelier.generate import parse_parameters, read_parameters
+    from atelier.testing.cli import one_error_line, run
+
+    folder = tmp_path / "embeddings"
+    path = save_embedding_file(folder / "shiny.safetensors", {"clip_l": torch.randn(2, 32, generator=torch.Generator().manual_seed(1))})
+    common = ["generate", "--model", model, "--seed", 3, "--steps", 2, "--quiet"]
+    assert run([*common, "a shiny circle", "--embeddings-dir", folder, "--out", tmp_path / "dir.png"], capsys)[0] == 0
+    assert run([*common, "a shiny circle", "--embedding", path, "--out", tmp_path / "option.png"], capsys)[0] == 0
+    assert run([*common, "a shiny circle", "--out", tmp_path / "plain.png"], capsys)[0] == 0
+    by_dir, by_option, plain = (image_pixels(tmp_path / f"{n}.png") for n in ("dir", "option", "plain"))
+    assert np.array_equal(by_dir, by_option) and np.abs(by_dir - plain).max() > 10
+    fields = parse_parameters(read_parameters(tmp_path / "dir.png"))
+    assert fields["TI hashes"] == f"shiny: {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"  # A1111's short hash
+    assert "TI hashes" not in parse_parameters(read_parameters(tmp_path / "plain.png"))
+
+    again = tmp_path / "again.png"
+    assert run(["generate", "--from", tmp_path / "dir.png", "--model", model, "--embeddings-dir", folder, "--quiet",
+                "--out", again], capsys)[0] == 0
+    assert np.array_equal(image_pixels(again), by_dir)
+    code, _, err = run(["generate", "--from", tmp_path / "dir.png", "--model", model, "--out", tmp_path / "x.png"], capsys)
+    assert one_error_line(code, err) and "embedding shiny" in err
+
+
+def image_pixels(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
