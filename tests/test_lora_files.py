@@ -303,11 +303,11 @@ def test_embedding_tokens_reach_the_text_encoders(family, tmp_path):
     vectors = {"clip_l": torch.randn(3, 32)}
     if family == "sdxl":
         vectors["clip_g"] = torch.randn(3, 64)
-    path = save_embedding_file(tmp_path / "shiny.safetensors", vectors)
+    path = save_embedding_file(tmp_path / "Shiny.safetensors", vectors)
     before = pixels(pipe, "a shiny circle")
-    assert apply_embedding(pipe, path) == "shiny"  # named after the file, as A1111 does
-    assert apply_embedding(pipe, path) == "shiny"  # the same file again: nothing to do
-    assert pipe.atelier_embeddings == [("shiny", path)]
+    assert apply_embedding(pipe, path) == "Shiny"  # named after the file, as A1111 does
+    assert apply_embedding(pipe, path) == "Shiny"  # the same file again: nothing to do
+    assert pipe.atelier_embeddings == [("Shiny", path)]
     for key, tokenizer, encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder),
                                     ("clip_g", getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))):
         if key in vectors:  # three vectors: shiny, shiny_1, shiny_2 in the encoder's token table
@@ -315,8 +315,15 @@ def test_embedding_tokens_reach_the_text_encoders(family, tmp_path):
             assert torch.equal(encoder.get_input_embeddings().weight[ids], vectors[key])
     assert pipe.maybe_convert_prompt("a shiny circle", pipe.tokenizer) == "a shiny shiny_1 shiny_2 circle"
     assert np.abs(pixels(pipe, "a shiny circle") - before).max() > 0.01
+    from atelier.prompts.chunks import tokenize_chunks
+    from atelier.prompts.conditioning import embedding_token_expander
+
+    ids = pipe.tokenizer.convert_tokens_to_ids(["shiny", "shiny_1", "shiny_2"])
+    for prompt in ("a shiny circle", "a SHINY circle"):  # atelier's encoder takes every vector, whatever the case
+        tokens = tokenize_chunks(prompt, pipe.tokenizer, convert_text=embedding_token_expander(pipe))[0].tokens
+        assert tokens[2:5] == ids
     with pytest.raises(UserError, match="already taken"):
-        apply_embedding(pipe, save_embedding_file(tmp_path / "other.safetensors", vectors), token="shiny")
+        apply_embedding(pipe, save_embedding_file(tmp_path / "other.safetensors", vectors), token="Shiny")
 
 
 def test_embeddings_for_another_model_are_refused(tmp_path):
@@ -431,3 +438,25 @@ def image_pixels(path):
     from PIL import Image
 
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def test_edit_takes_loras_and_embeddings_and_records_them(model, lora_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from atelier.generate import parse_parameters, read_parameters
+    from atelier.testing.cli import one_error_line, run
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "in.png")
+    style = lora_dir / "styles" / "style.safetensors"
+    shiny = save_embedding_file(tmp_path / "shiny.safetensors", {"clip_l": torch.randn(2, 32)})
+    common = ["edit", tmp_path / "in.png", "--source", "a red circle", "--target", "a shiny circle", "--model", model,
+              "--method", "img2img", "--steps", 4]
+    assert run([*common, "--out", tmp_path / "plain.png"], capsys)[0] == 0
+    assert run([*common, "--lora", f"{style}:0.5", "--embedding", shiny, "--out", tmp_path / "out.png"], capsys)[0] == 0
+    assert np.abs(image_pixels(tmp_path / "out.png") - image_pixels(tmp_path / "plain.png")).max() > 10
+    fields = parse_parameters(read_parameters(tmp_path / "out.png"))
+    assert fields["Prompt"] == "a shiny circle <lora:style:0.5>"
+    assert fields["Lora hashes"] == f"style: {addnet_hash(style.read_bytes())[:12]}" and fields["TI hashes"].startswith("shiny: ")
+    code, _, err = run(["edit", tmp_path / "in.png", "--source", "a red circle", "--target", "a <lora:style> circle",
+                        "--model", model, "--out", tmp_path / "x.png"], capsys)
+    assert one_error_line(code, err) and "--lora" in err

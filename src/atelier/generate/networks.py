@@ -38,6 +38,35 @@ def find_named_file(folder, name: str, suffixes, what: str) -> Path | None:
     return found[0] if found else None
 
 
+def applied_lora_names(pipe) -> dict[str, str]:
+    """{adapter: name} of the LoRAs applied to the pipeline itself (`apply_lora`): their file names."""
+    paths = getattr(pipe, "atelier_lora_paths", None) or {}
+    return {adapter: Path(paths[adapter]).stem for adapter, _ in getattr(pipe, "atelier_loras", None) or []
+            if adapter in paths}
+
+
+def with_lora_tags(pipe, prompt: str) -> str:
+    """The prompt as an image records it: the pipeline's own LoRAs appended as `<lora:name:scale>`
+    tags, which is how A1111 (and `--from`) applies them again."""
+    names = applied_lora_names(pipe)
+    tags = " ".join(lora_tag(names[a], s) for a, s in getattr(pipe, "atelier_loras", None) or [] if a in names)
+    return f"{prompt} {tags}".strip() if tags else prompt
+
+
+def hash_fields(pipe, texts: list[str], tagged: dict[str, Path] | None = None) -> dict:
+    """A1111's `Lora hashes` (the LoRAs `tagged` by name, then the pipeline's own) and `TI hashes`
+    (the pipeline's embeddings that the texts use)."""
+    from atelier.generate.metadata import embedding_hash, lora_hash
+
+    loras = {name: lora_hash(path) for name, path in (tagged or {}).items()}
+    paths = getattr(pipe, "atelier_lora_paths", None) or {}
+    for adapter, name in applied_lora_names(pipe).items():
+        loras.setdefault(name, lora_hash(paths[adapter]))
+    embeddings = {token: embedding_hash(path) for token, path in getattr(pipe, "atelier_embeddings", None) or []
+                  if any(mentions_word(t, token) for t in texts)}
+    return {"Lora hashes": format_hash_list(loras) or None, "TI hashes": format_hash_list(embeddings) or None}
+
+
 class PromptNetworks:
     """The LoRAs and embeddings of one `generate` call on `pipe`."""
 
@@ -45,8 +74,6 @@ class PromptNetworks:
         self.pipe = pipe
         self.sources = request.networks
         self.static = list(getattr(pipe, "atelier_loras", None) or [])  # [(adapter, scale)]
-        paths = getattr(pipe, "atelier_lora_paths", None) or {}
-        self.static_names = {adapter: Path(paths[adapter]).stem for adapter, _ in self.static if adapter in paths}
         self._resolved: dict[str, tuple[str, Path]] = {}  # tag name -> (adapter, file)
         self.used = bool(self.static)
 
@@ -62,9 +89,7 @@ class PromptNetworks:
         return text, tuple(active)
 
     def recorded(self, prompt: str) -> str:
-        """The prompt as the image records it: with the pipeline's own LoRAs as `<lora:…>` tags."""
-        tags = " ".join(lora_tag(self.static_names[a], s) for a, s in self.static if a in self.static_names)
-        return f"{prompt} {tags}".strip() if tags else prompt
+        return with_lora_tags(self.pipe, prompt)
 
     def _lora_file(self, name: str) -> Path:
         sources = self.sources
@@ -148,14 +173,5 @@ class PromptNetworks:
 
     def fields(self, prompt: str, text: str, negative: str) -> dict:
         """A1111's `Lora hashes` and `TI hashes` of one image (prompt: as written, with its tags)."""
-        from atelier.generate.metadata import embedding_hash, lora_hash
-
-        loras = {}
-        for tag in extract_lora_tags(prompt)[1]:
-            loras[tag.name] = lora_hash(self._resolved[tag.name][1])
-        paths = getattr(self.pipe, "atelier_lora_paths", None) or {}
-        for adapter, name in self.static_names.items():
-            loras.setdefault(name, lora_hash(paths[adapter]))
-        embeddings = {token: embedding_hash(path) for token, path in self._embeddings()
-                      if mentions_word(text, token) or mentions_word(negative, token)}
-        return {"Lora hashes": format_hash_list(loras) or None, "TI hashes": format_hash_list(embeddings) or None}
+        tagged = {tag.name: self._resolved[tag.name][1] for tag in extract_lora_tags(prompt)[1]}
+        return hash_fields(self.pipe, [text, negative], tagged)

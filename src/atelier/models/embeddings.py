@@ -151,10 +151,13 @@ def apply_embedding(pipe, path, token: str | None = None, *, allow_pickle: bool 
     if SECOND in vectors and len(encoders) == 1:
         raise UserError(f"embedding {path.name} is for SDXL (it has clip_g vectors) but this model has one text encoder")
     for key, tokenizer, encoder in encoders:
-        if token in tokenizer.get_vocab():
+        # CLIP tokenizers lower-case the text (atelier's prompt encoder too, before diffusers expands
+        # multi-vector names), so a name is found whatever its case only when added in lower case
+        added = token.lower() if tokenizer.tokenize(token) == tokenizer.tokenize(token.lower()) else token
+        if added in tokenizer.get_vocab():
             raise UserError(f"embedding token {token!r} is already a token of this model's tokenizer; give the embedding another token")
         try:
-            pipe.load_textual_inversion(vectors[key], token=token, tokenizer=tokenizer, text_encoder=encoder)
+            pipe.load_textual_inversion(vectors[key], token=added, tokenizer=tokenizer, text_encoder=encoder)
         except ValueError as exc:
             raise UserError(f"cannot add embedding {path.name} as {token!r}: {str(exc).splitlines()[0]}") from None
     applied.append((token, path))
