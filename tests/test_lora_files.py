@@ -192,6 +192,8 @@ def test_what_kohya_files_cannot_hold_is_refused():
     with pytest.raises(UserError, match="not a layer of an SDXL UNet"):
         kohya_state_dict({"unet.down_blocks.7.resnets.0.conv1.lora_A.weight": a,
                           "unet.down_blocks.7.resnets.0.conv1.lora_B.weight": b}, "sdxl")
+    with pytest.raises(UserError, match="kohya layout already"):
+        kohya_state_dict(kohya_state_dict(te2, "sdxl"), "sdxl")
     with pytest.raises(UserError, match="lacks its lora_B"):
         kohya_state_dict({"unet.conv_in.lora_A.weight": a}, "sd1")
     with pytest.raises(UserError, match="has a bias"):

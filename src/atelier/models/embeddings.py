@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from atelier.errors import UserError
+from atelier.models.loader import _PICKLE_HELP, PICKLE_SUFFIXES
 
 FIRST, SECOND = "clip_l", "clip_g"
-PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
 _KEYS_OF = {"text_encoder": FIRST, "text_encoder_2": SECOND, FIRST: FIRST, SECOND: SECOND, "clip_h": FIRST}
 
 
@@ -63,26 +63,25 @@ def save_embedding_file(path, embeddings: dict) -> Path:
 
 
 def _load(path: Path, allow_pickle: bool):
+    from atelier.models.singlefile import _first_line
+
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(os.fspath(path))
         except Exception as exc:  # safetensors' own error type, OSError
-            raise UserError(f"cannot read the embedding {path}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+            raise UserError(f"cannot read the embedding {path}: {_first_line(exc)}") from None
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise UserError(
-                f"embedding {path.name} is a pickle file, which can run arbitrary code when loaded: pass "
-                "allow_pickle=True (CLI: --allow-pickle) if you trust it, or convert it to .safetensors"
-            )
+            raise UserError(f"embedding {path.name} is a pickle file: {_PICKLE_HELP}")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # A1111's files hold more than tensors (e.g. a ParameterDict)
             try:
                 return torch.load(path, map_location="cpu", weights_only=False)
             except Exception as exc:
-                raise UserError(f"cannot read the embedding {path}: {type(exc).__name__}: {exc}") from None
+                raise UserError(f"cannot read the embedding {path}: {_first_line(exc)}") from None
     raise UserError(f"embedding {path.name}: expected a .safetensors file (or, with --allow-pickle, .pt/.bin)")
 
 

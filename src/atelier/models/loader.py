@@ -787,7 +787,7 @@ def to_img2img(pipe):
 
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
     for attr in ("atelier_source", "atelier_defaults", "atelier_lcm_lora", "atelier_loras", "atelier_lora_paths",
-                 "atelier_embeddings"):
+                 "atelier_prompt_loras", "atelier_embeddings"):
         if hasattr(pipe, attr):
             setattr(img2img, attr, getattr(pipe, attr))
     return img2img

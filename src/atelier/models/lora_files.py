@@ -235,6 +235,8 @@ def kohya_state_dict(state_dict: dict, family: str, *, alpha=None, config=None, 
     unet_config: the SDXL UNet's config for the SGM block numbering (default: SDXL's own).
     """
     layout = layout_of(family)
+    if is_kohya_keys(state_dict):
+        raise UserError("this LoRA is in the kohya layout already")
     configs = _component_configs(config)
     out: dict[str, torch.Tensor] = {}
     for layer in lora_layers(state_dict).values():
@@ -303,6 +305,7 @@ def save_kohya_copy(diffusers_lora_file, out_file, family, *, alpha=None, metada
     from safetensors.torch import save
 
     from atelier.core.io import atomic_open
+    from atelier.models.singlefile import _first_line
 
     source, out_file = Path(diffusers_lora_file), Path(out_file)
     if out_file.suffix != ".safetensors":
@@ -312,7 +315,7 @@ def save_kohya_copy(diffusers_lora_file, out_file, family, *, alpha=None, metada
             state = {k: handle.get_tensor(k) for k in handle.keys()}
             file_metadata = dict(handle.metadata() or {})
     except Exception as exc:  # safetensors raises its own SafetensorError / OSError
-        raise UserError(f"cannot read the LoRA file {source}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        raise UserError(f"cannot read the LoRA file {source}: {_first_line(exc)}") from None
     config = None
     if file_metadata.get("lora_adapter_metadata"):
         try:
