@@ -462,3 +462,28 @@ def test_edit_takes_loras_and_embeddings_and_records_them(model, lora_dir, tmp_p
     code, _, err = run(["edit", tmp_path / "in.png", "--source", "a red circle", "--target", "a <lora:style> circle",
                         "--model", model, "--out", tmp_path / "x.png"], capsys)
     assert one_error_line(code, err) and "--lora" in err
+
+
+def test_separate_text_encoder_and_unet_weights(tmp_path):
+    from atelier.models import activate_loras, load_lora_adapter
+
+    pipe = tiny_pipeline("sd1")
+    ids = pipe.tokenizer("a red circle", return_tensors="pt").input_ids
+
+    def outputs():
+        with torch.no_grad():
+            text = pipe.text_encoder(ids).last_hidden_state
+            unet = pipe.unet(torch.ones(1, 4, 8, 8), 10, encoder_hidden_states=text).sample
+        return text, unet
+
+    plain_text, _ = outputs()
+    name = load_lora_adapter(pipe, save_kohya_copy(tiny_lora_file("sd1", tmp_path), tmp_path / "k.safetensors", "sd1"))
+    assert torch.equal(outputs()[0], plain_text)  # loaded, not active
+    activate_loras(pipe, [(name, (0.0, 1.0))])  # <lora:k:0:1>: the UNet only
+    text_off, unet_only = outputs()
+    activate_loras(pipe, [(name, 1.0)])
+    text_on, both = outputs()
+    assert torch.equal(text_off, plain_text) and not torch.allclose(text_on, plain_text)
+    assert not torch.allclose(unet_only, both)
+    activate_loras(pipe, [])
+    assert torch.equal(outputs()[0], plain_text)
