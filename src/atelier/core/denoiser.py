@@ -34,12 +34,13 @@ class Denoiser:
 
     def encode(self, text: str, negative: bool = False):
         """(hidden (L, C), pooled (P,) or None) for one prompt, A1111 syntax, cached."""
-        from atelier.prompts.conditioning import encode_prompt
+        from atelier.prompts.conditioning import embedding_token_expander, encode_prompt
 
         key = (text, negative)
         if key not in self._cache:
             with torch.no_grad():
-                enc = encode_prompt(self.slots, text, 1, zero_if_empty=negative and self.sdxl)
+                enc = encode_prompt(self.slots, text, 1, zero_if_empty=negative and self.sdxl,
+                                    convert_text=embedding_token_expander(self.pipe))
             i = enc.step_text[0]
             self._cache[key] = (enc.hidden[i].to(self.device, self.dtype),
                                 None if enc.pooled is None else enc.pooled[i].to(self.device, self.dtype))

@@ -110,3 +110,22 @@ def image_parameters(image) -> str | None:
     if isinstance(comment, str) and comment:
         return comment
     return None
+
+
+def parse_hash_list(text: str) -> dict[str, str]:
+    """A1111's `Lora hashes` / `TI hashes` value, "name: 1234567890ab, other: ...", as {name: hash}."""
+    out = {}
+    for item in text.split(","):
+        name, sep, digest = item.strip().rpartition(":")
+        if sep and name.strip():
+            out[name.strip()] = digest.strip()
+    return out
+
+
+def format_hash_list(hashes: dict[str, str]) -> str:
+    """{name: hash} as A1111 writes it, names without the ':' and ',' the list is made of."""
+    return ", ".join(f"{hash_list_name(name)}: {digest}" for name, digest in hashes.items())
+
+
+def hash_list_name(name: str) -> str:
+    return name.replace(":", "").replace(",", "")

@@ -63,6 +63,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", metavar="FILE", help="output image, .png/.jpg/.jpeg/.webp (single image; default edited.png)")
     p.add_argument("--mask-out", metavar="MASK.png", help="also write the edit mask (single image)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt pickle weights (runs code in the file)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA .safetensors (kohya, diffusers or peft format) at SCALE (default 1); repeatable")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="load a textual-inversion embedding as TOKEN (default: the file name); repeatable")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     image_prompts_cli.add_options(p)
     speed_cli.add_speed_options(p)
@@ -182,8 +186,12 @@ def _check_batch(args) -> tuple[list[dict], list[dict]]:
 def run_edit(args) -> int:
     from atelier.cli import print_json
 
+    from atelier.prompts.extra_networks import extract_lora_tags
+
     settings = _settings(args)
     cases, skipped = _check_batch(args) if args.cases else (_check_single(args), [])
+    if any(extract_lora_tags(c[k])[1] for c in cases for k in ("source", "target")):
+        raise UserError("edit applies LoRAs with --lora FILE[:SCALE]; <lora:…> tags in prompts are for generate")
     image_prompts = image_prompts_cli.plan(args, args.model, one_step=args.method == "one-step")
     speed_cli.speed_options(args).check()  # before the model loads
     summary = [{"image": c["image"], "out": str(c["out"]), "skipped": True} for c in skipped]
@@ -205,9 +213,13 @@ def _run(args, settings, cases: list[dict], image_prompts) -> tuple[dict, list[d
     """(what apply_speed did, one summary per case)."""
     from atelier.core.images import open_image, save_image
     from atelier.edit.methods import Editor, resolve_settings
-    from atelier.models import load_pipeline
+    from atelier.generate import cli as generate_cli
+    from atelier.generate.networks import hash_fields, with_lora_tags
+    from atelier.models import apply_embedding, load_pipeline
 
-    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle, lora=generate_cli._lora_args(args.lora) or None)
+    for path, token in generate_cli._embedding_args(args.embedding):
+        apply_embedding(pipe, path, token, allow_pickle=args.allow_pickle)
     speed = speed_cli.apply_from_args(pipe, args, inference_mode=False)
     ip_fields = image_prompts.apply_to_edit(pipe, resolve_settings(pipe, settings))  # bad options fail before any work
     editor = Editor(pipe)
@@ -220,7 +232,9 @@ def _run(args, settings, cases: list[dict], image_prompts) -> tuple[dict, list[d
         except UserError as exc:
             raise UserError(f"{args.cases}:{case['line']}: {exc}" if args.cases else str(exc)) from None
         out = case["out"]
-        parameters = image_prompts_cli.with_fields(result.parameters(case["source"], case["target"], args.model), ip_fields)
+        parameters = result.parameters(case["source"], with_lora_tags(pipe, case["target"]), args.model)
+        networks = {k: v for k, v in hash_fields(pipe, [case["source"], case["target"]]).items() if v}
+        parameters = image_prompts_cli.with_fields(parameters, {**networks, **ip_fields})
         save_image(result.image, out, parameters)
         mask_path = None
         if result.mask is not None and args.mask_out:

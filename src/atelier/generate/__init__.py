@@ -7,8 +7,9 @@
     for image in generate(pipe, GenerationRequest("a large red circle in the center", seed=1, n_images=4)):
         save_png(image.image, f"{image.seed}.png", image.parameters)
 
-`GenerationRequest(..., hires=HiresFix(...))` adds A1111's hires fix; `comfyui_parameters` reads the
-settings of ComfyUI PNGs in A1111's form.
+`GenerationRequest(..., hires=HiresFix(...))` adds A1111's hires fix; `networks=NetworkSources(lora_dir=...,
+embeddings_dir=...)` finds the files of `<lora:name:w>` tags and embedding names; `comfyui_parameters` reads
+the settings of ComfyUI PNGs in A1111's form.
 
 Names are imported on first use, so that `atelier --help` (which imports this package's `cli`)
 does not pay for torch and diffusers.
@@ -26,6 +27,7 @@ _EXPORTS = {
     "HiresFix": "atelier.generate.hires",
     "comfyui_parameters": "atelier.generate.comfyui",
     "GenerationRequest": "atelier.generate.request",
+    "NetworkSources": "atelier.generate.request",
     "request_from_parameters": "atelier.generate.request",
     "resolve_request": "atelier.generate.request",
     "GeneratedImage": "atelier.generate.run",

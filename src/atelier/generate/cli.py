@@ -120,8 +120,18 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
                    help="take every setting from IMAGE's parameters (options given here override them)")
     add_loading_options(p)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="apply a LoRA .safetensors (kohya or diffusers format) at SCALE (default 1); repeatable; "
-                        "an LCM-LoRA switches to the LCM sampler")
+                   help="apply a LoRA .safetensors (kohya, diffusers or peft format) at SCALE (default 1) to every "
+                        "image; repeatable; an LCM-LoRA switches to the LCM sampler. A file a prompt names as "
+                        "<lora:NAME:W> (as --from images' prompts do) is that LoRA, applied at W")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="A1111's LoRA folder: <lora:NAME:WEIGHT> in the prompt applies DIR/NAME.safetensors "
+                        "(subfolders searched) to that image; the tag is not part of the encoded text")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="load a textual-inversion embedding (.safetensors; A1111, kohya, diffusers formats) as "
+                        "TOKEN (default: the file name, as A1111 does); repeatable")
+    p.add_argument("--embeddings-dir", metavar="DIR",
+                   help="A1111's embeddings folder: a file there whose name is a word of the prompt or negative "
+                        "prompt is loaded under that name")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print results (paths, seeds, parameters) as JSON")
     image_prompts_cli.add_options(p)
@@ -228,7 +238,37 @@ def _pick(cli_value, base: dict, key: str, default=None):
     return base.get(key, default)
 
 
-def _requests(args, base: dict, prompts: list[str], init_image, model_name: str):
+def _lora_plan(args, prompts: list[str]) -> tuple[list[tuple[str, float]], dict[str, Path]]:
+    """The --lora files to apply to every image, and those a prompt names with <lora:NAME> (by file
+    name): those are the files of these tags, at the tags' weights, not applied a second time."""
+    from atelier.prompts.extra_networks import extract_lora_tags
+
+    named = {tag.name for prompt in prompts for tag in extract_lora_tags(prompt)[1]}
+    static, files = [], {}
+    for path, scale in _lora_args(getattr(args, "lora", [])):
+        stem = Path(path).stem
+        if stem in named:
+            files[stem] = Path(path)
+        else:
+            static.append((path, scale))
+    return static, files
+
+
+def _network_sources(args, base: dict, named_loras: dict):
+    from atelier.generate.request import NetworkSources
+
+    return NetworkSources(
+        lora_dir=getattr(args, "lora_dir", None),
+        lora_files=named_loras,
+        embeddings_dir=getattr(args, "embeddings_dir", None),
+        allow_pickle=args.allow_pickle,
+        lora_hashes=base.get("lora_hashes", {}),
+        ti_hashes=base.get("ti_hashes", {}),
+        source=str(args.from_image) if args.from_image else "the image",
+    )
+
+
+def _requests(args, base: dict, prompts: list[str], init_image, model_name: str, named_loras: dict | None = None):
     from atelier.generate.request import GenerationRequest, validate_request
 
     n = args.n if args.n is not None else 1
@@ -266,6 +306,7 @@ def _requests(args, base: dict, prompts: list[str], init_image, model_name: str)
             hires=hires,
             wildcard_dir=args.wildcards,
             model_name=model_name,
+            networks=_network_sources(args, base, named_loras or {}),
         )
         validate_request(request)  # before the model loads
         requests.append(request)
@@ -330,7 +371,8 @@ def _run(args, base: dict, prompts: list[str], init_image) -> int:
         from atelier.samplers import resolve
 
         resolve(args.sampler, args.schedule)  # an unknown name fails before the model loads
-    requests = _requests(args, base, prompts, init_image, model_name)
+    static_loras, named_loras = _lora_plan(args, prompts)
+    requests = _requests(args, base, prompts, init_image, model_name, named_loras)
     paths = _outputs(args, sum(r.n_images for r in requests))
     image_prompts = image_prompts_cli.plan(args, model_source, from_image=args.from_image)
     speed_cli.speed_options(args).check(args.device)  # fp8 on a GPU without it, unknown attention: before loading
@@ -338,7 +380,7 @@ def _run(args, base: dict, prompts: list[str], init_image) -> int:
     from atelier.generate.metadata import save_png
     from atelier.generate.run import generate
 
-    pipe = load_model(args, model_source, from_image=bool(base) and not args.model)
+    pipe = load_model(args, model_source, from_image=bool(base) and not args.model, loras=static_loras)
     image_prompts.apply(pipe, requests)
     speed = speed_cli.apply_from_args(pipe, args, inference_mode=True)  # generation runs under inference_mode
     if Path(model_source).is_file():  # a single-file checkpoint: record A1111's Model hash
@@ -387,21 +429,36 @@ def _lora_args(values: list[str]) -> list[tuple[str, float]]:
     return out
 
 
-def load_model(args, source: str, *, from_image: bool = False):
-    """The pipeline of `source` with the options of `add_loading_options` (and --lora, if the parser has it)."""
-    from atelier.models import load_pipeline
+def _embedding_args(values: list[str]) -> list[tuple[str, str | None]]:
+    out = []
+    for value in values:
+        path, sep, token = value.rpartition(":")
+        if not sep or not path or Path(value).exists() or "/" in token or "\\" in token:
+            out.append((value, None))  # no token, or a colon that is part of the path
+        else:
+            out.append((path, token))
+    return out
+
+
+def load_model(args, source: str, *, from_image: bool = False, loras=None):
+    """The pipeline of `source` with the options of `add_loading_options`, and --lora (or `loras`,
+    [(file, scale)]) and --embedding if the parser has them."""
+    from atelier.models import apply_embedding, load_pipeline
 
     try:
-        return load_pipeline(
+        pipe = load_pipeline(
             source,
             device=args.device,
             dtype=args.dtype,
             allow_pickle=args.allow_pickle,
             safety_checker=not args.no_safety_checker,
             config=getattr(args, "config", None),
-            lora=_lora_args(getattr(args, "lora", [])) or None,
+            lora=(_lora_args(getattr(args, "lora", [])) if loras is None else loras) or None,
         )
     except UserError as exc:
         if from_image:
             raise UserError(f"{exc} (the model named in {args.from_image}; pass --model to choose one)") from None
         raise
+    for path, token in _embedding_args(getattr(args, "embedding", [])):
+        apply_embedding(pipe, path, token, allow_pickle=args.allow_pickle)
+    return pipe

@@ -11,6 +11,7 @@ from typing import Any
 from atelier.errors import UserError
 from atelier.core.facts import MAX_IMAGE_SIDE, check_size, native_size, size_step  # noqa: F401
 from atelier.core.facts import model_name as _model_name
+from atelier.core.infotext import parse_hash_list
 from atelier.generate.hires import HiresFix, hires_from_parameters
 
 # Seeds: ComfyUI's are 64-bit and a torch generator takes any of them; a random seed is drawn from
@@ -27,6 +28,26 @@ MAX_PAG_SCALE = 100.0  # the same maximum for perturbed-attention guidance
 MAX_CLIP_SKIP = 12  # A1111's UI maximum: the 12 layers of SD 1.x's CLIP text encoder
 MAX_IMAGES = 1000  # per prompt (A1111: at most 100 batches of 8)
 MAX_BATCH_SIZE = 64  # per pipeline call; it only trades memory for speed
+
+
+@dataclass
+class NetworkSources:
+    """Where a request's `<lora:name>` tags and embedding names are found, and the files they must be.
+
+    lora_dir: A1111's LoRA folder (subfolders searched): `<lora:name>` is `name.safetensors` there.
+    lora_files: {name: file} taking precedence over the folder (the CLI's --lora files an image names).
+    embeddings_dir: A1111's embeddings folder: a file whose name is a word of the prompt or the
+      negative prompt is loaded, under that name.
+    lora_hashes, ti_hashes: {name: A1111 short hash} the files must have (`--from`: the image's).
+    """
+
+    lora_dir: str | Path | None = None
+    lora_files: dict = field(default_factory=dict)
+    embeddings_dir: str | Path | None = None
+    allow_pickle: bool = False
+    lora_hashes: dict = field(default_factory=dict)
+    ti_hashes: dict = field(default_factory=dict)
+    source: str = "the image"  # what lora_hashes / ti_hashes come from, for messages
 
 
 @dataclass
@@ -67,6 +88,7 @@ class GenerationRequest:
     extra_parameters: dict = field(default_factory=dict)  # more infotext fields to record
     image_prompts: list = field(default_factory=list)  # IP-Adapter references (atelier.image_prompts)
     per_image: list[tuple[str, int]] | None = None  # (prompt, seed) of each image; see above
+    networks: NetworkSources = field(default_factory=NetworkSources)  # <lora:…> tags and embeddings
 
     @property
     def is_img2img(self) -> bool:
@@ -158,6 +180,9 @@ def validate_request(request: GenerationRequest) -> None:
         request.hires.validate(request.steps, request.strength)
     if request.wildcard_dir is not None and not Path(request.wildcard_dir).is_dir():
         raise UserError(f"wildcard folder not found: {request.wildcard_dir}")
+    for what, folder in (("LoRA", request.networks.lora_dir), ("embeddings", request.networks.embeddings_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise UserError(f"{what} folder not found: {folder}")
 
 
 def resolve_request(pipe, request: GenerationRequest) -> GenerationRequest:
@@ -243,4 +268,7 @@ def request_from_parameters(params: dict[str, str], *, source: str = "the image"
     for key, name in (("Model", "model_name"), ("Model hash", "model_hash")):
         if params.get(key):
             out[name] = params[key]
+    for key, name in (("Lora hashes", "lora_hashes"), ("TI hashes", "ti_hashes")):
+        if params.get(key):
+            out[name] = parse_hash_list(params[key])
     return out

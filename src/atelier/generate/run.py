@@ -23,6 +23,7 @@ import torch
 from atelier.errors import UserError
 from atelier.core.infotext import format_parameters
 from atelier.generate.hires import upscale_image, upscale_latents
+from atelier.generate.networks import PromptNetworks
 from atelier.generate.request import GenerationRequest, resolve_request
 from atelier.image_prompts.adapters import image_prompt_fields, image_prompt_kwargs
 
@@ -49,6 +50,9 @@ def generate(pipe, request: GenerationRequest, *, progress: bool = True) -> list
     request = resolve_request(pipe, request)
     seeds, templates = request.seeds(), request.prompts()
     prompts, negatives = _expand_wildcards(request, templates, seeds)
+    networks = PromptNetworks(pipe, request)
+    texts, loras = zip(*[networks.split(p) for p in prompts])  # <lora:…> tags cut out of the encoded text
+    networks.load_embeddings([*texts, *negatives])
     scheduler = make_scheduler(request.sampler, pipe.scheduler.config, schedule=request.schedule)
     sampler_name, schedule_type = a1111_fields(request.sampler, request.schedule, base_config=pipe.scheduler.config)
     working = _working_pipeline(pipe, scheduler, img2img=request.is_img2img, pag=request.pag_scale > 0)
@@ -57,33 +61,40 @@ def generate(pipe, request: GenerationRequest, *, progress: bool = True) -> list
     hires = _HiresPass(pipe, request) if request.hires is not None else None
 
     results: list[GeneratedImage] = []
-    for chunk in _chunks(_token_lengths(pipe, prompts, negatives, steps, request), request.batch_size):
-        _progress_bar(working, chunk, request.n_images, progress)
-        chunk_prompts, chunk_negatives = [prompts[k] for k in chunk], [negatives[k] for k in chunk]
-        chunk_seeds = [seeds[k] for k in chunk]
-        images, flags = _run_chunk(
-            working, request, chunk_prompts, chunk_negatives, chunk_seeds, steps,
-            image=None if init_image is None else [init_image] * len(chunk),
-            output_type="latent" if hires is not None and hires.fix.is_latent else "pil",
-        )
-        if hires is not None:
-            _progress_bar(hires.pipeline, chunk, request.n_images, progress, "hires ")
-            images, more_flags = hires(images, chunk_prompts, chunk_negatives, chunk_seeds)
-            flags = [a or b for a, b in zip(flags, more_flags)]
-        for k, image, nsfw in zip(chunk, images, flags):
-            fields = infotext_fields(request, seeds[k], sampler_name, schedule_type, prompts[k], negatives[k],
-                                     template=templates[k])
-            results.append(
-                GeneratedImage(
-                    image=image,
-                    seed=seeds[k],
-                    prompt=prompts[k],
-                    negative_prompt=negatives[k],
-                    parameters=format_parameters(prompts[k], negatives[k], fields),
-                    fields=fields,
-                    nsfw=nsfw,
-                )
+    lengths = _token_lengths(pipe, texts, negatives, steps, request)
+    try:
+        for chunk in _chunks(list(zip(lengths, loras)), request.batch_size):  # one call: one set of LoRAs
+            networks.activate(loras[chunk[0]])
+            _progress_bar(working, chunk, request.n_images, progress)
+            chunk_texts, chunk_negatives = [texts[k] for k in chunk], [negatives[k] for k in chunk]
+            chunk_seeds = [seeds[k] for k in chunk]
+            images, flags = _run_chunk(
+                working, request, chunk_texts, chunk_negatives, chunk_seeds, steps,
+                image=None if init_image is None else [init_image] * len(chunk),
+                output_type="latent" if hires is not None and hires.fix.is_latent else "pil",
             )
+            if hires is not None:
+                _progress_bar(hires.pipeline, chunk, request.n_images, progress, "hires ")
+                images, more_flags = hires(images, chunk_texts, chunk_negatives, chunk_seeds)
+                flags = [a or b for a, b in zip(flags, more_flags)]
+            for k, image, nsfw in zip(chunk, images, flags):
+                prompt = networks.recorded(prompts[k])  # as A1111 keeps it: with the <lora:…> tags
+                fields = infotext_fields(request, seeds[k], sampler_name, schedule_type, prompt, negatives[k],
+                                         template=networks.recorded(templates[k]),
+                                         networks=networks.fields(prompts[k], texts[k], negatives[k]))
+                results.append(
+                    GeneratedImage(
+                        image=image,
+                        seed=seeds[k],
+                        prompt=prompt,
+                        negative_prompt=negatives[k],
+                        parameters=format_parameters(prompt, negatives[k], fields),
+                        fields=fields,
+                        nsfw=nsfw,
+                    )
+                )
+    finally:
+        networks.restore()
     return results
 
 
@@ -121,9 +132,11 @@ def _progress_bar(pipeline, chunk: list[int], total: int, enabled: bool, label: 
     pipeline.set_progress_bar_config(disable=False, desc=desc, leave=False)
 
 
-def infotext_fields(request, seed, sampler_name, schedule_type, prompt, negative, *, template=None) -> dict:
+def infotext_fields(request, seed, sampler_name, schedule_type, prompt, negative, *, template=None,
+                    networks=None) -> dict:
     """The `Key: value` line of A1111's infotext, in A1111's order (create_infotext), then ours.
-    `template`: the image's prompt before wildcard expansion (default: the request's prompt)."""
+    `template`: the image's prompt before wildcard expansion (default: the request's prompt);
+    `networks`: its `Lora hashes` and `TI hashes` (`PromptNetworks.fields`)."""
     template = request.prompt if template is None else template
     fields = {
         "Steps": request.steps,
@@ -138,6 +151,7 @@ def infotext_fields(request, seed, sampler_name, schedule_type, prompt, negative
         "Clip skip": request.clip_skip if request.clip_skip and request.clip_skip > 1 else None,
         "RNG": "CPU",
         **_hires_fields(request.hires),
+        **(networks or {}),
         "Emphasis": request.emphasis if request.emphasis != "Original" else None,
         # Names used by the A1111 CFG-rescale extension and by SD.Next's PAG.
         "CFG Rescale phi": _number(request.guidance_rescale) if request.guidance_rescale else None,
@@ -216,11 +230,12 @@ def _token_lengths(pipe, prompts, negatives, steps, request) -> list[int]:
     return [lengths[key] for key in keys]
 
 
-def _chunks(lengths: list[int], batch_size: int) -> list[list[int]]:
+def _chunks(lengths: list, batch_size: int) -> list[list[int]]:
     """Consecutive image indices, at most `batch_size` per pipeline call.
 
     Prompts of one call are padded to the same length, and padding changes a prompt's embedding, so
     a call only takes images of equal length: image k stays the same whatever the batch size.
+    (`lengths` may be any keys that must match within a call, such as (length, LoRAs) pairs.)
     """
     chunks: list[list[int]] = []
     for k, length in enumerate(lengths):

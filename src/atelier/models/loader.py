@@ -16,6 +16,7 @@ import torch
 from atelier.core.io import atomic_dir
 from atelier.errors import UserError
 from atelier.models.families import FAMILIES, ModelFamily, detect_family, read_defaults_file
+from atelier.models.lora_files import PEFT_PREFIX, diffusers_dora_from_kohya, is_kohya_keys
 from atelier.models.singlefile import inspect_checkpoint, modelspec_summary
 from atelier.models.tokenizers import open_clip_bpe_path, write_clip_tokenizer
 
@@ -501,6 +502,8 @@ def _record(pipe, source, folder: Path | None):
     pipe.atelier_defaults = read_defaults_file(folder) if folder is not None and folder.is_dir() else {}
     pipe.atelier_lcm_lora = False
     pipe.atelier_loras = []
+    pipe.atelier_lora_paths = {}
+    pipe.atelier_embeddings = []
     return pipe
 
 
@@ -611,48 +614,55 @@ def is_lcm_lora(path, metadata: dict | None = None) -> bool:
     return any(marker.search(n.lower()) for n in names)
 
 
-def apply_lora(pipe, path, scale: float = 1.0, *, lcm: bool | None = None, adapter_name: str | None = None,
-               allow_pickle: bool = False):
-    """Load a LoRA (.safetensors; kohya/A1111, diffusers, or peft's `adapter_model.safetensors` with its
-    `adapter_config.json` beside it) into `pipe` with diffusers' PEFT backend and activate it at
-    `scale` next to those already applied. For an LCM-LoRA (detected, or
-    lcm=True) the scheduler becomes an LCMScheduler built on the model's scheduler config.
-    Returns the adapter name."""
-    from diffusers import LCMScheduler
-
-    path = Path(os.path.expanduser(os.fspath(path)))
-    if not path.is_file():
-        raise UserError(f"no such LoRA file: {path}")
-    metadata: dict = {}
-    keys: list[str] = []
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise UserError(f"LoRA {path.name} is a pickle file: {_PICKLE_HELP}")
-    elif path.suffix.lower() == ".safetensors":
-        info = inspect_checkpoint(path)
-        metadata, keys = info.metadata, info.keys
-    else:
-        raise UserError(f"LoRA {path.name}: expected a .safetensors file")
-    loras = getattr(pipe, "atelier_loras", None)
-    if loras is None:
-        loras = pipe.atelier_loras = []
-    name = adapter_name or re.sub(r"\W+", "_", path.stem).strip("_") or "lora"
-    taken = {n for n, _ in loras}
-    base, k = name, 1
+def load_lora_adapter(pipe, path, *, adapter_name: str | None = None, allow_pickle: bool = False) -> str:
+    """Load a LoRA file (.safetensors; kohya/A1111 with or without DoRA, diffusers, or peft's
+    `adapter_model.safetensors` with its `adapter_config.json` beside it) into `pipe` as a new adapter
+    with diffusers' PEFT backend, without changing which adapters are active. Its file is recorded in
+    `pipe.atelier_lora_paths` (adapter name -> path). Returns the adapter name."""
+    path, keys = _lora_file(path, allow_pickle)
+    paths = getattr(pipe, "atelier_lora_paths", None)
+    if paths is None:
+        paths = pipe.atelier_lora_paths = {}
+    taken = set(paths) | {n for names in _adapters(pipe).values() for n in names}
+    base = adapter_name or re.sub(r"\W+", "_", path.stem).strip("_") or "lora"
+    name, k = base, 1
     while name in taken:
         k += 1
         name = f"{base}_{k}"
     try:
         if keys and all(k.startswith(PEFT_PREFIX) for k in keys):
             _load_peft_adapter(pipe, path, keys, name)
+        elif is_kohya_keys(keys) and any(k.endswith(".dora_scale") for k in keys):
+            from safetensors.torch import load_file
+
+            pipe.load_lora_weights(diffusers_dora_from_kohya(load_file(os.fspath(path)), pipe.unet.config), adapter_name=name)
         else:
             pipe.load_lora_weights(os.fspath(path.parent), weight_name=path.name, adapter_name=name)
     except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
         raise UserError(f"cannot apply LoRA {path.name} to this {detect_family(pipe).family} model: {_first_line(exc)}") from None
-    if not any(name in names for names in pipe.get_list_adapters().values()):
+    if not any(name in names for names in _adapters(pipe).values()):
         raise UserError(f"LoRA {path.name} matched no layer of this {detect_family(pipe).family} model: is it a LoRA for another model?")
+    paths[name] = path
+    activate_loras(pipe, getattr(pipe, "atelier_loras", None) or [])  # loading activated the new adapter alone
+    return name
+
+
+def apply_lora(pipe, path, scale: float = 1.0, *, lcm: bool | None = None, adapter_name: str | None = None,
+               allow_pickle: bool = False):
+    """Load a LoRA file (see `load_lora_adapter`) and activate it at `scale` next to those already
+    applied (`pipe.atelier_loras`: [(adapter name, scale)]). For an LCM-LoRA (detected, or lcm=True)
+    the scheduler becomes an LCMScheduler built on the model's scheduler config.
+    Returns the adapter name."""
+    from diffusers import LCMScheduler
+
+    name = load_lora_adapter(pipe, path, adapter_name=adapter_name, allow_pickle=allow_pickle)
+    path = pipe.atelier_lora_paths[name]
+    loras = getattr(pipe, "atelier_loras", None)
+    if loras is None:
+        loras = pipe.atelier_loras = []
     loras.append((name, float(scale)))
-    pipe.set_adapters([n for n, _ in loras], adapter_weights=[s for _, s in loras])
+    activate_loras(pipe, loras)
+    metadata = inspect_checkpoint(path).metadata if path.suffix.lower() == ".safetensors" else {}
     use_lcm = is_lcm_lora(path, metadata) if lcm is None else lcm
     if use_lcm:
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -660,7 +670,45 @@ def apply_lora(pipe, path, scale: float = 1.0, *, lcm: bool | None = None, adapt
     return name
 
 
-PEFT_PREFIX = "base_model.model."
+def _lora_file(path, allow_pickle: bool) -> tuple[Path, list[str]]:
+    """The LoRA file's path and tensor names, refusing what atelier does not load."""
+    path = Path(os.path.expanduser(os.fspath(path)))
+    if not path.is_file():
+        raise UserError(f"no such LoRA file: {path}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise UserError(f"LoRA {path.name} is a pickle file: {_PICKLE_HELP}")
+        return path, []
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"LoRA {path.name}: expected a .safetensors file")
+    return path, inspect_checkpoint(path).keys
+
+
+def _adapters(pipe) -> dict:
+    try:
+        return pipe.get_list_adapters()
+    except ValueError:  # no PEFT backend
+        return {}
+
+
+def activate_loras(pipe, active) -> None:
+    """Make exactly these adapters active: [(adapter name, weight)], the weight a number or a
+    (text encoder, UNet) pair as in A1111's `<lora:name:te:unet>`. An empty list switches LoRAs off."""
+    if not active:
+        if _adapters(pipe):
+            pipe.disable_lora()
+        return
+    present = _adapters(pipe)
+    weights = []
+    for name, weight in active:
+        if isinstance(weight, (tuple, list)):
+            text, unet = (float(w) for w in weight)
+            weight = {c: (unet if c == "unet" else text) for c, names in present.items() if name in names}
+        weights.append(weight)
+    pipe.enable_lora()
+    pipe.set_adapters([n for n, _ in active], adapter_weights=weights)
+
+
 _UNET_MODULES = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.", "add_embedding.")
 
 
@@ -738,7 +786,8 @@ def to_img2img(pipe):
     from diffusers import AutoPipelineForImage2Image
 
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
-    for attr in ("atelier_source", "atelier_defaults", "atelier_lcm_lora", "atelier_loras"):
+    for attr in ("atelier_source", "atelier_defaults", "atelier_lcm_lora", "atelier_loras", "atelier_lora_paths",
+                 "atelier_prompt_loras", "atelier_embeddings"):
         if hasattr(pipe, attr):
             setattr(img2img, attr, getattr(pipe, attr))
     return img2img
@@ -747,6 +796,7 @@ def to_img2img(pipe):
 __all__ = [
     "BUILTIN_DIR",
     "FAMILIES",
+    "activate_loras",
     "apply_lora",
     "bundled_config_dir",
     "bundled_config_names",
@@ -755,6 +805,7 @@ __all__ = [
     "ensure_sdpa",
     "is_lcm_lora",
     "list_builtin_models",
+    "load_lora_adapter",
     "load_pipeline",
     "load_tiny_autoencoder",
     "pick_device_dtype",

@@ -94,16 +94,26 @@ def _split_by_prefix(state_dict, prefixes, what):
     return out
 
 
+def _unet_rest_to_original(hf: str, rest: str) -> str:
+    if ".resnets." in hf:
+        for hf_part, ldm_part in _UNET_RESNET:
+            if rest.startswith(hf_part + ".") or rest == hf_part:
+                return ldm_part + rest[len(hf_part):]
+    return rest
+
+
 def unet_to_original(unet_state_dict, config) -> dict[str, torch.Tensor]:
     out = {}
     for key, (hf, ldm, rest) in _split_by_prefix(unet_state_dict, unet_prefix_map(config), "unet").items():
-        if ".resnets." in hf:
-            for hf_part, ldm_part in _UNET_RESNET:
-                if rest.startswith(hf_part + "."):
-                    rest = ldm_part + rest[len(hf_part):]
-                    break
-        out[UNET_PREFIX + ldm + rest] = unet_state_dict[key]
+        out[UNET_PREFIX + ldm + _unet_rest_to_original(hf, rest)] = unet_state_dict[key]
     return out
+
+
+def unet_module_to_original(name: str, config) -> str:
+    """The LDM/SGM name of a diffusers UNet module ("down_blocks.1.attentions.0.proj_in" ->
+    "input_blocks.4.1.proj_in"), without the checkpoint's `model.diffusion_model.` prefix."""
+    (hf, ldm, rest), = _split_by_prefix({name + ".": None}, unet_prefix_map(config), "unet").values()
+    return (ldm + _unet_rest_to_original(hf, rest)).rstrip(".")
 
 
 # ----------------------------------------------------------------------------- VAE

@@ -5,6 +5,7 @@
     parse_attention    (emphasis), [de-emphasis], (word:1.3), escapes and BREAK
     build_conditioning chunked, weighted CLIP embeddings for every step, plus the diffusers
                        step callback that swaps them while sampling
+    extract_lora_tags  A1111's <lora:name:weight> tags, cut out of the prompt text
 
 Names are imported on first use, so that `atelier --help` does not pay for torch and diffusers.
 """
@@ -19,6 +20,10 @@ _EXPORTS = {
     "build_conditioning": "atelier.prompts.conditioning",
     "diffusers_clip_skip": "atelier.prompts.encode",
     "expand_prompt": "atelier.prompts.wildcards",
+    "extract_lora_tags": "atelier.prompts.extra_networks",
+    "LoraTag": "atelier.prompts.extra_networks",
+    "lora_tag": "atelier.prompts.extra_networks",
+    "mentions_word": "atelier.prompts.extra_networks",
     "expand_prompts": "atelier.prompts.wildcards",
     "parse_attention": "atelier.prompts.attention",
     "prompt_schedule": "atelier.prompts.schedule",

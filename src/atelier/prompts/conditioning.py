@@ -110,6 +110,16 @@ def encode_prompt(
     return PromptEncoding(texts, hidden, pooled, step_text)
 
 
+def embedding_token_expander(pipe):
+    """diffusers' `maybe_convert_prompt`, which spells a multi-vector embedding's name `name name_1 ...`,
+    on lower-cased text: diffusers matches the names case-sensitively in the text but finds them in the
+    tokenizer's lower-cased tokens, and CLIP tokenizers lower-case the text anyway."""
+    convert = getattr(pipe, "maybe_convert_prompt", None)
+    if convert is None:
+        return None
+    return lambda text, tokenizer: convert(text.lower(), tokenizer)
+
+
 def empty_prompt_hidden(slots: list[TextEncoderSlot]) -> torch.Tensor:
     """The empty prompt's embedding `(L, C)`: what shorter conditionings are padded with."""
     parts = []
@@ -285,8 +295,7 @@ def build_conditioning(
     slots = encoder_slots(pipe, clip_skip)
     sdxl = is_sdxl_pipeline(pipe)
     zero_negative = sdxl and bool(getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", True))
-    convert = getattr(pipe, "maybe_convert_prompt", None)
-    options = dict(emphasis=emphasis, comma_backtrack=comma_backtrack, convert_text=convert)
+    options = dict(emphasis=emphasis, comma_backtrack=comma_backtrack, convert_text=embedding_token_expander(pipe))
 
     encoded: dict[tuple[str, bool], PromptEncoding] = {}
 
