@@ -25,13 +25,13 @@ ALLOWED = {
     "edit": {"core", "models", "prompts", "samplers", "image_prompts"},
     "stream": {"core", "models", "prompts", "image_prompts"},
     "evaluate": {"core", "models", "edit", "toyworld", "bench"},  # evaluates the editing methods
-    "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate", "image_prompts", "speed"},  # edit's inverter, adapters; speed (compile, numerics)
+    "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate", "image_prompts", "speed", "generate"},  # edit's inverter, adapters; speed (compile, numerics); generate: DreamBooth's class images
     "server": {"core", "models", "prompts", "stream", "edit"},  # the app: serves the stream and its edit mode
     "bench": {"core", "generate"},
     "speed": {"core", "models"},  # quantization, compilation, attention backends, CPU numerics  # runs generation itself, over prompt sets
 }
 # Packages built on top of generation: they call `generate` itself (not helpers that belong in core).
-ON_GENERATE = {"bench"}
+ON_GENERATE = {"bench", "train"}  # train: prior preservation's class images are `atelier generate` images
 TOP_LEVEL = {"cli", "errors", "_lazy", "__init__", "__main__"}
 
 

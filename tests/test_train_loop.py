@@ -240,11 +240,11 @@ def test_library_callers_get_the_same_checks(tmp_path):
 # ---------------------------------------------------------------------------- damaged checkpoints
 
 
-def _tiny_loop(folder, total=4, every=2):
+def _tiny_loop(folder, total=4, every=2, **numbered):
     """A linear model on seeded data through the loop; its weights after `total` steps."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
-    loop = TrainLoop(folder, total, checkpoint_every=every)
+    loop = TrainLoop(folder, total, checkpoint_every=every, **numbered)
     (prepared,), _ = loop.prepare({"model": model}, torch.optim.SGD(model.parameters(), lr=0.1))
 
     def step(i, micro):
@@ -317,6 +317,23 @@ def test_damaged_toyworld_checkpoint_through_the_cli(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert "checkpoint.safetensors is damaged" in err and "[vae] resumed at step 1" in err
     assert "Traceback" not in err and "SafetensorError" not in err
+
+
+def test_numbered_checkpoints_keep_the_last_ones_and_resume_from_the_latest_good_or_a_chosen_one(tmp_path, capsys):
+    _, straight = _tiny_loop(tmp_path / "a", total=6, every=1)
+    _tiny_loop(tmp_path / "b", total=4, every=1, numbered=True, keep=2)
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    (tmp_path / "b" / "checkpoint-4" / "training_state.safetensors").write_bytes(b"\x00" * 10)  # damaged
+    capsys.readouterr()
+    loop, resumed = _tiny_loop(tmp_path / "b", total=6, every=1, numbered=True, keep=2)
+    assert "resuming from the previous checkpoint" in capsys.readouterr().err and len(loop.losses) == 6
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=0)  # steps 4-6 redone from step 3
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+    # an earlier checkpoint, by name; a missing one is one clear error
+    loop, _ = _tiny_loop(tmp_path / "b", total=6, every=1, numbered=True, resume_from="checkpoint-5")
+    assert "resumed at step 5" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--resume_from_checkpoint checkpoint-9: no training state there"):
+        _tiny_loop(tmp_path / "b", total=6, every=1, numbered=True, resume_from="checkpoint-9")
 
 
 def test_stale_temp_files_of_a_killed_write_are_removed_on_start(tmp_path):

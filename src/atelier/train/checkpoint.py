@@ -83,7 +83,14 @@ def load_state(path: str | os.PathLike, required=()) -> dict | None:
     `required` keys) is renamed `<file>.damaged` and the previous checkpoint is used, with one line on
     stderr; UserError when no good checkpoint is left."""
     path = Path(path)
-    candidates = [p for p in (path, previous_path(path)) if p.is_file()]
+    return load_first_good([path, previous_path(path)], required)
+
+
+def load_first_good(candidates, required=()) -> dict | None:
+    """The state of the first readable file of `candidates` (newest first) that has the `required` keys;
+    the damaged ones before it are renamed `<file>.damaged` (one line on stderr). None when there is no
+    file; UserError when none of them is good."""
+    candidates = [Path(p) for p in candidates if Path(p).is_file()]
     problems = []
     for candidate in candidates:
         try:

@@ -1,5 +1,7 @@
 """`atelier train toyworld`: regenerate the built-in toy-world models from a seed; `atelier train
-inverter` / `prepare-inverter-data`: SwiftEdit's inversion network for a one-step model (train/inverter.py)."""
+inverter` / `prepare-inverter-data`: SwiftEdit's inversion network for a one-step model (train/inverter.py);
+`atelier train ip-adapter` (train/ip_adapter.py); `atelier train lora`: DreamBooth with LoRA / DoRA and
+pivotal tuning (train/lora.py)."""
 
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ def register(subparsers) -> None:
     t.set_defaults(func=run_toyworld)
     register_inverter(sub)
     register_ip_adapter(sub)
+    register_lora(sub)
 
 
 def _parse_value(text: str, current):
@@ -347,4 +350,139 @@ def run_ip_adapter(args) -> int:
     else:
         print(f"IP-Adapter: {summary['final']}   (atelier generate --ip-adapter {summary['final']} --ip-image REF.png ...); "
               f"{summary.get('wall_time_s', 0) / 60:.1f} min")
+    return 0
+
+
+# ---------------------------------------------------------------- LoRA (DreamBooth, pivotal tuning)
+
+def register_lora(sub) -> None:
+    """`atelier train lora`, with the option names of diffusers' advanced DreamBooth LoRA scripts and
+    kohya's caption / bucket options. Every boolean is a real flag (never `type=bool`)."""
+    a = sub.add_parser(
+        "lora", help="DreamBooth a LoRA / DoRA (with pivotal tuning) into SD 1.x / 2.x / XL / Turbo (resumable)",
+        description=(
+            "Teach a model a concept from a folder of images (a caption .txt beside each, else --instance_prompt), "
+            "with the options of diffusers' advanced DreamBooth LoRA scripts: LoRA or DoRA on the UNet's attention "
+            "(--lora_unet_blocks, --use_blora), LoRA on the text encoders (--train_text_encoder) or pivotal tuning "
+            "(--train_text_encoder_ti: --token_abstraction becomes new tokens <s0><s1>...), prior preservation "
+            "(class images generated with the base model when missing), Min-SNR (--snr_gamma), EDM-style training, "
+            "AdamW or Prodigy; and kohya's --shuffle_caption / --keep_tokens / buckets. Checkpoints: "
+            "OUTPUT_DIR/checkpoint-<step>/ (run the same command again to resume, also after kill -9); the LoRA: "
+            "OUTPUT_DIR/pytorch_lora_weights.safetensors (diffusers' load_lora_weights, atelier --lora), the "
+            "embeddings OUTPUT_DIR/<name>_emb.safetensors, a model card README.md, loss.png, validation/. Defaults "
+            "marked (model) come from the base model (the toy-world models: docs/lora.md). Works under "
+            "`accelerate launch -m atelier.cli train lora ...`."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = a.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", default="toyworld",
+                       help="the base model: a diffusers folder, a single file, a (cached) hub id or a built-in name")
+    model.add_argument("--pretrained_vae_model_name_or_path", help="another VAE (e.g. an fp16-safe SDXL VAE)")
+    data = a.add_argument_group("data")
+    data.add_argument("--instance_data_dir", help="the images of the concept (required)")
+    data.add_argument("--instance_prompt", help="the caption of images without a caption file")
+    data.add_argument("--caption_extension", default=".txt", help="the caption file beside each image")
+    data.add_argument("--repeats", type=int, default=1, help="times each image is seen per epoch")
+    data.add_argument("--with_prior_preservation", action="store_true", help="add the class images' loss")
+    data.add_argument("--class_data_dir", help="class images (generated into it with the base model when fewer than "
+                                               "--num_class_images are there)")
+    data.add_argument("--class_prompt", help="the caption of the class images (and the prompt that generates them)")
+    data.add_argument("--prior_loss_weight", type=float, default=1.0)
+    data.add_argument("--num_class_images", type=int, default=100)
+    data.add_argument("--resolution", type=int, help="training size (default (model): its native size)")
+    data.add_argument("--center_crop", action="store_true", help="crop centred (default: at a seeded random place)")
+    data.add_argument("--random_flip", action="store_true", help="flip half the samples horizontally")
+    data.add_argument("--shuffle_caption", action="store_true", help="shuffle the comma-separated parts of captions")
+    data.add_argument("--keep_tokens", type=int, default=0, help="with --shuffle_caption: parts kept in front")
+    data.add_argument("--enable_bucket", action="store_true", help="aspect-ratio buckets (kohya)")
+    data.add_argument("--min_bucket_reso", type=int, help="smallest bucket side (default resolution / 2)")
+    data.add_argument("--max_bucket_reso", type=int, help="largest bucket side (default resolution × 2)")
+    data.add_argument("--bucket_reso_steps", type=int, help="bucket side step (default: the UNet's, 64 for SD)")
+    data.add_argument("--cache_latents", action="store_true", help="encode each image (and flip) once")
+    adapter = a.add_argument_group("adapter")
+    adapter.add_argument("--rank", type=int, help="LoRA rank (default (model): 4; toy-world 8)")
+    adapter.add_argument("--lora_alpha", type=float, help="LoRA alpha (default: the rank)")
+    adapter.add_argument("--lora_dropout", type=float, default=0.0)
+    adapter.add_argument("--use_dora", action="store_true", help="DoRA (weight-decomposed LoRA)")
+    adapter.add_argument("--lora_unet_blocks", help="comma-separated UNet blocks to train, e.g. "
+                                                    "unet.up_blocks.0.attentions.0 (default: every attention layer)")
+    adapter.add_argument("--lora_layers", help="comma-separated layer names that get LoRA (peft target_modules, as "
+                                               "the SD3 / Flux scripts' option), e.g. to_k,to_q,to_v,to_out.0,conv1,conv2 "
+                                               "(default (model): to_k,to_q,to_v,to_out.0; toy-world: attention, "
+                                               "feed-forward and ResNet convolutions)")
+    adapter.add_argument("--use_blora", action="store_true", help="B-LoRA: SDXL's up_blocks.0.attentions.0 and .1")
+    adapter.add_argument("--train_text_encoder", action="store_true", help="LoRA on the text encoder(s) too")
+    adapter.add_argument("--train_text_encoder_frac", type=float, default=1.0, help="share of the steps it trains")
+    adapter.add_argument("--train_text_encoder_ti", action="store_true", help="pivotal tuning (new tokens)")
+    adapter.add_argument("--train_text_encoder_ti_frac", type=float, default=0.5, help="share of the steps they train")
+    adapter.add_argument("--token_abstraction", default="TOK",
+                         help="the identifier(s) in the captions, comma-separated, replaced by new tokens")
+    adapter.add_argument("--num_new_tokens_per_abstraction", type=int, help="new tokens per identifier (default 2)")
+    adapter.add_argument("--initializer_concept", help="start the new tokens from this text's embeddings "
+                                                       "(one token per token of it) instead of random ones")
+    train = a.add_argument_group("training")
+    train.add_argument("--output_dir", default="lora-dreambooth-model")
+    train.add_argument("--logging_dir", default="logs", help="accelerate's logging folder, inside OUTPUT_DIR")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train_batch_size", type=int, help="default (model): 4")
+    train.add_argument("--num_train_epochs", type=int, help="train this many epochs (when --max_train_steps is not given)")
+    train.add_argument("--max_train_steps", type=int, help="default (model): 500; toy-world 600")
+    train.add_argument("--checkpointing_steps", type=int, default=500)
+    train.add_argument("--checkpoints_total_limit", type=int, help="keep at most this many checkpoints")
+    train.add_argument("--resume_from_checkpoint", help="latest (the default when OUTPUT_DIR holds checkpoints) or "
+                                                        "a checkpoint-<step> folder")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    train.add_argument("--learning_rate", type=float, help="default (model): 1e-4; toy-world 1e-3; Prodigy: use 1.0")
+    train.add_argument("--text_encoder_lr", type=float, help="default (model): 5e-6; toy-world 1e-3")
+    train.add_argument("--lr_scheduler", default="constant", choices=("linear", "cosine", "cosine_with_restarts",
+                                                                      "polynomial", "constant", "constant_with_warmup"))
+    train.add_argument("--lr_warmup_steps", type=int, help="default (model): 500; toy-world 0")
+    train.add_argument("--lr_num_cycles", type=int, default=1)
+    train.add_argument("--lr_power", type=float, default=1.0)
+    train.add_argument("--snr_gamma", type=float, help="Min-SNR-γ weighting (5.0 is usual): min(SNR,γ)/SNR for "
+                                                       "epsilon, min(SNR,γ)/(SNR+1) for v-prediction")
+    train.add_argument("--do_edm_style_training", action="store_true", help="the EDM formulation (Karras et al. 2022)")
+    train.add_argument("--noise_offset", type=float, default=0.0)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--use_ema", action="store_true", help="export an exponential moving average of the LoRA")
+    train.add_argument("--ema_decay", type=float, default=0.9999)
+    opt = a.add_argument_group("optimizer")
+    opt.add_argument("--optimizer", default="adamw", type=str.lower, choices=("adamw", "prodigy"))
+    opt.add_argument("--adam_beta1", type=float, default=0.9)
+    opt.add_argument("--adam_beta2", type=float, default=0.999)
+    opt.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    opt.add_argument("--adam_weight_decay_text_encoder", type=float)
+    opt.add_argument("--adam_epsilon", type=float, default=1e-8)
+    opt.add_argument("--prodigy_beta3", type=float)
+    opt.add_argument("--prodigy_decouple", action=argparse.BooleanOptionalAction, default=True)
+    opt.add_argument("--prodigy_use_bias_correction", action=argparse.BooleanOptionalAction, default=True)
+    opt.add_argument("--prodigy_safeguard_warmup", action=argparse.BooleanOptionalAction, default=True)
+    val = a.add_argument_group("validation")
+    val.add_argument("--validation_prompt", help="a prompt (with the identifiers) drawn every --validation_epochs")
+    val.add_argument("--num_validation_images", type=int, default=4)
+    val.add_argument("--validation_epochs", type=int, default=50)
+    val.add_argument("--validation_steps", type=int, help="every N steps instead of epochs")
+    a.add_argument("--threads", type=int, help="torch CPU threads")
+    a.add_argument("--json", action="store_true", help="print the summary as JSON")
+    speed_cli.add_speed_options(a, training=True)
+    a.set_defaults(func=run_lora)
+
+
+def run_lora(args) -> int:
+    from atelier.cli import print_json
+    from atelier.train.lora import config_from_args, train_lora
+
+    speed_cli.apply_training_numerics(args)
+    cfg = config_from_args(args)
+    cfg.check()
+    summary = train_lora(cfg)
+    if args.json:
+        print_json(summary)
+    else:
+        extra = f" + {summary['embeddings_file']}" if summary.get("embeddings_file") else ""
+        print(f"LoRA: {summary['lora']}{extra}; {summary.get('steps')} steps in {summary.get('wall_time_s', 0) / 60:.1f} min "
+              f"(model card: {Path(summary['lora']).parent / 'README.md'})")
     return 0

@@ -14,6 +14,11 @@ accelerate, gradient clipping, the loss log, atomic checkpoints every `checkpoin
     loop.run(lambda step, micro: loss_of(model, batch(step, micro)), lr=lambda step: 1e-4, clip=1.0)
     loop.finish({"final_loss": loop.losses[-1]})
 
+Checkpoints are one file with the previous one kept beside it, or, with `numbered=True` (the diffusers
+training scripts' layout), one folder per save, `checkpoint-<step>/training_state.safetensors`, of which
+`keep` are kept (`--checkpoints_total_limit`); `resume_from` picks the one to resume ("latest" or a path);
+`on_checkpoint(folder)` may write more into each folder (the weights as they are at that step).
+
 With `speed` (SpeedOptions: --compile, --compile-mode, --channels-last), `loop.speed_up(unet, ...)` compiles
 the UNets the step function runs (trained or frozen) in place and/or makes them channels-last; `run`
 gives them back eager and contiguous when it ends. Compiled in place, their state-dict keys (the
@@ -27,6 +32,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,25 +41,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atelier.core.io import atomic_open
+from atelier.core.io import atomic_dir, atomic_open
 from atelier.errors import UserError
-from atelier.train.checkpoint import load_state, remove_stale_temp_files, save_state
+from atelier.train.checkpoint import load_first_good, load_state, remove_stale_temp_files, save_state
+
+STATE_FILE = "training_state.safetensors"  # inside a numbered checkpoint folder
+_NUMBERED = re.compile(r"^checkpoint-(\d+)$")
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1, project_dir=None,
-                     logging_dir=None, flag: str = "mixed_precision"):
+                     logging_dir=None, flag: str = "mixed_precision", find_unused_parameters: bool = False):
+    """accelerate's Accelerator. `find_unused_parameters`: a distributed run whose steps leave some trained
+    parameters without a gradient (a text encoder whose training stops part-way)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     project = None
     if project_dir is not None:
         project = ProjectConfiguration(project_dir=str(project_dir),
                                        logging_dir=str(Path(project_dir) / (logging_dir or "logs")))
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None
     try:
         return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
-                           project_config=project)
+                           project_config=project, kwargs_handlers=handlers)
     except ValueError as exc:
         raise UserError(f"{flag} {mixed_precision}: {str(exc).splitlines()[0]} (on CPU use no or bf16)") from None
 
@@ -65,13 +78,40 @@ def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+class EmaState(torch.nn.Module):
+    """Lets an EMA's shadow parameters (diffusers' EMAModel) ride in the same checkpoint as the model."""
+
+    def __init__(self, ema):
+        super().__init__()
+        self.ema = ema
+
+    def state_dict(self, *args, **kwargs):
+        sd = self.ema.state_dict()
+        return {"shadow": list(sd["shadow_params"]), "step": sd["optimization_step"]}
+
+    def load_state_dict(self, state, strict=True):
+        for p, s in zip(self.ema.shadow_params, state["shadow"]):
+            p.data.copy_(s)
+        self.ema.optimization_step = int(state["step"])
+
+
+def numbered_checkpoints(folder) -> list[Path]:
+    """The `checkpoint-<step>` folders of `folder` holding a training state, oldest first."""
+    folder = Path(folder)
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _NUMBERED.match(p.name))
+             and (p / STATE_FILE).is_file()] if folder.is_dir() else []
+    return [p for _, p in sorted(found)]
+
+
 class TrainLoop:
     """A resumable loop over `total_steps` optimizer steps, writing into `run_dir`:
-    checkpoint.safetensors (and the previous one), loss.png, and done.json when finished."""
+    checkpoint.safetensors (and the previous one) or numbered checkpoint folders, loss.png, and
+    done.json when finished."""
 
     def __init__(self, run_dir, total_steps: int, *, checkpoint_every: int, eval_every: int | None = None,
                  name: str | None = None, title: str | None = None, mixed_precision: str = "no",
-                 gradient_accumulation_steps: int = 1, accelerator=None, speed=None):
+                 gradient_accumulation_steps: int = 1, accelerator=None, speed=None, numbered: bool = False,
+                 keep: int | None = None, resume_from=None, on_checkpoint=None):
         self.dir = Path(run_dir)
         self.name = name or self.dir.name
         self.title = title or self.name
@@ -80,6 +120,7 @@ class TrainLoop:
         self.dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(self.dir)
         self.ckpt = self.dir / "checkpoint.safetensors"
+        self.numbered, self.keep, self.resume_from, self.on_checkpoint = numbered, keep, resume_from, on_checkpoint
         self.losses: list[float] = []
         self.log: list[dict] = []
         self.step = 0
@@ -134,7 +175,7 @@ class TrainLoop:
         then hand them to accelerate (device placement, mixed precision, distributed wrapping).
         Returns the prepared modules (in `trainable`'s order) and optimizer."""
         self.state = {**trainable, **(extra or {})}
-        state = load_state(self.ckpt, required=("step", "losses", "optimizer", *self.state))
+        state = self._load(required=("step", "losses", "optimizer", *self.state))
         if state is not None:
             for key, module in self.state.items():
                 module.load_state_dict(state[key])
@@ -145,6 +186,21 @@ class TrainLoop:
         *models, self.optimizer = self.accelerator.prepare(*trainable.values(), optimizer)
         self.models = models
         return models, self.optimizer
+
+    def _load(self, required) -> dict | None:
+        if not self.numbered:
+            return load_state(self.ckpt, required=required)
+        wanted = self.resume_from
+        if wanted in (None, "latest"):
+            return load_first_good([p / STATE_FILE for p in reversed(numbered_checkpoints(self.dir))], required)
+        path = Path(wanted)
+        if not path.exists() and (self.dir / path.name).exists():
+            path = self.dir / path.name  # the diffusers scripts take a bare checkpoint-<step> name too
+        file = path / STATE_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise UserError(f"--resume_from_checkpoint {wanted}: no training state there (expected a checkpoint-<step> "
+                            f"folder holding {STATE_FILE}, or latest)")
+        return load_first_good([file], required)
 
     def speed_up(self, *modules) -> dict:
         """Apply the loop's speed options to `modules` (the UNets the step runs, trained or frozen), in
@@ -192,7 +248,16 @@ class TrainLoop:
         state = {key: module.state_dict() for key, module in self.state.items()}
         state.update(optimizer=self.optimizer.state_dict(), step=self.step, losses=self.losses, log=self.log,
                      seconds=self.seconds)
-        save_state(self.ckpt, state)
+        if not self.numbered:
+            save_state(self.ckpt, state)
+        else:
+            with atomic_dir(self.dir / f"checkpoint-{self.step}") as folder:
+                save_state(folder / STATE_FILE, state, keep_previous=False)
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(folder)
+            if self.keep is not None:  # the oldest go once the new one is whole
+                for old in numbered_checkpoints(self.dir)[:-self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
         self.plot()
 
     def plot(self) -> None:
@@ -224,7 +289,7 @@ class TrainLoop:
             window: int = 50) -> None:
         """Train until `total_steps`. `step_fn(step, micro)` returns the loss of one micro-batch (or
         `(loss, parts)`, a dict of floats handed to `evaluate`); `lr(step)` the learning rate of the
-        step; `after_step()` runs after each optimizer step (an EMA update); `evaluate(parts)` returns
+        step (or a list, one rate per optimizer param group); `after_step()` runs after each optimizer step (an EMA update); `evaluate(parts)` returns
         a dict for the log, every `eval_every` steps and at the last (under autocast, no gradients).
         When it ends (or fails), the modules `speed_up` changed are eager and contiguous again."""
         from tqdm.auto import tqdm
@@ -248,8 +313,9 @@ class TrainLoop:
         while self.step < self.total:
             if lr is not None:
                 rate = lr(self.step)
-                for group in opt.param_groups:  # a group's "lr_scale" keeps its rate relative
-                    group["lr"] = rate * group.get("lr_scale", 1.0)
+                rates = rate if isinstance(rate, (list, tuple)) else [rate] * len(opt.param_groups)
+                for group, r in zip(opt.param_groups, rates):  # a group's "lr_scale" keeps its rate relative
+                    group["lr"] = r * group.get("lr_scale", 1.0)
             total, parts = 0.0, {}
             for micro in range(micro_steps):
                 with acc.accumulate(*self.models):

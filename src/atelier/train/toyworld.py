@@ -38,6 +38,7 @@ from atelier.core.prediction import model_target, x0_and_eps
 from atelier.toyworld.render import render
 from atelier.toyworld.scene import BASE_COLOURS, BASE_SHAPES, CELLS, SIZES, sample_scene, vocabulary
 from atelier.train.checkpoint import load_state, save_state
+from atelier.train.loop import EmaState as _EmaHolder
 from atelier.train.loop import TrainLoop, lr_at
 from atelier.train.options import check_all
 
@@ -416,23 +417,6 @@ def train_unet(cfg: ToyTrainConfig, vae, te, tokenizer):
     unet.save_pretrained(final)
     loop.finish({"final_loss": float(np.mean(loop.losses[-100:])), "log": loop.log})
     return unet
-
-
-class _EmaHolder(torch.nn.Module):
-    """Lets the EMA's shadow parameters ride in the same checkpoint as the model."""
-
-    def __init__(self, ema):
-        super().__init__()
-        self.ema = ema
-
-    def state_dict(self, *args, **kwargs):
-        sd = self.ema.state_dict()
-        return {"shadow": list(sd["shadow_params"]), "step": sd["optimization_step"]}
-
-    def load_state_dict(self, state, strict=True):
-        for p, s in zip(self.ema.shadow_params, state["shadow"]):
-            p.data.copy_(s)
-        self.ema.optimization_step = int(state["step"])
 
 
 def _ema_copy(unet, ema):
