@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from atelier.cli import build_parser
+from atelier.models import apply_lora
 from atelier.testing import save_tiny_pipeline, tiny_pipeline
 from atelier.testing.cli import one_error_line, run
 from atelier.train import lora as lora_mod
@@ -222,7 +223,16 @@ def test_sdxl_lora_of_the_unet_and_both_text_encoders_loads_in_diffusers(tmp_pat
     pipe.set_progress_bar_config(disable=True)
     before = _image(pipe)
     pipe.load_lora_weights(str(out), weight_name=WEIGHT_NAME)
-    assert np.abs(_image(pipe) - before).max() > 1e-3
+    trained = _image(pipe)
+    assert np.abs(trained - before).max() > 1e-3
+    # the A1111 / ComfyUI copy beside it: kohya keys with SDXL's original block names, the same LoRA
+    kohya = load_file(out / "out.safetensors")
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
+    assert any(k.startswith("lora_unet_input_blocks_") for k in kohya) and not any("down_blocks" in k for k in kohya)
+    pipe = StableDiffusionXLPipeline.from_pretrained(models["sdxl"])
+    pipe.set_progress_bar_config(disable=True)
+    apply_lora(pipe, out / "out.safetensors")
+    np.testing.assert_allclose(_image(pipe), trained, atol=1e-4)
 
 
 def test_sdxl_pivotal_tuning_writes_clip_l_and_clip_g(tmp_path, models, instance_dir):

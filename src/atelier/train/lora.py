@@ -41,6 +41,8 @@ import torch
 from atelier.core.io import atomic_open, atomic_write_bytes
 from atelier.core.prediction import denoised_from_sigma, model_target
 from atelier.errors import UserError
+from atelier.models.embeddings import save_embedding_file
+from atelier.models.lora_files import save_kohya_copy
 from atelier.train import weighting
 from atelier.train.dreambooth_data import (DreamBoothData, Item, LatentCache, batch_index, ensure_class_images,
                                            make_bucket_resolutions, pixels, place, read_instance_folder,
@@ -443,15 +445,6 @@ def lr_factor(cfg: LoraTrainConfig, total: int):
 
 # ---------------------------------------------------------------- outputs
 
-def _save_embeddings(path: Path, embeddings: dict[str, torch.Tensor]) -> Path:
-    """{"clip_l": ..., "clip_g": ...} as one safetensors file (A1111 / ComfyUI / diffusers
-    `load_textual_inversion` read it), atomically."""
-    from safetensors.torch import save
-
-    atomic_write_bytes(path, save({k: v.float().contiguous() for k, v in embeddings.items()}))
-    return path
-
-
 def save_lora(pipe, trainee: LoraTrainee, folder: Path) -> Path:
     """pytorch_lora_weights.safetensors in `folder` through the pipeline class's `save_lora_weights`, with
     the adapters' LoraConfig (rank, alpha, DoRA) in its metadata; written atomically."""
@@ -833,13 +826,13 @@ def export(pipe, trainee: LoraTrainee, ema, cfg: LoraTrainConfig, *, family, map
     embeddings = None
     if trainee.tokens is not None:
         rows = trainee.tokens.rows()
-        embeddings = _save_embeddings(out / f"{name}_emb.safetensors", dict(zip(("clip_l", "clip_g"), rows)))
-    kohya_file = None  # the A1111 / ComfyUI copy: models.lora_files.save_kohya_copy(lora_file, out / f"{name}.safetensors", family.family)
+        embeddings = save_embedding_file(out / f"{name}_emb.safetensors", dict(zip(("clip_l", "clip_g"), rows)))
+    kohya_file = save_kohya_copy(lora_file, out / f"{name}.safetensors", family.family)  # the A1111 / ComfyUI copy
     card = model_card(cfg, name=name, family=family, mapping=mapping, example=example, embeddings=embeddings,
                       kohya_file=kohya_file, steps=steps)
     with atomic_open(out / "README.md", "w", encoding="utf-8") as f:
         f.write(card)
-    files = {"lora_file": str(lora_file), "model_card": str(out / "README.md")}
+    files = {"lora_file": str(lora_file), "kohya_file": str(kohya_file), "model_card": str(out / "README.md")}
     if embeddings is not None:
         files["embeddings_file"] = str(embeddings)
     return files
