@@ -1,0 +1,280 @@
+"""LoRA / DreamBooth on the toy world, judged exactly (issue 14; docs/lora.md).
+
+concepts    each reserved concept of the contract (the shapes `ring` and `bar`, the colour `teal`),
+            taught from 8 rendered instance images whose caption `.txt` puts the token `sks` where
+            the concept's word would be, each its own `atelier train lora` run with the defaults, to
+            every model of `--models`. Then 50 held-out captions with the token, one image each at the
+            model's defaults: concept right (the judge names the new shape or colour on the object
+            that carries it) and the rest of the caption right (every other attribute and object).
+            Targets: >= 80 % and >= 80 %, training <= 15 min per concept on this CPU.
+prior       objects right on the standard held-out captions of the base world (no token) with the
+            base model, after the concept run, and after the same run with prior preservation; target
+            a drop <= 5 points with it.
+ablations   the same data and steps, one change each from the defaults: DoRA, pivotal tuning, Min-SNR
+            off, Prodigy, rank 16.
+memory      real size: `train_lora` (rank 4, 128 px, batch 1) on the full-size SD 1.5 and SDXL
+            architectures (atelier's bundled configs, random weights, the real CLIP tokenizer), each in
+            its own process: seconds per step and peak memory (RSS) with and without gradient
+            checkpointing, and how much the training adds to the loaded weights.
+
+Training runs through the CLI (`python -m atelier train lora ...`, as a user runs it), timed from
+outside; evaluation loads the LoRA (and embedding) into the base model in this process and generates
+through `atelier.generate.generate`. Finished runs are reused (a run folder with its LoRA file), so an
+interrupted benchmark resumes.
+
+    HF_HUB_OFFLINE=1 python benchmarks/lora.py --work runs/lora-bench --results benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/lora.py --work /tmp/lb --concepts ring --models toyworld \\
+        --held-out 4 --prior 6 --steps 20 --skip ablations                                   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _results import check_command, command_line, write_section
+from atelier.core.images import save_png
+from atelier.core.io import atomic_write_bytes
+from atelier.generate import GenerationRequest, generate
+from atelier.models import apply_lora, load_pipeline
+from atelier.models.embeddings import apply_embedding
+from atelier.toyworld.concepts import held_out_examples, instance_examples, score_concept
+from atelier.toyworld.judge import judge
+from atelier.toyworld.render import render_pil
+from atelier.train.toyworld import held_out_scenes
+
+TOKEN = "sks"
+ABLATIONS = {
+    "DoRA": ["--use_dora"],
+    "pivotal tuning": ["--train_text_encoder_ti"],
+    "Min-SNR off": ["--snr_gamma", "0"],
+    "Prodigy": ["--optimizer", "prodigy", "--learning_rate", "1.0"],
+    "rank 16": ["--rank", "16", "--lora_alpha", "16"],
+}
+PRIOR_FLAGS = ["--with_prior_preservation", "--class_data_dir", "{work}/class-{model}", "--num_class_images", "100"]
+
+
+def write_instance_data(concept: str, folder: Path) -> Path:
+    images = folder / "instance"
+    for i, ex in enumerate(instance_examples(concept, 8, token=TOKEN)):
+        if not (images / f"{i:03d}.png").is_file():
+            save_png(render_pil(ex.scene), images / f"{i:03d}.png", ex.caption)
+            atomic_write_bytes(images / f"{i:03d}.txt", (ex.caption + "\n").encode("utf-8"))
+    return images
+
+
+def train(model: str, data: Path, out: Path, flags: list[str], *, threads: int, steps: int | None) -> dict:
+    """`atelier train lora` in a subprocess (reused when `out` holds a finished run): its summary and wall time."""
+    record = out / "bench.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    cmd = [sys.executable, "-m", "atelier", "train", "lora", "--pretrained_model_name_or_path", model,
+           "--instance_data_dir", str(data), "--output_dir", str(out), "--threads", str(threads), "--json", *flags]
+    if steps is not None:
+        cmd += ["--max_train_steps", str(steps)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"training failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+    summary = {**json.loads(done.stdout), "bench_seconds": seconds}
+    atomic_write_bytes(record, json.dumps(summary, indent=2).encode("utf-8"))
+    return summary
+
+
+def trained_pipeline(model: str, out: Path | None):
+    pipe = load_pipeline(model)
+    if out is not None:
+        apply_lora(pipe, out / "pytorch_lora_weights.safetensors")
+        embeddings = sorted(out.glob("*_emb.safetensors"))
+        if embeddings:
+            apply_embedding(pipe, embeddings[0], token=TOKEN)
+    return pipe
+
+
+def image(pipe, caption: str, seed: int) -> np.ndarray:
+    return np.asarray(generate(pipe, GenerationRequest(caption, seed=seed), progress=False)[0].image)
+
+
+def concept_scores(pipe, concept: str, n: int) -> dict:
+    held = held_out_examples(concept, n, token=TOKEN, instances=instance_examples(concept, 8, token=TOKEN))
+    scores = [score_concept(image(pipe, ex.caption, k), ex, concept) for k, ex in enumerate(held)]
+    return {key: float(np.mean([s[key] for s in scores])) for key in ("concept_right", "rest_right", "match")}
+
+
+def prior_score(pipe, n: int) -> float:
+    scenes, captions = held_out_scenes(n)
+    return float(np.mean([judge(image(pipe, c, 10_000 + k), s).objects_right for k, (s, c) in enumerate(zip(scenes, captions))]))
+
+
+# ----------------------------------------------------------------------------- real-size memory
+
+
+def full_size_pipeline(arch: str):
+    """The SD 1.5 or SDXL pipeline with random weights from atelier's bundled configs (fp32, CPU)."""
+    import diffusers
+    from importlib import resources
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from atelier.models.tokenizers import write_clip_tokenizer
+
+    config = json.loads(resources.files("atelier.models.configs").joinpath(f"{arch}.json").read_text())
+    torch.manual_seed(0)
+    tokenizer_dir = write_clip_tokenizer(tempfile.mkdtemp(prefix="clip-tokenizer-"))
+    parts = {"unet": diffusers.UNet2DConditionModel.from_config(config["unet"]),
+             "vae": diffusers.AutoencoderKL.from_config(config["vae"]),
+             "scheduler": getattr(diffusers, config["scheduler"]["_class_name"]).from_config(config["scheduler"]),
+             "text_encoder": CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
+             "tokenizer": CLIPTokenizer.from_pretrained(tokenizer_dir)}
+    if "text_encoder_2" in config:
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"]))
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")
+        return diffusers.StableDiffusionXLPipeline(**parts)
+    return diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                            requires_safety_checker=False)
+
+
+def memory_child(arch: str, checkpointing: bool, threads: int) -> dict:
+    """One process: build the full-size pipeline, then two steps of `train_lora` on it (rank 4, 128 px)."""
+    import atelier.models
+    from atelier.train.lora import LoraTrainConfig, train_lora
+
+    torch.set_num_threads(threads)
+    pipe = full_size_pipeline(arch)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    atelier.models.load_pipeline = lambda *a, **k: pipe  # train_lora loads its base through atelier.models
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        for i, ex in enumerate(instance_examples("ring", 2, token=TOKEN)):
+            render_pil(ex.scene).resize((128, 128)).save(data / f"{i}.png")
+            (data / f"{i}.txt").write_text(ex.caption)
+        summary = train_lora(LoraTrainConfig(pretrained_model_name_or_path=arch, instance_data_dir=str(data),
+                                             output_dir=str(Path(tmp) / "out"), resolution=128, rank=4, lora_alpha=4,
+                                             train_batch_size=1, max_train_steps=2, learning_rate=1e-4,
+                                             gradient_checkpointing=checkpointing, checkpointing_steps=1000, threads=threads))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    trainable = sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)
+    return {"arch": arch, "gradient_checkpointing": checkpointing, "seconds_per_step": summary["seconds_per_step"],
+            "weights_gb": loaded / 2**30, "peak_gb": peak / 2**30, "trainable": trainable}
+
+
+def memory_rows(archs, threads: int) -> list[str]:
+    lines = [f"{'architecture':<14} {'gradient ckpt':>13} {'s/step':>7} {'weights loaded GB':>18} {'peak GB':>8} {'training adds GB':>17}",
+             "-" * 84]
+    for arch in archs:
+        for checkpointing in (False, True):
+            done = subprocess.run([sys.executable, __file__, "--memory-child", arch, "--threads", str(threads)]
+                                  + (["--gradient-checkpointing"] if checkpointing else []),
+                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            if done.returncode != 0:
+                raise SystemExit(f"memory run {arch} failed:\n{done.stderr[-3000:]}")
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            lines.append(f"{arch:<14} {'on' if checkpointing else 'off':>13} {r['seconds_per_step']:7.1f} {r['weights_gb']:18.2f} "
+                         f"{r['peak_gb']:8.2f} {r['peak_gb'] - r['weights_gb']:17.2f}")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def run_dir(work: Path, model: str, concept: str, variant: str) -> Path:
+    return work / "runs" / f"{model}-{concept}-{variant.replace(' ', '-')}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", metavar="DIR", help="folder for data and training runs (finished runs are reused)")
+    p.add_argument("--models", default="toyworld,toyworld-turbo")
+    p.add_argument("--concepts", default="ring,bar,teal")
+    p.add_argument("--held-out", type=int, default=50, help="held-out captions per concept")
+    p.add_argument("--prior", type=int, default=60, help="standard held-out captions for the prior drift")
+    p.add_argument("--steps", type=int, help="override the trainer's default --max_train_steps (smoke runs)")
+    p.add_argument("--ablation-model", default="toyworld")
+    p.add_argument("--ablation-concept", default="ring")
+    p.add_argument("--memory-archs", default="sd1,sdxl", help="full-size architectures of the memory part")
+    p.add_argument("--skip", default="", help="parts to skip: concepts,prior,ablations,memory")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    p.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--results", help="write the RESULTS.md section here")
+    args = p.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.gradient_checkpointing, args.threads)))
+        return 0
+    if not args.work:
+        p.error("--work is required")
+    if args.results:
+        check_command(__file__, argv)
+    torch.set_num_threads(args.threads)
+    work, skip = Path(args.work), set(args.skip.split(","))
+    models, concepts = args.models.split(","), args.concepts.split(",")
+    sections = []
+
+    def concept_row(model, concept, variant, flags):
+        data = write_instance_data(concept, work / "data" / concept)
+        out = run_dir(work, model, concept, variant)
+        summary = train(model, data, out, [f.format(work=work, model=model) for f in flags], threads=args.threads, steps=args.steps)
+        pipe = trained_pipeline(model, out)
+        scores = concept_scores(pipe, concept, args.held_out)
+        print(f"{model} {concept} {variant}: {scores} in {summary['bench_seconds']:.0f} s", file=sys.stderr, flush=True)
+        return out, pipe, summary, scores
+
+    if "concepts" not in skip:
+        lines = [f"{'model':<15} {'concept':<8} {'concept right':>14} {'rest right':>11} {'whole caption':>14} {'train min':>10} {'steps':>6}",
+                 "-" * 84]
+        for model in models:
+            for concept in concepts:
+                _, _, summary, s = concept_row(model, concept, "defaults", [])
+                lines.append(f"{model:<15} {concept:<8} {100 * s['concept_right']:13.1f}% {100 * s['rest_right']:10.1f}% "
+                             f"{100 * s['match']:13.1f}% {summary['bench_seconds'] / 60:10.1f} {summary.get('steps', ''):>6}")
+        sections.append(("Concepts (defaults, 8 instance images each)", lines))
+
+    if "prior" not in skip:
+        model, concept = args.ablation_model, args.ablation_concept
+        rows = [("base model", trained_pipeline(model, None))]
+        for variant, flags in (("defaults", []), ("prior preservation", PRIOR_FLAGS)):
+            out, pipe, _, _ = concept_row(model, concept, variant, flags)
+            rows.append((f"+ {concept} LoRA ({variant})", pipe))
+        base = None
+        lines = [f"{'':<40} {'objects right':>14} {'vs base':>8}", "-" * 64]
+        for name, pipe in rows:
+            acc = prior_score(pipe, args.prior)
+            base = acc if base is None else base
+            lines.append(f"{name:<40} {100 * acc:13.1f}% {100 * (acc - base):+8.1f}")
+        sections.append((f"Prior drift ({model}, {args.prior} standard held-out captions)", lines))
+
+    if "ablations" not in skip:
+        model, concept = args.ablation_model, args.ablation_concept
+        lines = [f"{'variant':<18} {'concept right':>14} {'rest right':>11} {'whole caption':>14} {'train min':>10}", "-" * 72]
+        for variant, flags in {"defaults": [], **ABLATIONS}.items():
+            _, _, summary, s = concept_row(model, concept, variant, flags)
+            lines.append(f"{variant:<18} {100 * s['concept_right']:13.1f}% {100 * s['rest_right']:10.1f}% "
+                         f"{100 * s['match']:13.1f}% {summary['bench_seconds'] / 60:10.1f}")
+        sections.append((f"Ablations ({model}, {concept}; the same data and steps, one change each)", lines))
+
+    if "memory" not in skip:
+        sections.append(("Real size: one LoRA step (rank 4, 128 px, batch 1, fp32 on this CPU)",
+                         memory_rows(args.memory_archs.split(","), args.threads)))
+
+    body = "\n\n".join(title + "\n\n" + "\n".join(lines) for title, lines in sections)
+    print(body)
+    if args.results:
+        notes = (f"{args.held_out} held-out captions per concept (1-2 objects, scenes no instance image shows), one image "
+                 "each at the model's defaults. Targets (issue 14): concept right >= 80 %, rest right >= 80 %, "
+                 "<= 15 min per concept; prior drift <= 5 points with prior preservation.")
+        write_section(args.results, "lora", "LoRA / DreamBooth: teaching the toy world new concepts",
+                      body, command_line(__file__, argv), notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
