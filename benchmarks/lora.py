@@ -11,13 +11,13 @@ prior       objects right on the standard held-out captions of the base world (n
             base model, after the concept run, and after the same run with prior preservation; target
             a drop <= 5 points with it.
 ablations   the same data and steps, one change each from the defaults: DoRA, pivotal tuning, Min-SNR
-            off, Prodigy, rank 16.
+            (gamma 5), Prodigy, rank 16.
 memory      real size: `train_lora` (rank 4, 128 px, batch 1) on the full-size SD 1.5 and SDXL
             architectures (atelier's bundled configs, random weights, the real CLIP tokenizer), each in
             its own process: seconds per step and peak memory (RSS) with and without gradient
             checkpointing, and how much the training adds to the loaded weights.
 
-Training runs through the CLI (`python -m atelier train lora ...`, as a user runs it), timed from
+Training runs through the CLI (`python -m atelier.cli train lora ...`, the `atelier` command), timed from
 outside; evaluation loads the LoRA (and embedding) into the base model in this process and generates
 through `atelier.generate.generate`. Finished runs are reused (a run folder with its LoRA file), so an
 interrupted benchmark resumes.
@@ -57,7 +57,7 @@ TOKEN = "sks"
 ABLATIONS = {
     "DoRA": ["--use_dora"],
     "pivotal tuning": ["--train_text_encoder_ti"],
-    "Min-SNR off": ["--snr_gamma", "0"],
+    "Min-SNR (gamma 5)": ["--snr_gamma", "5"],
     "Prodigy": ["--optimizer", "prodigy", "--learning_rate", "1.0"],
     "rank 16": ["--rank", "16", "--lora_alpha", "16"],
 }
@@ -78,7 +78,7 @@ def train(model: str, data: Path, out: Path, flags: list[str], *, threads: int, 
     record = out / "bench.json"
     if record.is_file():
         return json.loads(record.read_text())
-    cmd = [sys.executable, "-m", "atelier", "train", "lora", "--pretrained_model_name_or_path", model,
+    cmd = [sys.executable, "-m", "atelier.cli", "train", "lora", "--pretrained_model_name_or_path", model,
            "--instance_data_dir", str(data), "--output_dir", str(out), "--threads", str(threads), "--json", *flags]
     if steps is not None:
         cmd += ["--max_train_steps", str(steps)]

@@ -46,3 +46,30 @@ def test_concept_data_cli(tmp_path, capsys):
     assert len((tmp_path / "d" / "held_out.jsonl").read_text().splitlines()) == 4
     code, _, err = run(["toyworld", "concept-data", "--concept", "cyan", "--out", str(tmp_path / "e")], capsys)
     assert one_error_line(code, err) and "unknown concept 'cyan'" in err
+
+
+def test_decoder_inversion_gives_back_a_colour_the_toy_encoder_never_learnt():
+    """The toy VAE never saw teal: its encoder's latents decode to another colour, so a LoRA trained on
+    them cannot learn teal. Decoder inversion (train lora's --decoder_inversion_steps) gets latents
+    that decode to the image, a small step from the encoder's."""
+    import torch
+
+    from atelier.core.vae import decode, encode, invert_decoder
+    from atelier.models import load_pipeline
+
+    vae = load_pipeline("toyworld").vae.requires_grad_(False)
+    examples = held_out_examples("teal", 4)
+    x = torch.from_numpy(np.stack([render(e.scene) for e in examples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def concept_found(z):
+        with torch.no_grad():
+            images = ((decode(vae, z).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        return [score_concept(i, e, "teal")["concept_right"] for i, e in zip(images, examples)]
+
+    with torch.no_grad():
+        encoded = encode(vae, x)
+    inverted = invert_decoder(vae, x, encoded, 100)
+    assert not any(concept_found(encoded))
+    assert all(concept_found(inverted))
+    assert (inverted - encoded).pow(2).mean().sqrt() < 0.3 * encoded.pow(2).mean().sqrt()
+    assert not any(p.requires_grad for p in vae.parameters())

@@ -60,13 +60,13 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 # advanced scripts' (max_train_steps: theirs runs --num_train_epochs 1 by default; 500 steps is what their
 # README's examples train). The toy-world models (64 px, a word tokenizer, a 20 M-parameter UNet) learn a
 # concept on 2 CPU cores in minutes with a larger rate and rank (docs/lora.md, measured).
-GENERAL_DEFAULTS = dict(rank=4, train_batch_size=4, learning_rate=1e-4, text_encoder_lr=5e-6, lr_warmup_steps=500,
+GENERAL_DEFAULTS = dict(decoder_inversion_steps=0, rank=4, train_batch_size=4, learning_rate=1e-4, text_encoder_lr=5e-6, lr_warmup_steps=500,
                         max_train_steps=500, num_new_tokens_per_abstraction=2, lora_layers=",".join(UNET_TARGETS))
 # The toy UNet draws a shape's detail (a ring's hole) in its attention-free outer blocks: LoRA on attention
 # alone barely moves it, so the toy default adapts the ResNet convolutions and feed-forwards too (LoCon-like).
 TOY_LAYERS = ("to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
               "conv_shortcut", "time_emb_proj")
-TOY_DEFAULTS = dict(rank=8, train_batch_size=4, learning_rate=1e-3, text_encoder_lr=1e-3, lr_warmup_steps=0,
+TOY_DEFAULTS = dict(decoder_inversion_steps=100, rank=8, train_batch_size=4, learning_rate=1e-3, text_encoder_lr=1e-3, lr_warmup_steps=0,
                     max_train_steps=600, num_new_tokens_per_abstraction=2, lora_layers=",".join(TOY_LAYERS))
 # Settings that may change when a run resumes (they do not change what is learnt).
 RESUME_FREE = {"resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "validation_prompt",
@@ -103,6 +103,7 @@ class LoraTrainConfig:
     max_bucket_reso: int | None = None  # default resolution × 2 (kohya's 1024 at 512)
     bucket_reso_steps: int | None = None  # default: the size the UNet divides by (64 for SD)
     cache_latents: bool = False
+    decoder_inversion_steps: int | None = None  # latents refined until the VAE decoder gives the image back (caches)
     train_text_encoder: bool = False
     train_text_encoder_frac: float = 1.0
     train_text_encoder_ti: bool = False
@@ -167,7 +168,7 @@ class LoraTrainConfig:
             "checkpointing_steps", "checkpoints_total_limit", "gradient_accumulation_steps", "lr_num_cycles",
             "num_new_tokens_per_abstraction", "validation_epochs", "validation_steps", "threads",
             "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")}
-        rules.update(seed=whole, keep_tokens=whole, lr_warmup_steps=whole, num_validation_images=whole,
+        rules.update(seed=whole, keep_tokens=whole, decoder_inversion_steps=whole, lr_warmup_steps=whole, num_validation_images=whole,
                      resolution=dict(integer=True, minimum=8), prior_loss_weight=dict(minimum=0),
                      train_text_encoder_frac=share, train_text_encoder_ti_frac=share, lora_dropout=dict(minimum=0, below=1),
                      lora_alpha=dict(above=0), learning_rate=dict(above=0), text_encoder_lr=dict(above=0),
@@ -229,6 +230,8 @@ def resolve(cfg: LoraTrainConfig, pipe) -> LoraTrainConfig:
                   max_bucket_reso=cfg.max_bucket_reso or resolution * 2)
     if out.lora_alpha is None:
         out.lora_alpha = float(out.rank)
+    if out.decoder_inversion_steps:
+        out.cache_latents = True  # inverted once per image and flip
     if out.optimizer.lower() == "prodigy":
         out.optimizer, out.text_encoder_lr = "prodigy", out.learning_rate  # Prodigy: one rate (the scripts' rule)
     else:
@@ -700,7 +703,10 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
     pivot = int((cfg.train_text_encoder_ti_frac if tokens else cfg.train_text_encoder_frac) * total) if trains_te else 0
 
     def encode(x):
-        return vae_calls.encode(pipe.vae, x.to(loop.device), loop.weight_dtype)
+        z = vae_calls.encode(pipe.vae, x.to(loop.device), loop.weight_dtype)
+        if cfg.decoder_inversion_steps:
+            z = vae_calls.invert_decoder(pipe.vae, x, z, cfg.decoder_inversion_steps)
+        return z
 
     cache = LatentCache(encode) if cfg.cache_latents else None
 
