@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from atelier.cli import build_parser
+from atelier.errors import UserError
 from atelier.models import apply_lora
 from atelier.testing import save_tiny_pipeline, tiny_pipeline
 from atelier.testing.cli import one_error_line, run
@@ -296,6 +297,30 @@ def test_prior_preservation_generates_missing_class_images_reuses_them_and_resum
     train_lora(replace_output(cfg, tmp_path / "again"))  # enough images: none generated
 
 
+def test_captioned_class_images_train_on_their_own_captions(tmp_path, models, instance_dir, monkeypatch):
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    for i, caption in enumerate(["a red circle", "a blue square"]):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(classes / f"{i}.png")
+        (classes / f"{i}.txt").write_text(caption)
+    seen = []
+    real_tokenize = lora_mod.tokenize
+
+    def tokenize(tokenizer, captions):
+        seen.extend(captions)
+        return real_tokenize(tokenizer, captions)
+
+    monkeypatch.setattr(lora_mod, "tokenize", tokenize)
+    cfg = _cfg(tmp_path, models["sd1"], instance_dir, with_prior_preservation=True, class_data_dir=str(classes),
+               num_class_images=2, max_train_steps=2)
+    assert train_lora(cfg)["steps"] == 2  # no --class_prompt needed: every class image has a caption
+    assert {"a red circle", "a blue square"} & set(seen)
+    (classes / "1.txt").unlink()
+    with pytest.raises(UserError) as err:
+        train_lora(replace_output(cfg, tmp_path / "again"))
+    assert "1.png has no caption" in str(err.value)
+
+
 def replace_output(cfg, folder):
     from dataclasses import replace
 
@@ -331,7 +356,7 @@ def test_cached_latents_with_caption_shuffle_encode_each_image_once_and_captions
     (["--instance_data_dir", "{data}", "--learning_rate", "nan"], "--learning_rate must be"),
     (["--instance_data_dir", "{data}", "--train_text_encoder_ti_frac", "1.5"], "--train_text_encoder_ti_frac must be"),
     (["--instance_data_dir", "{data}", "--train_text_encoder", "--train_text_encoder_ti"], "not both"),
-    (["--instance_data_dir", "{data}", "--with_prior_preservation"], "needs --class_data_dir and --class_prompt"),
+    (["--instance_data_dir", "{data}", "--with_prior_preservation"], "needs --class_data_dir"),
     (["--instance_data_dir", "{data}", "--snr_gamma", "5", "--do_edm_style_training"], "--snr_gamma does not apply"),
     (["--instance_data_dir", "{data}", "--optimizer", "prodigy"], "needs the prodigyopt package"),
 ])

@@ -127,6 +127,19 @@ def read_instance_folder(folder, instance_prompt: str | None, caption_extension:
     return items
 
 
+def class_items(paths, class_prompt: str, caption_extension: str = ".txt") -> list[Item]:
+    """Class images for prior preservation, each with the caption of its `.txt` file when it has one
+    (kohya's captioned regularisation images), else `class_prompt` (the DreamBooth scripts' one prompt)."""
+    items = []
+    for path in paths:
+        side = Path(path).with_suffix(caption_extension)
+        caption = side.read_text(encoding="utf-8-sig").strip() if side.is_file() else ""
+        if not caption and not class_prompt:
+            raise UserError(f"class image {Path(path).name} has no caption ({side.name}) and no --class_prompt was given")
+        items.append(Item(Path(path), caption or class_prompt))
+    return items
+
+
 def _open(path: Path):
     from PIL import ImageOps
 
@@ -279,6 +292,9 @@ def ensure_class_images(pipe, folder, prompt: str, count: int, *, resolution: in
         if not (folder / f"class-{k:05d}.png").exists():
             todo.append(k)
         k += 1
+    if todo and not prompt:
+        raise UserError(f"--class_data_dir {folder} holds {len(have)} of --num_class_images {count} images: "
+                        "give --class_prompt to generate the rest")
     mine = todo[rank::world]
     if mine:
         from tqdm.auto import tqdm

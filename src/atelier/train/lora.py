@@ -45,7 +45,7 @@ from atelier.models.embeddings import save_embedding_file
 from atelier.models.lora_files import save_kohya_copy
 from atelier.train import weighting
 from atelier.train.dreambooth_data import (DreamBoothData, Item, LatentCache, batch_index, ensure_class_images,
-                                           make_bucket_resolutions, pixels, place, read_instance_folder,
+                                           class_items, make_bucket_resolutions, pixels, place, read_instance_folder,
                                            replace_tokens, time_ids)
 from atelier.train.loop import EmaState, TrainLoop, make_accelerator, numbered_checkpoints
 from atelier.train.options import check_all
@@ -196,8 +196,9 @@ class LoraTrainConfig:
                             "(pivotal tuning), not both")
         if self.do_edm_style_training and self.snr_gamma is not None:
             raise UserError("--snr_gamma does not apply to --do_edm_style_training (its loss has its own weighting)")
-        if self.with_prior_preservation and not (self.class_data_dir and self.class_prompt):
-            raise UserError("--with_prior_preservation needs --class_data_dir and --class_prompt")
+        if self.with_prior_preservation and not self.class_data_dir:
+            raise UserError("--with_prior_preservation needs --class_data_dir (and --class_prompt unless every class "
+                            "image there has a caption file)")
         if self.train_text_encoder_ti and not [t for t in self.token_abstraction.split(",") if t.strip()]:
             raise UserError("--token_abstraction must name at least one identifier (e.g. TOK)")
         if not self.caption_extension.startswith("."):
@@ -645,7 +646,7 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
         class_paths = ensure_class_images(pipe, cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images,
                                           resolution=cfg.resolution, seed=cfg.seed, rank=rank, world=world,
                                           wait=accelerator.wait_for_everyone)
-        data.classes = [Item(p, data.class_prompt) for p in class_paths]
+        data.classes = class_items(class_paths, data.class_prompt, cfg.caption_extension)
         place(data.classes, None, cfg.resolution, True, cfg.seed)
 
     # what trains: new tokens, LoRA layers (fp32 under mixed precision), the optimizer's groups
@@ -725,7 +726,7 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
             z = latents(batch.items, batch.flips, batch.bucket)
             if batch.classes:
                 z = torch.cat([z, latents(batch.classes, batch.class_flips, batch.bucket)])
-        captions = batch.captions + [data.class_prompt] * len(batch.classes)
+        captions = batch.captions + [item.caption for item in batch.classes]
         ids = [tokenize(t, captions) for t in tokenizers]
         add_time_ids = None
         if sdxl:
