@@ -258,6 +258,20 @@ def test_dora_on_chosen_blocks_with_ema_edm_style_and_buckets(tmp_path, models, 
     assert config.use_dora and config.r == 2 and config.lora_alpha == 4  # the metadata went with the file
 
 
+def test_an_edm_model_trains_with_its_schedulers_preconditioning_and_refuses_snr_gamma(tmp_path, instance_dir):
+    from diffusers import EDMEulerScheduler
+
+    from atelier.errors import UserError
+
+    pipe = tiny_pipeline("sdxl")
+    pipe.scheduler = EDMEulerScheduler()  # as Playground v2.5 ships
+    model = str(save_tiny_pipeline(pipe, tmp_path / "edm"))
+    with pytest.raises(UserError, match="--snr_gamma does not apply to this EDM model"):
+        train_lora(_cfg(tmp_path, model, instance_dir, snr_gamma=5.0))
+    summary = train_lora(_cfg(tmp_path, model, instance_dir, max_train_steps=2))
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+
+
 def test_prior_preservation_generates_missing_class_images_reuses_them_and_resumes(tmp_path, models, instance_dir,
                                                                                    monkeypatch):
     import atelier.core.images as images

@@ -23,7 +23,7 @@ _RESUME_FREE = {"out_dir", "threads", "checkpoint_every", "eval_every",
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train models (the toy-world models)",
+    p = subparsers.add_parser("train", help="train models (the toy-world models, IP-Adapters, inverters, LoRAs)",
                               description="Train models on this machine.")
     sub = p.add_subparsers(dest="train_command", metavar="WHAT")
     sub.required = True
@@ -406,7 +406,7 @@ def register_lora(sub) -> None:
                            "models' encoder turns teal into blue); implies --cache_latents (default: 200 for the "
                            "toy-world models, else 0)")
     adapter = a.add_argument_group("adapter")
-    adapter.add_argument("--rank", type=int, help="LoRA rank (default (model): 4; toy-world 8)")
+    adapter.add_argument("--rank", type=int, help="LoRA rank (default (model): 4)")
     adapter.add_argument("--lora_alpha", type=float, help="LoRA alpha (default: the rank)")
     adapter.add_argument("--lora_dropout", type=float, default=0.0)
     adapter.add_argument("--use_dora", action="store_true", help="DoRA (weight-decomposed LoRA)")
@@ -432,7 +432,7 @@ def register_lora(sub) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--train_batch_size", type=int, help="default (model): 4")
     train.add_argument("--num_train_epochs", type=int, help="train this many epochs (when --max_train_steps is not given)")
-    train.add_argument("--max_train_steps", type=int, help="default (model): 500; toy-world 600")
+    train.add_argument("--max_train_steps", type=int, help="default (model): 500; toy-world 400")
     train.add_argument("--checkpointing_steps", type=int, default=500)
     train.add_argument("--checkpoints_total_limit", type=int, help="keep at most this many checkpoints")
     train.add_argument("--resume_from_checkpoint", help="latest (the default when OUTPUT_DIR holds checkpoints) or "
@@ -440,8 +440,8 @@ def register_lora(sub) -> None:
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
-    train.add_argument("--learning_rate", type=float, help="default (model): 1e-4; toy-world 1e-3; Prodigy: use 1.0")
-    train.add_argument("--text_encoder_lr", type=float, help="default (model): 5e-6; toy-world 1e-3")
+    train.add_argument("--learning_rate", type=float, help="default (model): 1e-4; toy-world 5e-4; Prodigy: use 1.0")
+    train.add_argument("--text_encoder_lr", type=float, help="default (model): 5e-6; toy-world 5e-4")
     train.add_argument("--lr_scheduler", default="constant", choices=("linear", "cosine", "cosine_with_restarts",
                                                                       "polynomial", "constant", "constant_with_warmup"))
     train.add_argument("--lr_warmup_steps", type=int, help="default (model): 500; toy-world 0")
@@ -470,7 +470,7 @@ def register_lora(sub) -> None:
     val.add_argument("--num_validation_images", type=int, default=4)
     val.add_argument("--validation_epochs", type=int, default=50)
     val.add_argument("--validation_steps", type=int, help="every N steps instead of epochs")
-    a.add_argument("--threads", type=int, help="torch CPU threads")
+    a.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; toy-world 1)")
     a.add_argument("--json", action="store_true", help="print the summary as JSON")
     speed_cli.add_speed_options(a, training=True)
     a.set_defaults(func=run_lora)

@@ -3,9 +3,10 @@ advanced training scripts (examples/advanced_diffusion_training/train_dreambooth
 ..._sdxl_advanced.py) and kohya sd-scripts' data conveniences, for SD 1.x, SD 2.x (v-prediction), SDXL and
 the Turbo models.
 
-What trains (peft adapters through diffusers / transformers' PEFT integration):
-  * LoRA (or DoRA, --use_dora) on the UNet's attention projections (to_q, to_k, to_v, to_out.0), of every
-    attention layer or of the --lora_unet_blocks given (--use_blora: B-LoRA's two SDXL blocks);
+What trains (peft adapters: diffusers' `add_adapter` in the UNet, peft's injection in the text encoders):
+  * LoRA (or DoRA, --use_dora) on the UNet's attention projections (to_q, to_k, to_v, to_out.0; other layers
+    with --lora_layers), of every attention layer or of the --lora_unet_blocks given (--use_blora: B-LoRA's
+    two SDXL blocks);
   * optionally LoRA on the text encoders' attention (--train_text_encoder, for --train_text_encoder_frac
     of the steps), or pivotal tuning (--train_text_encoder_ti): each --token_abstraction of the captions
     becomes new tokens <s0><s1>... in every tokenizer, whose embedding rows alone train (the advanced
@@ -27,6 +28,7 @@ A1111 and ComfyUI use), settings.json, loss.png, validation/ grids.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -58,16 +60,17 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 
 # Defaults that depend on the base model, used where the option is not given. The general ones are the
 # advanced scripts' (max_train_steps: theirs runs --num_train_epochs 1 by default; 500 steps is what their
-# README's examples train). The toy-world models (64 px, a word tokenizer, a 20 M-parameter UNet) learn a
-# concept on 2 CPU cores in minutes with a larger rate and rank (docs/lora.md, measured).
+# README's examples train). The toy-world models (64 px, a word tokenizer, a small UNet) learn a concept on
+# 2 CPU cores in minutes with a larger rate and more layers (docs/lora.md, measured).
 GENERAL_DEFAULTS = dict(decoder_inversion_steps=0, rank=4, train_batch_size=4, learning_rate=1e-4, text_encoder_lr=5e-6, lr_warmup_steps=500,
                         max_train_steps=500, num_new_tokens_per_abstraction=2, lora_layers=",".join(UNET_TARGETS))
 # The toy UNet draws a shape's detail (a ring's hole) in its attention-free outer blocks: LoRA on attention
 # alone barely moves it, so the toy default adapts the ResNet convolutions and feed-forwards too (LoCon-like).
 TOY_LAYERS = ("to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
               "conv_shortcut", "time_emb_proj")
-TOY_DEFAULTS = dict(decoder_inversion_steps=100, rank=8, train_batch_size=4, learning_rate=1e-3, text_encoder_lr=1e-3, lr_warmup_steps=0,
-                    max_train_steps=600, num_new_tokens_per_abstraction=2, lora_layers=",".join(TOY_LAYERS))
+TOY_DEFAULTS = dict(decoder_inversion_steps=100, rank=4, train_batch_size=4, learning_rate=5e-4, text_encoder_lr=5e-4, lr_warmup_steps=0,
+                    max_train_steps=400, num_new_tokens_per_abstraction=2, lora_layers=",".join(TOY_LAYERS),
+                    threads=1)  # measured: 2 threads no faster on the toy's small tensors, 5-10x slower on a shared CPU
 # Settings that may change when a run resumes (they do not change what is learnt).
 RESUME_FREE = {"resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "validation_prompt",
                "num_validation_images", "validation_epochs", "validation_steps", "threads", "logging_dir",
@@ -184,11 +187,8 @@ class LoraTrainConfig:
             raise UserError(f"--mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
         if self.optimizer.lower() not in ("adamw", "prodigy"):
             raise UserError(f"--optimizer must be adamw or prodigy, not {self.optimizer!r}")
-        if self.optimizer.lower() == "prodigy":
-            try:
-                import prodigyopt  # noqa: F401
-            except ImportError:
-                raise UserError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        if self.optimizer.lower() == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+            raise UserError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise UserError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, not {self.lr_scheduler!r}")
         if self.train_text_encoder and self.train_text_encoder_ti:
@@ -489,7 +489,8 @@ def model_card(cfg: LoraTrainConfig, *, name: str, family, mapping: dict[str, st
              f"A {kind} (rank {cfg.rank}, alpha {cfg.lora_alpha:g}) for `{base}` ({family.family}, "
              f"{family.prediction_type}), trained by `atelier train lora` for {steps} steps: DreamBooth"
              f"{' with pivotal tuning' if emb else ''}{' and prior preservation' if cfg.with_prior_preservation else ''}. "
-             "Settings: `settings.json`; loss curve: `loss.png`; validation images: `validation/`.", "",
+             "Settings: `settings.json`; loss curve: `loss.png`"
+             + ("; validation images: `validation/`." if cfg.validation_prompt else "."), "",
              "## Trigger words", ""]
     if mapping:
         lines += [f"- `{token}` of the captions was learnt as the new tokens `{new}` (embedding file `{embeddings.name}`: "
@@ -599,6 +600,10 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
         pipe.vae = _load_vae(cfg.pretrained_vae_model_name_or_path)
     family = detect_family(pipe)
     cfg = resolve(cfg, pipe)
+    if _edm_scheduler(pipe) is not None and cfg.snr_gamma is not None:
+        raise UserError("--snr_gamma does not apply to this EDM model (its loss has its own weighting)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     sdxl = is_sdxl_pipeline(pipe)
     tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
     encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
@@ -741,28 +746,29 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
                 x = z.float() + sigma * noise.float()
                 pred = model(edm.precondition_inputs(x, sigma).to(z.dtype), edm.timesteps[index].to(loop.device), ids,
                              add_time_ids)
-                denoised, weight = edm.precondition_outputs(x, pred.float(), sigma), None
+                pred, weight = edm.precondition_outputs(x, pred.float(), sigma), None  # the denoised x0
             else:  # a variance-preserving model in EDM form (the advanced scripts' --do_edm_style_training)
                 t = index.to(loop.device)
                 sigma = weighting.sigma_of(abar, t).view(-1, 1, 1, 1)
                 x = z.float() + sigma * noise.float()
                 pred = model((x * weighting.edm_input_scale(sigma)).to(z.dtype), t, ids, add_time_ids)
-                denoised, weight = denoised_from_sigma(pred.float(), x, sigma, prediction), weighting.edm_loss_weight(sigma)
+                pred = denoised_from_sigma(pred.float(), x, sigma, prediction)  # the denoised x0
+                weight = weighting.edm_loss_weight(sigma)
             target = z.float()
         else:
             t = torch.randint(0, steps_t, (len(z),), generator=g).to(loop.device)
             a = abar[t].float().sqrt().view(-1, 1, 1, 1)
             b = (1 - abar[t].float()).sqrt().view(-1, 1, 1, 1)
             x_t = (a * z.float() + b * noise.float()).to(z.dtype)
-            denoised = model(x_t, t, ids, add_time_ids)
+            pred = model(x_t, t, ids, add_time_ids)
             target = model_target(z.float(), noise.float(), a, b, prediction)
             weight = weighting.min_snr_weight(weighting.snr_of(abar, t), cfg.snr_gamma, prediction) if cfg.snr_gamma else None
         n = len(batch.items)
         w = (lambda s: None if weight is None else weight[s])
-        instance = weighting.weighted_mse(denoised[:n], target[:n], w(slice(0, n)))
+        instance = weighting.weighted_mse(pred[:n], target[:n], w(slice(0, n)))
         if not batch.classes:
             return instance
-        prior = weighting.weighted_mse(denoised[n:], target[n:], w(slice(n, None)))
+        prior = weighting.weighted_mse(pred[n:], target[n:], w(slice(n, None)))
         return instance + cfg.prior_loss_weight * prior, {"instance": instance.item(), "prior": prior.item()}
 
     factor = lr_factor(cfg, total)
