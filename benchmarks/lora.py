@@ -61,7 +61,9 @@ ABLATIONS = {
     "Prodigy": ["--optimizer", "prodigy", "--learning_rate", "1.0"],
     "rank 16": ["--rank", "16", "--lora_alpha", "16"],
 }
-PRIOR_FLAGS = ["--with_prior_preservation", "--class_data_dir", "{work}/class-{model}", "--num_class_images", "100"]
+CLASS_IMAGES = 100
+CLASS_SEED = 4_400_000
+PRIOR_FLAGS = ["--with_prior_preservation", "--class_data_dir", "{work}/class-{model}", "--num_class_images", str(CLASS_IMAGES)]
 
 
 def write_instance_data(concept: str, folder: Path) -> Path:
@@ -73,7 +75,28 @@ def write_instance_data(concept: str, folder: Path) -> Path:
     return images
 
 
-def train(model: str, data: Path, out: Path, flags: list[str], *, threads: int, steps: int | None) -> dict:
+def write_class_images(model: str, folder: Path, n: int) -> None:
+    """Prior-preservation images: the base model's own images of random base-world captions, each with its
+    caption in a .txt beside it (kohya's captioned regularisation images)."""
+    import random
+
+    from atelier.toyworld.scene import sample_scene
+
+    rng = random.Random(CLASS_SEED)
+    pipe = None
+    for k in range(n):
+        scene = sample_scene(rng, rng.randint(1, 3))
+        caption = scene.caption(rng)
+        path = folder / f"class-{k:05d}.png"
+        if not path.is_file():
+            pipe = pipe or load_pipeline(model)
+            out = generate(pipe, GenerationRequest(caption, seed=CLASS_SEED + k), progress=False)[0]
+            save_png(out.image, path, out.parameters)
+            atomic_write_bytes(path.with_suffix(".txt"), (caption + "\n").encode("utf-8"))
+
+
+def train(model: str, data: Path, out: Path, flags: list[str], *, threads: int, steps: int | None,
+          inversion_steps: int | None = None) -> dict:
     """`atelier train lora` in a subprocess (reused when `out` holds a finished run): its summary and wall time."""
     record = out / "bench.json"
     if record.is_file():
@@ -82,6 +105,8 @@ def train(model: str, data: Path, out: Path, flags: list[str], *, threads: int, 
            "--instance_data_dir", str(data), "--output_dir", str(out), "--threads", str(threads), "--json", *flags]
     if steps is not None:
         cmd += ["--max_train_steps", str(steps)]
+    if inversion_steps is not None:
+        cmd += ["--decoder_inversion_steps", str(inversion_steps)]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     seconds = time.perf_counter() - start
@@ -198,6 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--held-out", type=int, default=50, help="held-out captions per concept")
     p.add_argument("--prior", type=int, default=60, help="standard held-out captions for the prior drift")
     p.add_argument("--steps", type=int, help="override the trainer's default --max_train_steps (smoke runs)")
+    p.add_argument("--inversion-steps", type=int, help="override the trainer's default --decoder_inversion_steps (smoke runs)")
     p.add_argument("--ablation-model", default="toyworld")
     p.add_argument("--ablation-concept", default="ring")
     p.add_argument("--memory-archs", default="sd1,sdxl", help="full-size architectures of the memory part")
@@ -221,8 +247,11 @@ def main(argv=None) -> int:
 
     def concept_row(model, concept, variant, flags):
         data = write_instance_data(concept, work / "data" / concept)
+        if flags is PRIOR_FLAGS:
+            write_class_images(model, work / f"class-{model}", CLASS_IMAGES)
         out = run_dir(work, model, concept, variant)
-        summary = train(model, data, out, [f.format(work=work, model=model) for f in flags], threads=args.threads, steps=args.steps)
+        summary = train(model, data, out, [f.format(work=work, model=model) for f in flags], threads=args.threads, steps=args.steps,
+                        inversion_steps=args.inversion_steps)
         pipe = trained_pipeline(model, out)
         scores = concept_scores(pipe, concept, args.held_out)
         print(f"{model} {concept} {variant}: {scores} in {summary['bench_seconds']:.0f} s", file=sys.stderr, flush=True)

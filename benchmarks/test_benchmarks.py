@@ -207,3 +207,25 @@ def test_speed_benchmark_runs_small(capsys):
     table = [line for line in out.splitlines() if line.startswith("toy ")]
     assert len(table) == 2 + len(speed.unet_configs("toy"))
     assert not any("failed" in line for line in table), out
+
+
+def test_lora_benchmark_runs_small_and_reuses_finished_runs(tmp_path, capsys):
+    """Two training steps per run through the CLI, judged on two held-out captions; a second call reuses the runs."""
+    import lora
+
+    argv = ["--work", str(tmp_path), "--models", "toyworld-turbo", "--concepts", "ring", "--held-out", "2", "--prior", "2",
+            "--steps", "2", "--inversion-steps", "1", "--skip", "ablations,memory", "--threads", "1", "--ablation-model", "toyworld-turbo"]
+    lora.CLASS_IMAGES = 2
+    lora.PRIOR_FLAGS[-1] = "2"
+    try:
+        assert lora.main(argv) == 0
+    finally:
+        lora.CLASS_IMAGES, lora.PRIOR_FLAGS[-1] = 100, "100"
+    out = capsys.readouterr().out
+    assert "toyworld-turbo  ring" in out and "+ ring LoRA (prior preservation)" in out
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["toyworld-turbo-ring-defaults", "toyworld-turbo-ring-prior-preservation"]
+    assert sorted(p.name for p in (tmp_path / "class-toyworld-turbo").glob("*.txt")) == ["class-00000.txt", "class-00001.txt"]
+    stamp = (tmp_path / "runs" / runs[0] / "bench.json").stat().st_mtime_ns
+    assert lora.main([*argv, "--skip", "prior,ablations,memory"]) == 0
+    assert (tmp_path / "runs" / runs[0] / "bench.json").stat().st_mtime_ns == stamp
