@@ -11,7 +11,7 @@ prior       objects right on the standard held-out captions of the base world (n
             base model, after the concept run, and after the same run with prior preservation; target
             a drop <= 5 points with it.
 ablations   the same data and steps, one change each from the defaults: DoRA, pivotal tuning, Min-SNR
-            (gamma 5), Prodigy, rank 16.
+            (gamma 5), Prodigy, rank 16, decoder inversion (100 steps).
 memory      real size: `train_lora` (rank 4, 128 px, batch 1) on the full-size SD 1.5 and SDXL
             architectures (atelier's bundled configs, random weights, the real CLIP tokenizer), each in
             its own process: seconds per step and peak memory (RSS) with and without gradient
@@ -60,6 +60,7 @@ ABLATIONS = {
     "Min-SNR (gamma 5)": ["--snr_gamma", "5"],
     "Prodigy": ["--optimizer", "prodigy", "--learning_rate", "1.0"],
     "rank 16": ["--rank", "16", "--lora_alpha", "16"],
+    "decoder inversion": ["--decoder_inversion_steps", "100"],
 }
 CLASS_IMAGES = 100
 CLASS_SEED = 4_400_000

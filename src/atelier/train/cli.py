@@ -403,8 +403,7 @@ def register_lora(sub) -> None:
     data.add_argument("--decoder_inversion_steps", type=int, metavar="N",
                       help="refine each image's latents by N steps until the VAE decoder gives the image back "
                            "(decoder inversion; for colours or shapes the VAE's encoder never learnt: the toy "
-                           "models' encoder turns teal into blue); implies --cache_latents (default: 200 for the "
-                           "toy-world models, else 0)")
+                           "models' encoder turns teal into blue); implies --cache_latents (default 0)")
     adapter = a.add_argument_group("adapter")
     adapter.add_argument("--rank", type=int, help="LoRA rank (default (model): 4)")
     adapter.add_argument("--lora_alpha", type=float, help="LoRA alpha (default: the rank)")

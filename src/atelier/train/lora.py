@@ -62,13 +62,13 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 # advanced scripts' (max_train_steps: theirs runs --num_train_epochs 1 by default; 500 steps is what their
 # README's examples train). The toy-world models (64 px, a word tokenizer, a small UNet) learn a concept on
 # 2 CPU cores in minutes with a larger rate and more layers (docs/lora.md, measured).
-GENERAL_DEFAULTS = dict(decoder_inversion_steps=0, rank=4, train_batch_size=4, learning_rate=1e-4, text_encoder_lr=5e-6, lr_warmup_steps=500,
+GENERAL_DEFAULTS = dict(rank=4, train_batch_size=4, learning_rate=1e-4, text_encoder_lr=5e-6, lr_warmup_steps=500,
                         max_train_steps=500, num_new_tokens_per_abstraction=2, lora_layers=",".join(UNET_TARGETS))
 # The toy UNet draws a shape's detail (a ring's hole) in its attention-free outer blocks: LoRA on attention
 # alone barely moves it, so the toy default adapts the ResNet convolutions and feed-forwards too (LoCon-like).
 TOY_LAYERS = ("to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
               "conv_shortcut", "time_emb_proj")
-TOY_DEFAULTS = dict(decoder_inversion_steps=100, rank=4, train_batch_size=4, learning_rate=5e-4, text_encoder_lr=5e-4, lr_warmup_steps=0,
+TOY_DEFAULTS = dict(rank=4, train_batch_size=4, learning_rate=5e-4, text_encoder_lr=5e-4, lr_warmup_steps=0,
                     max_train_steps=400, num_new_tokens_per_abstraction=2, lora_layers=",".join(TOY_LAYERS),
                     threads=1)  # measured: 2 threads no faster on the toy's small tensors, 5-10x slower on a shared CPU
 # Settings that may change when a run resumes (they do not change what is learnt).
@@ -106,7 +106,7 @@ class LoraTrainConfig:
     max_bucket_reso: int | None = None  # default resolution × 2 (kohya's 1024 at 512)
     bucket_reso_steps: int | None = None  # default: the size the UNet divides by (64 for SD)
     cache_latents: bool = False
-    decoder_inversion_steps: int | None = None  # latents refined until the VAE decoder gives the image back (caches)
+    decoder_inversion_steps: int = 0  # latents refined until the VAE decoder gives the image back (caches)
     train_text_encoder: bool = False
     train_text_encoder_frac: float = 1.0
     train_text_encoder_ti: bool = False
