@@ -500,7 +500,7 @@ def model_card(cfg: LoraTrainConfig, *, name: str, family, mapping: dict[str, st
     else:
         lines.append(f"- Prompt the way the captions were written, e.g. `{example}`.")
     lines += ["", "## atelier", "", "```sh",
-              f"atelier generate --model {base} --lora {out / WEIGHT_NAME}"
+              f"atelier generate --model {base} --lora {out / lora_file}"
               + (f" --embedding {out / embeddings.name}" if emb else "") + f' "{webui}"', "```", "",
               "## diffusers", "", "```py",
               f'pipe.load_lora_weights("{out}", weight_name="{WEIGHT_NAME}")']
