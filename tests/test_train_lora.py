@@ -258,6 +258,25 @@ def test_dora_on_chosen_blocks_with_ema_edm_style_and_buckets(tmp_path, models, 
     assert config.use_dora and config.r == 2 and config.lora_alpha == 4  # the metadata went with the file
 
 
+def test_dora_on_attention_and_convolutions_loads_whole_and_draws(tmp_path, models, instance_dir):
+    """peft's key names throughout: a file that renamed only the attention layers to diffusers' old
+    lora.down/lora.up was read as peft's, and those layers were left unloaded (on the meta device)."""
+    from diffusers import StableDiffusionPipeline
+
+    train_lora(_cfg(tmp_path, models["sd1"], instance_dir, use_dora=True, lora_layers="to_q,to_v,conv1,conv2",
+                    max_train_steps=2))
+    keys = load_file(tmp_path / "out" / WEIGHT_NAME)
+    assert any(".to_q.lora_A." in k for k in keys) and any(".conv1.lora_A." in k for k in keys)
+    assert not any(".lora.down." in k for k in keys)
+    pipe = StableDiffusionPipeline.from_pretrained(models["sd1"], safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    before = _image(pipe)
+    pipe.load_lora_weights(str(tmp_path / "out"), weight_name=WEIGHT_NAME)
+    assert not any(p.device.type == "meta" for p in pipe.unet.parameters())
+    after = _image(pipe)
+    assert np.isfinite(after).all() and np.abs(after - before).max() > 1e-4
+
+
 def test_an_edm_model_trains_with_its_schedulers_preconditioning_and_refuses_snr_gamma(tmp_path, instance_dir):
     from diffusers import EDMEulerScheduler
 

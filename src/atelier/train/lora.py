@@ -452,11 +452,12 @@ def lr_factor(cfg: LoraTrainConfig, total: int):
 def save_lora(pipe, trainee: LoraTrainee, folder: Path) -> Path:
     """pytorch_lora_weights.safetensors in `folder` through the pipeline class's `save_lora_weights`, with
     the adapters' LoraConfig (rank, alpha, DoRA) in its metadata; written atomically."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
-    def layers(module):
-        return {k: v.float() for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(module)).items()}
+    def layers(module):  # peft's key names (lora_A / lora_B / lora_magnitude_vector), which diffusers reads
+        # as they are; convert_state_dict_to_diffusers would rename only the attention layers to the old
+        # lora.down / lora.up and leave a mixed file whose renamed layers diffusers then does not load
+        return {k: v.float() for k, v in get_peft_model_state_dict(module).items()}
 
     kwargs = {"unet_lora_layers": layers(trainee.unet),
               "unet_lora_adapter_metadata": trainee.unet.peft_config["default"].to_dict()}
