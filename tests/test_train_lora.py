@@ -428,3 +428,12 @@ def test_boolean_options_are_flags_not_type_bool(capsys):
     with pytest.raises(SystemExit) as exc:  # `type=bool` would have read "False" as True
         parser.parse_args([*base, "--prodigy_use_bias_correction", "False"])
     assert exc.value.code == 2 and "unrecognized arguments: False" in capsys.readouterr().err
+
+
+def test_prodigy_trains_and_json_output_is_only_json(tmp_path, models, instance_dir, capsys):
+    """prodigyopt prints its settings when built; `--json` output must stay parseable for scripts."""
+    code, out, _ = run(["train", "lora", "--output_dir", tmp_path / "out", "--threads", "1", "--instance_prompt", "a TOK",
+                        "--instance_data_dir", instance_dir, "--pretrained_model_name_or_path", models["sd1"],
+                        "--optimizer", "prodigy", "--learning_rate", "1.0", "--max_train_steps", "2", "--json"], capsys)
+    assert code == 0 and json.loads(out)["steps"] == 2
+    assert json.loads((tmp_path / "out" / "settings.json").read_text())["options"]["optimizer"] == "prodigy"

@@ -29,10 +29,12 @@ A1111 and ComfyUI use), settings.json, loss.png, validation/ grids.
 from __future__ import annotations
 
 import importlib.util
+import contextlib
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -428,10 +430,11 @@ def make_optimizer(cfg: LoraTrainConfig, groups: list[dict]):
             import prodigyopt
         except ImportError:
             raise UserError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
-        return prodigyopt.Prodigy(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  beta3=cfg.prodigy_beta3, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
-                                  decouple=cfg.prodigy_decouple, use_bias_correction=cfg.prodigy_use_bias_correction,
-                                  safeguard_warmup=cfg.prodigy_safeguard_warmup)
+        with contextlib.redirect_stdout(sys.stderr):  # Prodigy prints its settings; stdout is for --json
+            return prodigyopt.Prodigy(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      beta3=cfg.prodigy_beta3, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+                                      decouple=cfg.prodigy_decouple, use_bias_correction=cfg.prodigy_use_bias_correction,
+                                      safeguard_warmup=cfg.prodigy_safeguard_warmup)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
 
