@@ -12,6 +12,7 @@ from pathlib import Path
 
 from atelier.errors import UserError
 from atelier.speed import cli as speed_cli
+from atelier.train.options import check_same_settings
 
 STAGES = ("vae", "text", "unet", "turbo", "taesd", "clip", "ip")
 # What each stage needs trained (or resumed) first. clip and ip start from the exported toyworld model.
@@ -111,23 +112,6 @@ def _flag(args, name: str) -> str:
     return f"--set {name}"
 
 
-def check_resumable(cfg) -> None:
-    """Refuse to resume a run directory that was started with other training settings."""
-    path = Path(cfg.out_dir) / "config.json"
-    if not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise UserError(f"{path} is not valid JSON: remove it or use another --out-dir") from None
-    new = json.loads(json.dumps(asdict(cfg), default=str))
-    changed = [k for k in new if k not in _RESUME_FREE and k in old and old[k] != new[k]]
-    if changed:
-        diffs = ", ".join(f"{k}: {old[k]} -> {new[k]}" for k in changed[:4])
-        raise UserError(f"{cfg.out_dir} holds a run with other settings ({diffs}); resume with the same options "
-                        "or use another --out-dir")
-
-
 def run_toyworld(args) -> int:
     from atelier.cli import print_json
 
@@ -140,7 +124,8 @@ def run_toyworld(args) -> int:
     if args.show_config:
         print_json(asdict(cfg))
         return 0
-    check_resumable(cfg)
+    check_same_settings(Path(cfg.out_dir) / "config.json", json.loads(json.dumps(asdict(cfg), default=str)),
+                        _RESUME_FREE, out_flag="--out-dir")
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out-dir {out} exists and is not a folder")

@@ -107,6 +107,12 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def sidecar_caption(image: Path, caption_extension: str = ".txt") -> str:
+    """The caption in the file beside `image` (kohya's `.txt`), or "" when there is none."""
+    side = image.with_suffix(caption_extension)
+    return side.read_text(encoding="utf-8-sig").strip() if side.is_file() else ""
+
+
 def read_instance_folder(folder, instance_prompt: str | None, caption_extension: str = ".txt") -> list[Item]:
     """The images of `folder`, each with the caption of its `.txt` file (else `instance_prompt`)."""
     folder = Path(folder)
@@ -117,11 +123,11 @@ def read_instance_folder(folder, instance_prompt: str | None, caption_extension:
         raise UserError(f"--instance_data_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     items = []
     for path in paths:
-        side = path.with_suffix(caption_extension)
-        caption = side.read_text(encoding="utf-8-sig").strip() if side.is_file() else ""
+        caption = sidecar_caption(path, caption_extension)
         if not caption:
             if not instance_prompt:
-                raise UserError(f"{path.name} has no caption ({side.name}) and no --instance_prompt was given")
+                raise UserError(f"{path.name} has no caption ({path.with_suffix(caption_extension).name}) and no "
+                                "--instance_prompt was given")
             caption = instance_prompt
         items.append(Item(path, caption))
     return items
@@ -132,10 +138,10 @@ def class_items(paths, class_prompt: str, caption_extension: str = ".txt") -> li
     (kohya's captioned regularisation images), else `class_prompt` (the DreamBooth scripts' one prompt)."""
     items = []
     for path in paths:
-        side = Path(path).with_suffix(caption_extension)
-        caption = side.read_text(encoding="utf-8-sig").strip() if side.is_file() else ""
+        caption = sidecar_caption(Path(path), caption_extension)
         if not caption and not class_prompt:
-            raise UserError(f"class image {Path(path).name} has no caption ({side.name}) and no --class_prompt was given")
+            raise UserError(f"class image {Path(path).name} has no caption ({Path(path).with_suffix(caption_extension).name}) "
+                            "and no --class_prompt was given")
         items.append(Item(Path(path), caption or class_prompt))
     return items
 

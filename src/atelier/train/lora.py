@@ -52,7 +52,7 @@ from atelier.train.dreambooth_data import (DreamBoothData, Item, LatentCache, ba
                                            class_items, make_bucket_resolutions, pixels, place, read_instance_folder,
                                            replace_tokens, time_ids)
 from atelier.train.loop import EmaState, TrainLoop, make_accelerator, numbered_checkpoints
-from atelier.train.options import check_all
+from atelier.train.options import check_all, check_same_settings
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the advanced scripts' default
@@ -533,22 +533,6 @@ def write_grid(path: Path, images: np.ndarray) -> None:
         Image.fromarray(np.concatenate(list(images), axis=1)).save(f, format="PNG")
 
 
-def check_resumable(settings: dict, path: Path) -> None:
-    """Refuse to continue a run in `path` (its settings.json) that was started with other settings."""
-    if not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise UserError(f"{path} is not valid JSON: remove it or use another --output_dir") from None
-    old = old.get("options", old)
-    changed = [k for k, v in settings.items() if k not in RESUME_FREE and k in old and old[k] != v]
-    if changed:
-        diffs = ", ".join(f"--{k}: {old[k]} -> {settings[k]}" for k in changed[:3])
-        raise UserError(f"{path.parent} holds a run with other settings ({diffs}); resume with the same options or "
-                        "use another --output_dir")
-
-
 # ---------------------------------------------------------------- the run
 
 def _load_vae(source: str):
@@ -640,7 +624,7 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
         return {**json.loads((out / "done.json").read_text()), "lora": str(out / WEIGHT_NAME), "resumed_done": True}
     settings = json.loads(json.dumps(asdict(cfg), default=str))
     if numbered_checkpoints(out):
-        check_resumable(settings, out / "settings.json")
+        check_same_settings(out / "settings.json", settings, RESUME_FREE, flag_of=lambda k: f"--{k}")
     if accelerator.is_main_process:
         with atomic_open(out / "settings.json", "w", encoding="utf-8") as f:
             f.write(json.dumps({"options": settings, "family": family.family, "prediction_type": family.prediction_type,

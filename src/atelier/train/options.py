@@ -1,9 +1,11 @@
 """Checks of training settings: a bad number (nan, inf, 0, a negative) is one UserError naming the
-option, raised before any work is done."""
+option, raised before any work is done; a resumed run whose settings differ is refused the same way."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from atelier.errors import UserError
 
@@ -30,3 +32,21 @@ def check_all(flag_of, values: dict, rules: dict) -> None:
     for name, rule in rules.items():
         if values.get(name) is not None:
             check_number(flag_of(name), values[name], **rule)
+
+
+def check_same_settings(path, settings: dict, free, *, flag_of=lambda name: name, out_flag: str = "--output_dir") -> None:
+    """Refuse to continue a run whose settings file `path` records other values for settings outside `free`
+    (those that do not change what is learnt), in one line naming up to four of them."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON: remove it or use another {out_flag}") from None
+    old = old.get("options", old)
+    changed = [k for k, v in settings.items() if k not in free and k in old and old[k] != v]
+    if changed:
+        diffs = ", ".join(f"{flag_of(k)}: {old[k]} -> {settings[k]}" for k in changed[:4])
+        raise UserError(f"{path.parent} holds a run with other settings ({diffs}); resume with the same options or "
+                        f"use another {out_flag}")
