@@ -25,9 +25,10 @@ ALLOWED = {
     "edit": {"core", "models", "prompts", "samplers", "image_prompts"},
     "stream": {"core", "models", "prompts", "image_prompts"},
     "evaluate": {"core", "models", "edit", "toyworld", "bench"},  # evaluates the editing methods
-    "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate", "image_prompts", "speed", "generate"},  # edit's inverter, adapters; speed (compile, numerics); generate: DreamBooth's class images
+    "train": {"core", "models", "prompts", "toyworld", "edit", "evaluate", "image_prompts", "speed", "generate", "tryon"},  # edit's inverter, adapters; speed (compile, numerics); generate: DreamBooth's class images
     "server": {"core", "models", "prompts", "stream", "edit"},  # the app: serves the stream and its edit mode
     "bench": {"core", "generate"},
+    "tryon": {"core", "models"},  # virtual try-on: methods over diffusers UNets, their model folder, sampling
     "speed": {"core", "models"},  # quantization, compilation, attention backends, CPU numerics  # runs generation itself, over prompt sets
 }
 # Packages built on top of generation: they call `generate` itself (not helpers that belong in core).

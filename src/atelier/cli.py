@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "atelier.speed.cli",
     "atelier.toyworld.cli",
     "atelier.train.cli",
+    "atelier.tryon.cli",
 ]
 
 

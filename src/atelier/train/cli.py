@@ -58,6 +58,7 @@ def register(subparsers) -> None:
     register_inverter(sub)
     register_ip_adapter(sub)
     register_lora(sub)
+    register_tryon(sub)
 
 
 def _parse_value(text: str, current):
@@ -474,4 +475,69 @@ def run_lora(args) -> int:
         extra = f" + {summary['embeddings_file']}" if summary.get("embeddings_file") else ""
         print(f"LoRA: {summary['lora']}{extra}; {summary.get('steps')} steps in {summary.get('wall_time_s', 0) / 60:.1f} min "
               f"(model card: {Path(summary['lora']).parent / 'README.md'})")
+    return 0
+
+
+# ---------------------------------------------------------------- virtual try-on
+
+def register_tryon(sub) -> None:
+    """`atelier train tryon` (train/tryon.py): CatVTON or OOTDiffusion on VITON-HD-layout data."""
+    t = sub.add_parser(
+        "tryon", help="train a virtual try-on model (CatVTON or OOTDiffusion; resumable)",
+        description=(
+            "Train a try-on model on paired VITON-HD-layout data (DIR/train_pairs.txt, DIR/train/image, "
+            "DIR/train/cloth, DIR/train/agnostic-mask): catvton (person and garment side by side, attention-only "
+            "by default) or ootd (a garment UNet whose self-attention states the try-on UNet attends to). A "
+            "text-to-image base gets a 9-channel inpainting UNet (new channels zero); an inpainting base is used "
+            "as is. Writes OUTPUT_DIR/final (the model folder `atelier tryon --model` reads), checkpoint-<step> "
+            "folders (run the same command again to resume), loss.png and validation/ grids. See docs/tryon.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.add_argument("--method", default="catvton", help="catvton or ootd")
+    t.add_argument("--data", help="the data folder, VITON-HD's layout (required)")
+    t.add_argument("--output_dir", default="runs/tryon")
+    t.add_argument("--base", default="toyworld", help="SD 1.x / 2.x text-to-image or inpainting model: a diffusers "
+                                                      "folder, single file, cached hub id or built-in name")
+    t.add_argument("--max_train_steps", type=int, default=1000)
+    t.add_argument("--train_batch_size", type=int, default=4)
+    t.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    t.add_argument("--learning_rate", type=float, help="default: catvton 1e-5, ootd 5e-5 (the papers'); toy-world 3e-4")
+    t.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    t.add_argument("--max_grad_norm", type=float, default=1.0)
+    t.add_argument("--trainable", help="attention (self-attention only: CatVTON's recipe) or all "
+                                       "(default: catvton attention, ootd all)")
+    t.add_argument("--freeze_garment_unet", action="store_true", help="ootd: keep the garment UNet as the base's")
+    t.add_argument("--condition_dropout", type=float, default=0.1, help="probability of dropping the garment "
+                                                                        "(for guidance)")
+    t.add_argument("--mixed_precision", default="no", help="no, fp16 or bf16")
+    t.add_argument("--gradient_checkpointing", action="store_true")
+    t.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit")
+    t.add_argument("--checkpointing_steps", type=int, default=500)
+    t.add_argument("--checkpoints_total_limit", type=int, help="keep at most this many checkpoints")
+    t.add_argument("--resume_from_checkpoint", help="latest (the default when OUTPUT_DIR holds checkpoints) or "
+                                                    "a checkpoint-<step> folder")
+    t.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"),
+                   help="training size (default: the base's native square size; VITON-HD: 512 384 or 1024 768)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--validation_steps", type=int, default=500, help="validation grid every N steps")
+    t.add_argument("--num_validation_images", type=int, default=4, help="test pairs in the grid")
+    t.add_argument("--validation_inference_steps", type=int, default=20)
+    t.add_argument("--validation_guidance", type=float, help="default: the method's")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    t.set_defaults(func=run_tryon)
+
+
+def run_tryon(args) -> int:
+    from atelier.cli import print_json
+    from atelier.train.tryon import config_from_args, train_tryon
+
+    summary = train_tryon(config_from_args(args))
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"try-on model: {summary['model']}; {summary.get('steps')} steps in "
+              f"{summary.get('wall_time_s', 0) / 60:.1f} min (atelier tryon PERSON GARMENT --mask MASK "
+              f"--model {summary['model']} --out result.png)")
     return 0
