@@ -101,6 +101,24 @@ def test_the_inpainting_unet_starts_as_the_text_to_image_unet_and_round_trips_in
     assert inpainting_unet(again) == (again, False)  # a 9-channel UNet is used as it is
 
 
+def test_an_inpainting_base_is_used_as_it_is(tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from atelier.testing import tiny_components
+
+    components = tiny_components("sd1")
+    inpainting_unet(components["unet"])
+    with torch.no_grad():
+        components["unet"].conv_in.weight[:, 4:] = 0.1
+    StableDiffusionInpaintPipeline(**components, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).save_pretrained(tmp_path / "inpaint")
+    catvton = build_tryon_model(tmp_path / "inpaint", "catvton")
+    assert not catvton.widened and torch.equal(catvton.unet.conv_in.weight, components["unet"].conv_in.weight)
+    ootd = build_tryon_model(tmp_path / "inpaint", "ootd")  # the garment UNet takes the latent channels
+    assert ootd.net.garment_unet.config.in_channels == 4
+    assert torch.equal(ootd.net.garment_unet.conv_in.weight, components["unet"].conv_in.weight[:, :4])
+
+
 def test_catvton_trains_self_attention_only_and_skips_cross_attention(models):
     net = models["catvton"].net
     params = net.trainable("attention")
@@ -161,6 +179,10 @@ def test_guidance_1_calls_the_unet_once_per_step_and_the_person_is_kept_outside_
         calls.append(len(sample))
         return unet_forward(sample, *args, **kwargs)
 
+    garment_calls = []
+    if method == "ootd":
+        garment_forward = model.net.garment_unet.forward
+        model.net.garment_unet.forward = lambda *a, **k: (garment_calls.append(1), garment_forward(*a, **k))[1]
     person, garment, mask = _person_garment_mask(3)
     model.net.unet.forward = counting
     try:
@@ -171,6 +193,9 @@ def test_guidance_1_calls_the_unet_once_per_step_and_the_person_is_kept_outside_
         assert calls == [2, 2, 2]  # one batch of [no garment | garment] per step
     finally:
         del model.net.unet.forward
+        if method == "ootd":
+            del model.net.garment_unet.forward
+            assert garment_calls == [1, 1]  # once per image, at t = 0 (the guided batch in one call)
     assert plain.size == guided.size == person.size
     inside = np.asarray(mask) > 127
     for image in (plain, guided):
@@ -247,7 +272,7 @@ def test_tryon_command_writes_the_result_with_its_parameters(catvton_folder, dat
 
     params = parse_parameters(Image.open(out).info["parameters"])
     assert params["Try-on method"] == "catvton" and params["Steps"] == "2" and params["Guidance"] == "1.5"
-    assert params["Seed"] == "7" and params["Model"] == "catvton"
+    assert params["Seed"] == "7" and params["Model"] == "catvton"  # the folder's name
     assert params["Person hash"] == hashlib.sha256(person.read_bytes()).hexdigest()
     assert params["Mask hash"] == hashlib.sha256(mask.read_bytes()).hexdigest()
     assert Image.open(out).size == Image.open(person).size

@@ -206,8 +206,10 @@ def train_tryon(cfg: TryOnTrainConfig) -> dict:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file")
     cfg = resolved(cfg)
+    # distributed: some trained parameters get no gradient (catvton's skipped cross-attention under
+    # --trainable all; the garment UNet's layers after its last self-attention)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation_steps, project_dir=out,
-                                   flag="--mixed_precision")
+                                   flag="--mixed_precision", find_unused_parameters=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     loop = TrainLoop(out, cfg.max_train_steps, checkpoint_every=cfg.checkpointing_steps,
                      eval_every=cfg.validation_steps, name="tryon", title=f"try-on ({cfg.method}) {out.name}",
@@ -218,16 +220,16 @@ def train_tryon(cfg: TryOnTrainConfig) -> dict:
         return {**json.loads((out / "done.json").read_text()), "model": str(final), "resumed_done": True}
     model = build_tryon_model(cfg.base, cfg.method, resolution=cfg.resolution)
     cfg.resolution = tuple(model.resolution)
+    height, width = model.resolution
+    step = model.vae_scale * 2 ** (len(model.unet.config.down_block_types) - 1)  # the UNet halves the latents
+    if height % step or width % step:
+        raise UserError(f"--resolution {height} {width}: both sides must be multiples of {step} for this model")
     settings = json.loads(json.dumps(asdict(cfg), default=str))
     if numbered_checkpoints(out):
         check_same_settings(out / "settings.json", settings, RESUME_FREE, flag_of=lambda k: f"--{k}")
     if accelerator.is_main_process:
         with atomic_open(out / "settings.json", "w", encoding="utf-8") as f:
             f.write(json.dumps({"options": settings, "train_pairs": len(pairs), "widened_conv_in": model.widened}, indent=2))
-    height, width = model.resolution
-    scale = model.vae_scale
-    if height % (8 * scale) or width % (8 * scale):
-        raise UserError(f"--resolution {height} {width}: both sides must be multiples of {8 * scale} for this model")
 
     # frozen: the VAE (and a frozen garment UNet) on the device in the weight dtype; the rest trains in fp32
     net = model.net

@@ -41,6 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, help="batch: the first N pairs only")
     p.add_argument("--device", help="cpu, cuda, mps (default: the best there is)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines or library warnings")
     p.set_defaults(func=run)
 
 
@@ -54,14 +55,23 @@ def sha256_file(path) -> str:
 
 def parameters(model, *, steps: int, guidance: float, seed: int, size, person, garment, mask) -> str:
     """The result's A1111-style infotext: no prompt, one line of settings."""
-    from atelier.core.facts import source_name
     from atelier.core.infotext import format_parameters
 
     return format_parameters("", "", {
         "Try-on method": model.method, "Steps": steps, "Guidance": guidance, "Seed": seed,
-        "Size": f"{size[0]}x{size[1]}", "Model": source_name(model.source),
+        "Size": f"{size[0]}x{size[1]}", "Model": model_name(model.source),
         "Person hash": sha256_file(person), "Garment hash": sha256_file(garment), "Mask hash": sha256_file(mask),
     })
+
+
+def model_name(source: str) -> str:
+    """A built-in name as given; a folder's name (with its parent's for a trainer's `final`)."""
+    from atelier.core.facts import source_name
+
+    path = Path(source)
+    if path.is_dir() and path.resolve().name == "final":
+        return f"{path.resolve().parent.name}/final"
+    return source_name(str(source))
 
 
 def _settings(args, model) -> tuple[int, float]:
@@ -132,7 +142,7 @@ def run(args) -> int:
     for n, pair in enumerate(pairs):
         results.append(_one(model, pair.person, pair.garment, pair.mask, outdir / f"{pair.name}.png", steps,
                             guidance, args.seed))
-        if not args.json:
+        if not args.json and not args.quiet:
             print(f"[{n + 1}/{len(pairs)}] {results[-1]['out']}", file=sys.stderr)
     with atomic_open(outdir / "results.jsonl", "w", encoding="utf-8") as f:
         f.write("".join(json.dumps(r) + "\n" for r in results))

@@ -42,6 +42,22 @@ def inpainting_unet(unet):
     return unet, True
 
 
+def latent_unet(unet):
+    """A 4-channel UNet from a 9-channel one (in place): `conv_in` keeps the noisy latents' input channels
+    only (ootd's garment UNet from an inpainting base, whose input is the garment's clean latents)."""
+    if int(unet.config.in_channels) == LATENT_CHANNELS:
+        return unet
+    old = unet.conv_in
+    new = torch.nn.Conv2d(LATENT_CHANNELS, old.out_channels, old.kernel_size, old.stride, old.padding,
+                          device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight[:, :LATENT_CHANNELS])
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=LATENT_CHANNELS)
+    return unet
+
+
 def unet_input(noisy: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """The inpainting UNet's input: diffusers' order (StableDiffusionInpaintPipeline)."""
     return torch.cat([noisy, mask.to(noisy.dtype), masked.to(noisy.dtype)], dim=1)

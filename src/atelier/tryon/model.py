@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from atelier.errors import UserError
-from atelier.tryon.inpaint_unet import inpainting_unet, is_inpainting
+from atelier.tryon.inpaint_unet import inpainting_unet, is_inpainting, latent_unet
 from atelier.tryon.methods import METHODS, OOTD, CatVTON
 
 INFO_FILE = "tryon.json"
@@ -107,7 +107,8 @@ def build_tryon_model(base, method: str, *, resolution=None, prompt: str = "", d
     """A try-on model from a base Stable Diffusion 1.x / 2.x model (a folder, single file, hub id or built-in
     name; text-to-image or inpainting): its UNet made 9-channel (inpaint_unet), its VAE, a DDIM scheduler
     on its schedule; ootd also copies the base's 4-channel UNet as the garment UNet (before widening) and
-    keeps the embedding of `prompt`."""
+    keeps the embedding of `prompt` (an inpainting base's UNet gives the garment UNet its 4 latent input
+    channels)."""
     import copy
 
     from atelier.models import load_pipeline
@@ -117,10 +118,8 @@ def build_tryon_model(base, method: str, *, resolution=None, prompt: str = "", d
     unet = pipe.unet
     if getattr(unet.config, "addition_embed_type", None) is not None:
         raise UserError(f"{base}: try-on builds on SD 1.x / 2.x UNets (no SDXL added conditioning)")
-    garment_unet = copy.deepcopy(unet) if method == "ootd" else None
-    if garment_unet is not None and is_inpainting(garment_unet):
-        raise UserError(f"{base} is an inpainting model: ootd's garment UNet needs the 4-channel text-to-image "
-                        "UNet (use a text-to-image base, or --method catvton)")
+    # ootd's garment UNet: the base's text-to-image UNet (an inpainting base's, its latent input channels only)
+    garment_unet = latent_unet(copy.deepcopy(unet)) if method == "ootd" else None
     unet, widened = inpainting_unet(unet)
     if method == "catvton":
         net = CatVTON(unet)
