@@ -18,7 +18,7 @@ from atelier.testing.cli import one_error_line, run
 from atelier.train.checkpoint import read_state
 from atelier.train.loop import TrainLoop
 from atelier.tryon.inpaint_unet import inpainting_unet
-from atelier.tryon.methods import CatVTON, SkipAttnProcessor, attention_parameters
+from atelier.tryon.methods import SkipAttnProcessor, attention_parameters
 from atelier.tryon.model import build_tryon_model, load_tryon_model, save_tryon_model
 from atelier.tryon.pipeline import try_on
 

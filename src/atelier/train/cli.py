@@ -1,7 +1,7 @@
 """`atelier train toyworld`: regenerate the built-in toy-world models from a seed; `atelier train
 inverter` / `prepare-inverter-data`: SwiftEdit's inversion network for a one-step model (train/inverter.py);
 `atelier train ip-adapter` (train/ip_adapter.py); `atelier train lora`: DreamBooth with LoRA / DoRA and
-pivotal tuning (train/lora.py)."""
+pivotal tuning (train/lora.py); `atelier train tryon`: CatVTON / OOTDiffusion (train/tryon.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ _RESUME_FREE = {"out_dir", "threads", "checkpoint_every", "eval_every",
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train models (the toy-world models, IP-Adapters, inverters, LoRAs)",
+    p = subparsers.add_parser("train", help="train models (the toy-world models, IP-Adapters, inverters, LoRAs, try-on models)",
                               description="Train models on this machine.")
     sub = p.add_subparsers(dest="train_command", metavar="WHAT")
     sub.required = True

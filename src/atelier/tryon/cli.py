@@ -3,7 +3,6 @@ a VITON-HD pairs file."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys

@@ -167,9 +167,3 @@ class OOTD(torch.nn.Module):
             return [p for u in unets for p in u.parameters()]
         return [p for u in unets for p in attention_parameters(u)] + [p for p in extra if p is not None]
 
-
-def select_guided(condition, keep: torch.Tensor):
-    """Rows of a condition (tensor or per-layer dict) — for splitting a guided batch."""
-    if isinstance(condition, dict):
-        return {k: v[keep] for k, v in condition.items()}
-    return condition[keep]
