@@ -508,6 +508,7 @@ def register_tryon(sub) -> None:
     t.add_argument("--trainable", help="attention (self-attention only: CatVTON's recipe) or all "
                                        "(default: catvton attention, ootd all)")
     t.add_argument("--freeze_garment_unet", action="store_true", help="ootd: keep the garment UNet as the base's")
+    t.add_argument("--prompt", default="", help="ootd: the text both UNets read (default: the empty prompt)")
     t.add_argument("--condition_dropout", type=float, default=0.1, help="probability of dropping the garment "
                                                                         "(for guidance)")
     t.add_argument("--mixed_precision", default="no", help="no, fp16 or bf16")

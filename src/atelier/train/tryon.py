@@ -59,6 +59,7 @@ class TryOnTrainConfig:
     max_grad_norm: float = 1.0
     trainable: str | None = None  # attention | all; default catvton attention, ootd all
     freeze_garment_unet: bool = False
+    prompt: str = ""  # ootd: the text both UNets read (its embedding is stored in the model folder)
     condition_dropout: float = 0.1
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -93,6 +94,8 @@ class TryOnTrainConfig:
             raise UserError(f"--trainable must be attention or all, not {self.trainable!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
+        if self.prompt and self.method != "ootd":
+            raise UserError("--prompt applies to --method ootd (catvton has no text)")
         if self.freeze_garment_unet and self.method != "ootd":
             raise UserError("--freeze_garment_unet applies to --method ootd (catvton has no garment UNet)")
         if self.resolution is not None:
@@ -218,7 +221,7 @@ def train_tryon(cfg: TryOnTrainConfig) -> dict:
     final = out / "final"
     if loop.done:
         return {**json.loads((out / "done.json").read_text()), "model": str(final), "resumed_done": True}
-    model = build_tryon_model(cfg.base, cfg.method, resolution=cfg.resolution)
+    model = build_tryon_model(cfg.base, cfg.method, resolution=cfg.resolution, prompt=cfg.prompt)
     cfg.resolution = tuple(model.resolution)
     height, width = model.resolution
     step = model.vae_scale * 2 ** (len(model.unet.config.down_block_types) - 1)  # the UNet halves the latents
@@ -260,10 +263,9 @@ def train_tryon(cfg: TryOnTrainConfig) -> dict:
         rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
         chosen = [pairs[rng.randrange(len(pairs))] for _ in range(cfg.train_batch_size)]
         person, garment, mask = (torch.stack(x).to(loop.device) for x in zip(*(load_pair(p, size) for p in chosen)))
-        with torch.no_grad():
-            z_person = vae_calls.encode(vae, person, torch.float32)
-            z_garment = vae_calls.encode(vae, garment, torch.float32)
-            z_masked = vae_calls.encode(vae, person * (mask < 0.5), torch.float32)
+        with torch.no_grad():  # one VAE call: person (the target), garment, masked person
+            z_person, z_garment, z_masked = vae_calls.encode(
+                vae, torch.cat([person, garment, person * (mask < 0.5)]), torch.float32).chunk(3)
         m = latent_mask(mask, z_person.shape[-2:])
         drop = (torch.rand(len(chosen), generator=g) < cfg.condition_dropout).to(loop.device)
         clean = net.clean(z_person, z_garment)
