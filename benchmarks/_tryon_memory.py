@@ -36,8 +36,9 @@ VAE_FACTOR = 8
 CROSS_ATTENTION_DIM = 768
 
 
-def sd15_inpainting_unet():
-    """SD 1.5's UNet with the inpainting model's 9 input channels, random weights, fp32."""
+def sd15_inpainting_unet(overrides: dict | None = None):
+    """SD 1.5's UNet with the inpainting model's 9 input channels, random weights, fp32 (`overrides`:
+    config changes, for a small stand-in in tests)."""
     from importlib import resources
 
     import diffusers
@@ -45,7 +46,7 @@ def sd15_inpainting_unet():
 
     config = json.loads(resources.files("atelier.models.configs").joinpath("sd1.json").read_text())["unet"]
     torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel.from_config({**config, "in_channels": 9})
+    return diffusers.UNet2DConditionModel.from_config({**config, "in_channels": 9, **(overrides or {})})
 
 
 def trainable_parameters(unet, mode: str) -> list:
@@ -63,13 +64,13 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def child(mode: str, checkpointing: bool, threads: int = 1, steps: int = 1) -> dict:
+def child(mode: str, checkpointing: bool, threads: int = 1, steps: int = 1, overrides: dict | None = None) -> dict:
     """In this process: build the UNet, run `steps` training steps, report the figures."""
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
-    unet = sd15_inpainting_unet()
+    unet = sd15_inpainting_unet(overrides)
     params = trainable_parameters(unet, mode)
     if checkpointing:
         unet.enable_gradient_checkpointing()
