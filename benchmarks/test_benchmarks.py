@@ -229,3 +229,25 @@ def test_lora_benchmark_runs_small_and_reuses_finished_runs(tmp_path, capsys):
     stamp = (tmp_path / "runs" / runs[0] / "bench.json").stat().st_mtime_ns
     assert lora.main([*argv, "--skip", "prior,ablations,memory"]) == 0
     assert (tmp_path / "runs" / runs[0] / "bench.json").stat().st_mtime_ns == stamp
+
+
+def test_tryon_memory_step_trains_only_self_attention_or_everything():
+    import torch
+
+    import _tryon_memory
+
+    tiny = {"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1}
+    threads = torch.get_num_threads()
+    try:
+        rows = [_tryon_memory.child(mode, ckpt, threads=1, overrides=tiny) for mode in _tryon_memory.MODES for ckpt in (False, True)]
+    finally:
+        torch.set_num_threads(threads)
+    unet = _tryon_memory.sd15_inpainting_unet(tiny)
+    attn1 = sum(p.numel() for n, p in unet.named_parameters() if ".attn1." in n)
+    assert [r["trainable"] for r in rows] == [attn1, attn1, rows[2]["total_params"], rows[2]["total_params"]]
+    assert all(r["unet_input"] == [1, 9, 32, 48] and r["peak_gb"] >= r["weights_gb"] > 0 for r in rows)
+    assert len({round(r["loss"], 6) for r in rows}) == 1  # same weights, same batch: the same first loss
+    assert len(_tryon_memory.table(rows)) == 6
+    with pytest.raises(ValueError):
+        _tryon_memory.measure("lora", False)

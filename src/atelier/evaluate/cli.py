@@ -1,5 +1,5 @@
 """`atelier evaluate pie-bench`, and the image metrics on folders: `fid`, `kid`, `clip-score`,
-`lpips`, `dists`, `ssim` and `ref-stats` (see docs/evaluation.md)."""
+`lpips`, `dists`, `ssim` and `ref-stats` (see docs/evaluation.md); `tryon` (docs/tryon-toyworld.md)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def register(subparsers) -> None:
     b.set_defaults(func=run_pie_bench_command)
     register_metrics(sub)
     register_report(sub)
+    register_tryon(sub)
 
 
 def run_pie_bench_command(args) -> int:
@@ -393,3 +394,49 @@ def run_report_command(args) -> int:
 
         return _report(args, json_safe(result), "")
     return _report(args, result, "\n".join(lines))
+
+
+def register_tryon(sub) -> None:
+    t = sub.add_parser(
+        "tryon", help="virtual try-on results: paired SSIM / LPIPS / FID / KID, unpaired FID / KID, the toy judge",
+        description="Measure try-on results on a data folder in VITON-HD's layout (test_pairs.txt, "
+                    "test_unpaired_pairs.txt, test/image/): paired SSIM, LPIPS, FID and KID against the person "
+                    "images, unpaired FID and KID against the test person images, and, when DATA/test/cases.jsonl "
+                    "exists (`atelier toyworld tryon-data`), the toy judge's success and preservation. Results: "
+                    "RESULTS/paired/<person stem>__<garment stem>.png and RESULTS/unpaired/... (docs/tryon-toyworld.md). "
+                    "LPIPS without local backbone weights is reported as missing.")
+    t.add_argument("--results", required=True, metavar="DIR", help="folder holding paired/ and unpaired/ results")
+    t.add_argument("--data", required=True, metavar="DIR", help="the try-on data folder (VITON-HD layout)")
+    t.add_argument("--settings", default="paired,unpaired", help="which settings to measure (default paired,unpaired)")
+    t.add_argument("--features", default="toyworld",
+                   help="FID/KID features: toyworld (default, the shipped toy CLIP), inception (clean-fid's) or clip")
+    t.add_argument("--mode", default="clean", help="Inception protocol: clean (default), legacy_pytorch or legacy_tensorflow")
+    t.add_argument("--weights", help="feature extractor weights file or folder (default: the local caches)")
+    t.add_argument("--lpips-net", default="vgg", help="LPIPS backbone: vgg (default), alex or squeeze")
+    t.add_argument("--lpips-weights", action="append", metavar="PATH",
+                   help="LPIPS backbone weights (.safetensors file or folder of torchvision's network; repeatable)")
+    t.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (clean-fid's default 100)")
+    t.add_argument("--seed", type=int, default=0, help="seed of KID's random subsets (default 0)")
+    t.add_argument("--no-judge", action="store_true", help="skip the toy judge even when test/cases.jsonl exists")
+    t.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    t.add_argument("--device", help="device (default: cuda if available, else cpu)")
+    t.add_argument("--allow-pickle", action="store_true", help="also read pickled weights (.pth)")
+    t.add_argument("--json", action="store_true", help="print the result as JSON")
+    t.set_defaults(func=quietly(run_tryon_command))
+
+
+def run_tryon_command(args) -> int:
+    from .tryon import evaluate_tryon, format_tryon
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.kid_subsets < 1:
+        raise UserError("--kid-subsets must be at least 1")
+    settings = tuple(s.strip() for s in args.settings.split(",") if s.strip())
+    result = evaluate_tryon(args.results, args.data, args.features, mode=args.mode, weights=args.weights,
+                            lpips_net=args.lpips_net, lpips_weights=args.lpips_weights, allow_pickle=args.allow_pickle,
+                            device=_device(args), batch_size=args.batch_size, kid_subsets=args.kid_subsets,
+                            seed=args.seed, settings=settings, judge=not args.no_judge)
+    if not args.json:
+        result.pop("judge_per_case", None)
+    return _report(args, result, format_tryon(result))

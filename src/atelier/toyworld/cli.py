@@ -1,4 +1,4 @@
-"""`atelier toyworld render|judge|edits|mjhq|concept-data`."""
+"""`atelier toyworld render|judge|edits|mjhq|concept-data|tryon-data`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,20 @@ def register(subparsers) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.set_defaults(func=run_concept_data)
+
+    t = sub.add_parser("tryon-data", help="write a toy try-on set in VITON-HD's layout: persons, garments, masks, pairs files",
+                       description="Try-on cases of the toy world (docs/toyworld.md, docs/tryon-toyworld.md) in VITON-HD's "
+                                   "layout: DIR/{train,test}/{image,cloth,agnostic-mask}/, DIR/train_pairs.txt, "
+                                   "DIR/test_pairs.txt, DIR/test_unpaired_pairs.txt, and for the judge DIR/test/cases.jsonl "
+                                   "and DIR/test/ground-truth/<person>__<garment>.png. The same seed gives the same files; "
+                                   "a re-run rewrites the set.")
+    t.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    t.add_argument("--n", type=int, default=1000, metavar="N", help="training pairs (default 1000)")
+    t.add_argument("--test-n", type=int, default=100, metavar="M",
+                   help="test persons (default 100): M paired and M unpaired test pairs")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--json", action="store_true", help="print the counts as JSON")
+    t.set_defaults(func=run_tryon_data)
 
 
 def run_render(args) -> int:
@@ -206,4 +220,25 @@ def run_concept_data(args) -> int:
         print_json({"out": str(out), "instance": len(instances), "held_out": len(held_out), "token": args.token})
     else:
         print(f"wrote {len(instances)} instance images to {out / 'instance'} and {len(held_out)} held-out captions to {out / 'held_out.jsonl'}")
+    return 0
+
+
+def run_tryon_data(args) -> int:
+    from atelier.cli import check_output_folder
+
+    from .tryon import write_tryon_data
+
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, not {args.n}")
+    if args.test_n < 1:
+        raise UserError(f"--test-n must be at least 1, not {args.test_n}")
+    out = check_output_folder(args.out, "--out")
+    summary = write_tryon_data(out, args.n, args.test_n, args.seed)
+    if args.json:
+        from atelier.cli import print_json
+
+        print_json(summary)
+    else:
+        print(f"wrote {summary['train']} training pairs and {summary['test_paired']} paired + {summary['test_unpaired']} "
+              f"unpaired test pairs to {out}")
     return 0
