@@ -41,7 +41,13 @@ def register(subparsers) -> None:
                    help="one-step: inverter folder from `atelier train inverter` (default: the built-in "
                         "toyworld-inverter for toyworld-turbo)")
     p.add_argument("--edit-scale", type=float, default=1.0, help="one-step: cross-attention scale of the target prompt inside the mask")
-    p.add_argument("--keep-scale", type=float, default=1.0, help="one-step: cross-attention scale of the source prompt outside the mask")
+    p.add_argument("--keep-scale", type=float, default=1.0, help="one-step: cross-attention scale of the outside prompt outside the mask")
+    p.add_argument("--outside-prompt", default="target", choices=("target", "source"),
+                   help="one-step: the prompt the generator attends to outside the mask: target (SwiftEdit's ARaM: "
+                        "the edit prompt everywhere, the mask rescales it) or source")
+    p.add_argument("--noise-release", type=float, default=1.0,
+                   help="one-step: inside the mask, move the inverted noise this far away from its inversion under the "
+                        "edit prompt (lets go of the replaced words' colour or shape; 0: off)")
     p.add_argument("--image-branch", default="auto", choices=("auto", "on", "off"),
                    help="one-step: SwiftEdit's image branch, the image being edited as the generator's image prompt "
                         "(IP-Adapter). auto: on when the inverter was trained with an adapter or --ip-adapter names "
@@ -55,9 +61,12 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="schedule length (default 25; turbo 4)")
     p.add_argument("--strength", type=float, help="edit strength: share of the schedule re-run (default ddpm 0.8, turbo 1.0)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: the model's; turbo: pseudo-guidance 1)")
-    p.add_argument("--mask-from", default="noise", choices=("noise", "attention", "both", "none"),
-                   help="noise: DiffEdit's noise difference; attention: the changed words' cross-attention; both: their intersection")
-    p.add_argument("--mask-threshold", type=float, default=0.5, help="a soft mask value in [0, 1] above which a cell is edited")
+    p.add_argument("--mask-from", default="auto", choices=("auto", "noise", "attention", "both", "none"),
+                   help="noise: DiffEdit's noise difference; attention: the changed words' cross-attention; both: their "
+                        "intersection (one-step: the inverter's noise difference times its attention to the changed "
+                        "phrase); auto: both for one-step, noise for the others")
+    p.add_argument("--mask-threshold", type=float,
+                   help="a soft mask value in [0, 1] above which a cell is edited (default 0.5; one-step 0.6)")
     p.add_argument("--mask-dilate", type=int, default=1, help="grow the mask by this many latent cells")
     p.add_argument("--no-paste-back", action="store_true", help="do not copy the source pixels back outside the mask")
     p.add_argument("--out", metavar="FILE", help="output image, .png/.jpg/.jpeg/.webp (single image; default edited.png)")
@@ -80,7 +89,8 @@ def _settings(args):
         method=args.method, steps=args.steps, strength=args.strength, guidance_scale=args.guidance,
         mask_from=args.mask_from, mask_threshold=args.mask_threshold, mask_dilate=args.mask_dilate,
         paste_back=not args.no_paste_back, seed=args.seed, inverter=args.inverter,
-        edit_scale=args.edit_scale, keep_scale=args.keep_scale, image_branch=args.image_branch,
+        edit_scale=args.edit_scale, keep_scale=args.keep_scale, outside_prompt=args.outside_prompt,
+        noise_release=args.noise_release, image_branch=args.image_branch,
         ip_edit_scale=args.ip_edit_scale, ip_keep_scale=args.ip_keep_scale))
 
 

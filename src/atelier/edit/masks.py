@@ -85,7 +85,7 @@ def changed_token_positions(tokenizer, source: str, target: str) -> tuple[list[i
     deleted) and in the target prompt (replaced or inserted); function words are left out."""
     ids_s = tokenizer(source, truncation=True).input_ids
     ids_t = tokenizer(target, truncation=True).input_ids
-    skip = {tokenizer.convert_tokens_to_ids(w) for w in FUNCTION_WORDS} | {tokenizer.convert_tokens_to_ids(w + "</w>") for w in FUNCTION_WORDS}
+    skip = _token_ids(tokenizer, FUNCTION_WORDS)
     src, tgt = [], []
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ids_s, ids_t, autojunk=False).get_opcodes():
         if op in ("replace", "delete"):
@@ -93,6 +93,40 @@ def changed_token_positions(tokenizer, source: str, target: str) -> tuple[list[i
         if op in ("replace", "insert"):
             tgt += [j for j in range(j1, j2) if ids_t[j] not in skip]
     return src, tgt
+
+
+PHRASE_BREAKS = {",", ";", ".", "and"}
+
+
+def phrase_positions(tokenizer, source: str, target: str) -> tuple[list[int], list[int]]:
+    """Token positions (BOS = 0) of the phrases that hold a changed word, in the source and in the
+    target prompt: a prompt splits into phrases at commas, semicolons, full stops and "and" (the way
+    captions and A1111 prompts list things), and a phrase counts whole when any word of it changes, so
+    "make the red circle blue" localises the circle through all of "a large red circle at the top left",
+    not through "red" alone. Function words are left out."""
+    changed = changed_token_positions(tokenizer, source, target)
+    skip = _token_ids(tokenizer, FUNCTION_WORDS)
+    breaks = _token_ids(tokenizer, PHRASE_BREAKS) - {tokenizer.unk_token_id}  # a word the vocabulary lacks is no break
+
+    def phrases_holding(text: str, positions: list[int]) -> list[int]:
+        ids = tokenizer(text, truncation=True).input_ids
+        out, phrase = [], []
+        for i in range(1, len(ids) + 1):  # BOS skipped; the EOS (or the end) closes the last phrase
+            if i >= len(ids) - 1 or ids[i] in breaks:
+                if set(phrase) & set(positions):
+                    out += [j for j in phrase if ids[j] not in skip]
+                phrase = []
+                if i >= len(ids) - 1:
+                    break
+            else:
+                phrase.append(i)
+        return out
+
+    return phrases_holding(source, changed[0]), phrases_holding(target, changed[1])
+
+
+def _token_ids(tokenizer, words) -> set[int]:
+    return {tokenizer.convert_tokens_to_ids(w) for w in words} | {tokenizer.convert_tokens_to_ids(w + "</w>") for w in words}
 
 
 def normalised(soft: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ from atelier.edit.masks import binary_mask, estimate_masks, pixel_mask
 from atelier.errors import UserError
 
 METHOD_NAMES = ("ddpm", "diffedit", "turbo", "img2img", "one-step")
-MASK_SOURCES = ("noise", "attention", "both", "none")
+MASK_SOURCES = ("auto", "noise", "attention", "both", "none")
+OUTSIDE_PROMPTS = ("target", "source")
 
 
 @dataclass
@@ -43,8 +44,8 @@ class EditSettings:
     steps: int | None = None  # default: 25, or 4 for turbo
     strength: float | None = None  # share of the schedule re-run; default per method
     guidance_scale: float | None = None  # default: the model's CFG (turbo: pseudo-guidance 1, i.e. none)
-    mask_from: str = "noise"
-    mask_threshold: float = 0.5
+    mask_from: str = "auto"  # noise, attention, both, none; auto: one-step "both", the others "noise"
+    mask_threshold: float | None = None  # default: one-step 0.6, the others 0.5
     mask_dilate: int = 1
     mask_t: int = 500  # timestep at which the mask is estimated
     mask_samples: int = 4
@@ -52,7 +53,9 @@ class EditSettings:
     seed: int = 0
     inverter: str | None = None  # one-step: an inverter folder or built-in name (default: the model's)
     edit_scale: float = 1.0  # one-step: cross-attention to the target prompt inside the mask, times this
-    keep_scale: float = 1.0  # one-step: cross-attention to the source prompt outside the mask, times this
+    keep_scale: float = 1.0  # one-step: cross-attention to the outside prompt outside the mask, times this
+    outside_prompt: str = "target"  # one-step: the prompt outside the mask: target (SwiftEdit's ARaM) or source
+    noise_release: float = 1.0  # one-step: how far the noise in the mask leaves the source's words (one_step.released)
     image_branch: str = "auto"  # one-step: the source image as image prompt (IP-Adapter): auto, on, off (one_step.py)
     ip_edit_scale: float = 0.2  # one-step image branch: the image prompt's attention inside the mask (mid, up blocks)
     ip_keep_scale: float = 1.0  # one-step image branch: the image prompt's attention outside the mask (mid, up blocks)
@@ -75,6 +78,8 @@ class EditResult:
         fields = {"Steps": s.steps, "Sampler": f"edit {s.method}", "CFG scale": s.guidance_scale, "Seed": s.seed,
                   "Size": f"{self.image.width}x{self.image.height}", "Model": model, "Denoising strength": s.strength,
                   "Edit source": source, "Edit mask": f"{s.mask_from} >= {s.mask_threshold}" if s.method != "img2img" else None}
+        if s.method == "one-step":
+            fields.update({"Outside prompt": s.outside_prompt, "Noise release": s.noise_release})
         if self.image_branch:
             fields.update({"Image branch": self.image_branch, "IP edit scale": s.ip_edit_scale, "IP keep scale": s.ip_keep_scale})
         return format_parameters(target, "", fields)
@@ -84,7 +89,7 @@ class EditResult:
 LIMITS = {"steps": (1, 1000, True, False), "strength": (0, 1, False, True), "guidance_scale": (0, 50, False, False),
           "mask_threshold": (0, 1, False, False), "mask_dilate": (0, 64, True, False), "mask_t": (0, 999, True, False),
           "mask_samples": (1, 64, True, False), "seed": (0, 2**64 - 1, True, False),
-          "edit_scale": (0, 10, False, False), "keep_scale": (0, 10, False, False),
+          "edit_scale": (0, 10, False, False), "keep_scale": (0, 10, False, False), "noise_release": (0, 10, False, False),
           "ip_edit_scale": (0, 10, False, False), "ip_keep_scale": (0, 10, False, False)}
 CLI_OPTIONS = {"guidance_scale": "--guidance", "mask_t": None, "mask_samples": None}  # others: --the-field-name
 
@@ -128,10 +133,17 @@ def resolve_settings(pipe, settings: EditSettings) -> EditSettings:
     if settings.image_branch == "on" and method != "one-step":
         raise UserError("the image branch (--image-branch on) is the one-step method's; the other methods take "
                         "a reference image with --ip-image")
+    if settings.outside_prompt not in OUTSIDE_PROMPTS:
+        raise UserError(f"--outside-prompt must be target or source, got {settings.outside_prompt!r}")
     if method == "one-step":
-        if settings.mask_from not in ("noise", "none"):
-            raise UserError("the one-step method makes its mask from the inverter's noise: use --mask-from noise or none")
-        return replace(settings, method=method, steps=1, strength=1.0, guidance_scale=0.0)
+        if settings.mask_from not in ("auto", "noise", "both", "none"):
+            raise UserError("the one-step method makes its mask from the inverter's noise and attention: "
+                            "use --mask-from both, noise or none")
+        return replace(settings, method=method, steps=1, strength=1.0, guidance_scale=0.0,
+                       mask_from="both" if settings.mask_from == "auto" else settings.mask_from,
+                       mask_threshold=0.6 if settings.mask_threshold is None else settings.mask_threshold)
+    settings = replace(settings, mask_from="noise" if settings.mask_from == "auto" else settings.mask_from,
+                       mask_threshold=0.5 if settings.mask_threshold is None else settings.mask_threshold)
     steps = settings.steps or (4 if method == "turbo" or (method == "img2img" and few_step) else 25)
     strength = settings.strength if settings.strength is not None else {"turbo": 1.0, "img2img": 0.6}.get(method, 0.8)
     guidance = settings.guidance_scale

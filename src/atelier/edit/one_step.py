@@ -4,11 +4,17 @@
                 own, reads the clean latent (at timestep 999) and returns the noise from which the
                 one-step generator G re-creates it: G(eps_hat, c_src) ~ x0 (`atelier train inverter`)
     mask        SwiftEdit's self-guided mask: |F(x0, c_edit) - F(x0, c_src)| averaged over channels,
-                smoothed, normalised to [0, 1] and thresholded (EditSettings.mask_threshold)
-    edit        one generator call on eps_hat with the edit prompt, through an attention processor
-                that rescales cross-attention by the mask (SwiftEdit's ARaM): inside the mask the edit
-                prompt's attention output times `edit_scale`, outside it the source prompt's times
-                `keep_scale`, so the background is regenerated from the description it was inverted with
+                smoothed, normalised to [0, 1]; with mask_from "both" (the default) multiplied by the
+                inverter's cross-attention to the phrases that hold the changed words (masks.phrase_positions),
+                which keeps the mask on the object a partial caption names ("make the red circle blue"),
+                then thresholded (EditSettings.mask_threshold)
+    release     inside the mask the inverted noise moves away from the inversion under the edit prompt,
+                eps_src - release * (eps_edit - eps_src): what the inverter added to hold the source's words
+                against the edit prompt is taken out (only when the edit replaces or deletes source words)
+    edit        one generator call on that noise through an attention processor that rescales
+                cross-attention by the mask (SwiftEdit's ARaM): inside the mask the edit prompt's attention
+                output times `edit_scale`, outside it the edit prompt's (SwiftEdit; outside_prompt "source":
+                the source prompt's) times `keep_scale`
     image       SwiftEdit's image branch, when an IP-Adapter is at hand (`image_branch`): the source
     branch      image itself is the image prompt of G; in the mid and up blocks its attention output
                 is weighed by `ip_edit_scale` inside the mask (0.2: the edit may leave the source's
@@ -21,6 +27,7 @@ the teacher) for the same text encoder and scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -65,6 +72,25 @@ def noise_difference_mask(eps_src: torch.Tensor, eps_edit: torch.Tensor) -> torc
     diff = F.avg_pool2d(diff, 3, 1, 1)[0, 0]
     diff = diff - diff.min()
     return diff / diff.max().clamp(min=1e-8)
+
+
+def phrase_attention(store, tokenizer, source: str, target: str) -> torch.Tensor | None:
+    """Soft (h, w) map in [0, 1]: the inverter's cross-attention to the source prompt's phrase that
+    changes (batch item 0), or for a pure addition to the target's new phrase (item 1); None when no
+    content word changes."""
+    from atelier.edit.masks import normalised, phrase_positions
+
+    source_positions, target_positions = phrase_positions(tokenizer, source, target)
+    if source_positions:
+        return normalised(store.token_map(0, source_positions))
+    if target_positions:
+        return normalised(store.token_map(1, target_positions))
+    return None
+
+
+def released(eps_src: torch.Tensor, eps_edit: torch.Tensor, mask: torch.Tensor, release: float) -> torch.Tensor:
+    """The inverted noise with, inside the mask, what holds the source against the edit prompt taken out."""
+    return eps_src - release * mask * (eps_edit - eps_src)
 
 
 # ---------------------------------------------------------------- loading
@@ -151,7 +177,7 @@ def ip_adapter_loaded(unet) -> bool:
 
 class MaskedPromptAttention(AttentionHook):
     """Cross-attention by region (SwiftEdit's ARaM): the edit prompt inside the mask (output times
-    `edit_scale`), the source prompt outside it (times `keep_scale`). Installed on every attn2 of the
+    `edit_scale`), `outside_hidden` outside it (times `keep_scale`). Installed on every attn2 of the
     generator for one call, like masks.CrossAttentionStore; self-attention is left alone.
 
     With `image_scales` = (ip_edit_scale, ip_keep_scale) on a UNet holding IP-Adapters, the image
@@ -160,10 +186,10 @@ class MaskedPromptAttention(AttentionHook):
     outside, in the down blocks times the adapter's own scale. Without `image_scales` the image tokens
     are left out (text only)."""
 
-    def __init__(self, mask: torch.Tensor, source_hidden: torch.Tensor, edit_scale: float = 1.0, keep_scale: float = 1.0,
+    def __init__(self, mask: torch.Tensor, outside_hidden: torch.Tensor, edit_scale: float = 1.0, keep_scale: float = 1.0,
                  image_scales: tuple[float, float] | None = None):
         self.mask = mask.float()  # (h, w), latent resolution, values in [0, 1]
-        self.source_hidden = source_hidden  # (1 or B, L, C)
+        self.outside_hidden = outside_hidden  # (1 or B, L, C): the prompt outside the mask
         self.edit_scale, self.keep_scale = edit_scale, keep_scale
         self.image_scales = image_scales
 
@@ -197,13 +223,13 @@ class _MaskedProcessor:
             encoder_hidden_states, image_tokens = encoder_hidden_states
 
         def inner(query, edit_context, mask, batch):
-            source_context = owner.source_hidden.to(edit_context).expand(batch, -1, -1)
+            outside_context = owner.outside_hidden.to(edit_context).expand(batch, -1, -1)
             if attn.norm_cross:
-                source_context = attn.norm_encoder_hidden_states(source_context)
+                outside_context = attn.norm_encoder_hidden_states(outside_context)
             out_edit = attend_sdpa(attn, query, edit_context, mask, batch)
-            out_source = attend_sdpa(attn, query, source_context, None, batch)
+            out_outside = attend_sdpa(attn, query, outside_context, None, batch)
             m = owner.grid_mask(out_edit.shape[1], out_edit.dtype, out_edit.device)
-            out = m * owner.edit_scale * out_edit + (1 - m) * owner.keep_scale * out_source
+            out = m * owner.edit_scale * out_edit + (1 - m) * owner.keep_scale * out_outside
             if self.image_layer is not None and image_tokens is not None:
                 out = out + self.image_attention(attn, query, image_tokens, m, batch)
             return out
@@ -298,11 +324,14 @@ class OneStepEditor:
                      adapters=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The edited latents and the latent mask (None with mask_from "none"). With `adapters` (the image
         branch, see `image_branch`), `image` (PIL, the source) is the image prompt, weighed by ARaM."""
-        from atelier.edit.masks import binary_mask
+        from atelier.edit.masks import CrossAttentionStore, binary_mask, changed_token_positions, normalised
 
         hidden, pooled = self.den.conditioning([source, target])
-        eps = invert(self.inv, x0.expand(2, -1, -1, -1), hidden, pooled).to(self.den.dtype)
-        eps_src = eps[:1]
+        # the inverter's cross-attention at half the latent's size: the finest grid it attends at
+        store = CrossAttentionStore(tuple(x0.shape[-2:]), levels=(1,)) if s.mask_from == "both" else None
+        with store.installed(self.inv.unet) if store is not None else contextlib.nullcontext():
+            eps = invert(self.inv, x0.expand(2, -1, -1, -1), hidden, pooled).to(self.den.dtype)
+        eps_src, eps_edit = eps[:1], eps[1:]
         tgt_hidden, tgt_pooled = hidden[1:], None if pooled is None else pooled[1:]
         embeds = self.image_embeds(adapters, image)
         if s.mask_from == "none" and embeds is None:
@@ -310,11 +339,18 @@ class OneStepEditor:
         if s.mask_from == "none":  # the whole image is the edit region
             mask = torch.ones(x0.shape[-2:], device=x0.device, dtype=x0.dtype)
         else:
-            soft = noise_difference_mask(eps_src, eps[1:])
+            soft = noise_difference_mask(eps_src, eps_edit)
+            attention = phrase_attention(store, self.den.pipe.tokenizer, source, target) if store is not None else None
+            if attention is not None:
+                soft = normalised(soft * attention.to(soft))
             mask = binary_mask(soft, s.mask_threshold, s.mask_dilate).to(x0.device, x0.dtype)
+        noise = eps_src
+        if s.noise_release and s.mask_from != "none" and changed_token_positions(self.den.pipe.tokenizer, source, target)[0]:
+            noise = released(eps_src, eps_edit, mask, s.noise_release)
         image_scales = (s.ip_edit_scale, s.ip_keep_scale) if adapters is not None else None
-        rescale = MaskedPromptAttention(mask, hidden[:1], edit_scale=s.edit_scale, keep_scale=s.keep_scale,
+        outside = hidden[1:] if s.outside_prompt == "target" else hidden[:1]
+        rescale = MaskedPromptAttention(mask, outside, edit_scale=s.edit_scale, keep_scale=s.keep_scale,
                                         image_scales=image_scales)
         with rescale.installed(self.den.unet):
-            x = generate(self.den, eps_src, tgt_hidden, tgt_pooled, embeds)
+            x = generate(self.den, noise, tgt_hidden, tgt_pooled, embeds)
         return x, None if s.mask_from == "none" else mask
