@@ -163,7 +163,8 @@ def format_tryon(result: dict) -> str:
         u = result["unpaired"]
         lines.append(f"  unpaired ({u['pairs']} pairs): FID {num(u['fid'], '.4g')}  KID {num(u['kid'], '.4g')}")
     for setting, v in result.get("judge", {}).items():
-        lines.append(f"  judge, {setting}: success {v['success']:.1f} %  preserved {v['preserved']:.1f} %  "
+        lines.append(f"  judge, {setting}: success {v['success']:.1f} %  garment right (any size) {v['garment_right']:.1f} %  "
+                     f"preserved {v['preserved']:.1f} %  "
                      f"scene match {v['scene_match']:.1f} %")
     if result.get("resized"):
         lines.append(f"  note: {result['resized']} results were resized to their person image's size")

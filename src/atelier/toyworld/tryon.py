@@ -129,6 +129,9 @@ def score_tryon(result, case: TryOnCase) -> dict:
     """The judge's verdict on a try-on result (a 64×64 RGB array or PIL image):
 
     - success: the slot cell holds exactly one object, of the garment's shape and colour at the slot's size;
+    - garment_right: the same without the size. The contract's inputs do not show the slot's size (the
+      mask hides the whole cell and every garment is a large product shot), so no method can know it:
+      success can only reach the share of slots whose size the method happens to draw;
     - preserved: every other object of the person is found unchanged (shape, colour, size, cell);
     - preservation: the share of them found (1.0 when the person has no other object);
     - scene_match: the judge finds exactly the ground-truth scene (nothing else anywhere);
@@ -145,9 +148,11 @@ def score_tryon(result, case: TryOnCase) -> dict:
         in_cell = [d.key() for d in detected if d.cell == obj.cell]
         ok = in_cell == [expected.key()] if slot else expected.key() in keys
         objects.append({"role": "slot" if slot else "kept", "cell": obj.cell, "expected": expected.key(),
-                        "found": in_cell, "ok": ok})
+                        "found": in_cell, "ok": ok,
+                        "garment_right": slot and [k[:2] for k in in_cell] == [expected.key()[:2]]})
     kept = [o for o in objects if o["role"] == "kept"]
-    return {"success": objects[[o["role"] for o in objects].index("slot")]["ok"],
+    slot = objects[[o["role"] for o in objects].index("slot")]
+    return {"success": slot["ok"], "garment_right": slot["garment_right"],
             "preserved": all(o["ok"] for o in kept),
             "preservation": sum(o["ok"] for o in kept) / len(kept) if kept else 1.0,
             "scene_match": Counter(d.key() for d in detected) == Counter(case.ground_truth.keys()),
@@ -216,10 +221,11 @@ def score_tryon_folder(results_dir, data_dir, cases: list[dict] | None = None) -
         n = len(scores)
         out[split] = {"cases": n,
                       "success": 100.0 * sum(s["success"] for s in scores) / n,
+                      "garment_right": 100.0 * sum(s["garment_right"] for s in scores) / n,
                       "preserved": 100.0 * sum(s["preserved"] for s in scores) / n,
                       "preservation": float(np.mean([s["preservation"] for s in scores])),
                       "scene_match": 100.0 * sum(s["scene_match"] for s in scores) / n,
-                      "per_case": {r["result"]: {k: s[k] for k in ("success", "preserved", "preservation", "scene_match")}
+                      "per_case": {r["result"]: {k: s[k] for k in ("success", "garment_right", "preserved", "preservation", "scene_match")}
                                    for r, s in zip(rows, scores)}}
     return out
 
