@@ -15,6 +15,7 @@ edit call alone (see TIME_NOTE).
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --speed 20 --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --leditspp-check 20 --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --partial 60 --results benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/edits.py --one-step-ablation 250 --partial 60 --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --cases 5     # smoke run
 """
 
@@ -292,6 +293,54 @@ def partial_edits(args) -> int:
     return 0
 
 
+# What moved one-step editing on partial captions: each row adds one change to the one before.
+ONE_STEP_STEPS = {
+    "noise mask >= 0.5, source prompt outside (before)": dict(mask_from="noise", mask_threshold=0.5,
+                                                               outside_prompt="source", noise_release=0.0),
+    "+ mask times attention to the changed phrase, >= 0.6": dict(mask_from="both", mask_threshold=0.6,
+                                                                  outside_prompt="source", noise_release=0.0),
+    "+ edit prompt outside the mask (SwiftEdit's ARaM)": dict(mask_from="both", mask_threshold=0.6,
+                                                               outside_prompt="target", noise_release=0.0),
+    "+ noise release 1 (the defaults)": {},
+    "defaults, but the noise mask alone": dict(mask_from="noise", mask_threshold=0.5),
+}
+
+
+def one_step_ablation(args) -> int:
+    """One-step editing on toyworld-turbo with the changes that took it to the partial-caption target,
+    one at a time, on the full-caption and the partial-caption cases."""
+    sets = {"full": edit_cases(args.one_step_ablation, seed=CASE_SEED),
+            "partial": edit_cases(args.partial or 60, seed=CASE_SEED, partial=True)}
+    sources = {name: [render_pil(c.source) for c in cases] for name, cases in sets.items()}
+    editor = Editor(load_pipeline("toyworld-turbo"))
+    header = f"{'one-step variant':<54} " + "  ".join(f"{name + ': success preserved':>27}" for name in sets)
+    lines = [f"one-step (toyworld-turbo + toyworld-inverter, text only), {len(sets['full'])} full-caption and "
+             f"{len(sets['partial'])} partial-caption cases (seed {CASE_SEED}); torch {torch.__version__}, "
+             f"{args.threads} threads", "", header, "-" * len(header)]
+    for name, changes in ONE_STEP_STEPS.items():
+        cells = []
+        for set_name, cases in sets.items():
+            run = lambda case, image, seed: editor.edit(image, case.source_caption, case.target_caption, EditSettings(
+                method="one-step", image_branch="off", seed=seed, **changes)).image
+            scores, _ = evaluate_method(run, cases, sources[set_name])
+            cells.append(f"{sum(s.success for s in scores) / len(scores):18.1%} "
+                         f"{statistics.mean(s.preservation for s in scores):8.1%}")
+        lines.append(f"{name:<54} " + "  ".join(cells))
+        print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print(table)
+    if args.results:
+        notes = ("Each row adds one change to the row before it (the last row takes the attention away again). "
+                 "The mask: the inverter's noise difference |F(x0, target) - F(x0, source)|, times (\"both\") the "
+                 "inverter's cross-attention to the phrase holding the changed words (edit.masks.phrase_positions). "
+                 "Outside the mask the generator attends to the source prompt (before) or, as in SwiftEdit's ARaM, "
+                 "to the edit prompt. Noise release: inside the mask the inverted noise moves away from its "
+                 "inversion under the edit prompt (edit.one_step.released), when the edit replaces source words.")
+        write_section(args.results, "one-step-ablation", "One-step editing: what moved partial-caption edits",
+                      table, command_line(__file__, args.argv), notes)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=250, help="edit cases (default 250; e.g. 5 for a smoke run)")
@@ -304,17 +353,23 @@ def main(argv=None) -> int:
                         help="only check that LEDITS++ with its edit off reconstructs N sources")
     parser.add_argument("--partial", type=int, metavar="N",
                         help="run N partial-caption edit cases (captions naming only the edited object) instead of --cases")
+    parser.add_argument("--one-step-ablation", type=int, metavar="N",
+                        help="one-step editing's changes one at a time on N full-caption cases and --partial (60) partial ones")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.results:
         check_command(__file__, args.argv)
     modes = {name: value for name, value in (("--speed", args.speed), ("--leditspp-check", args.leditspp_check),
-                                             ("--partial", args.partial)) if value is not None}
+                                             ("--one-step-ablation", args.one_step_ablation),
+                                             ("--partial", None if args.one_step_ablation else args.partial))
+             if value is not None}
     if len(modes) > 1:
         parser.error(f"{' and '.join(modes)} are separate runs; give one")
-    if min([args.cases, *modes.values()]) < 1:
-        parser.error("--cases, --speed, --leditspp-check and --partial take a positive number")
+    if min([args.cases, *modes.values(), args.partial or 1]) < 1:
+        parser.error("--cases, --speed, --leditspp-check, --one-step-ablation and --partial take a positive number")
     torch.set_num_threads(args.threads)
+    if args.one_step_ablation:
+        return one_step_ablation(args)
     if args.speed:
         return speed(args)
     if args.leditspp_check:

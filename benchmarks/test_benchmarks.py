@@ -120,6 +120,17 @@ def test_partial_run_of_the_one_step_method(monkeypatch):
     assert [line[16:52].strip() for line in rows] == ["one-step (inverter)", "one-step (inverter, image branch)"]
     assert all(len(line[52:].split()) == 8 for line in rows)
 
+
+@pytest.mark.slow
+def test_one_step_ablation_runs_every_change_on_both_case_sets(monkeypatch):
+    import edits
+
+    [(path, key, title, table, command, notes)] = run_partial(monkeypatch, ["--one-step-ablation", "2", "--partial", "2"])
+    assert key == "one-step-ablation" and command.endswith("--one-step-ablation 2 --partial 2")
+    rows = table.splitlines()[4:]
+    assert [row[:54].strip() for row in rows] == list(edits.ONE_STEP_STEPS)
+    assert all(len(row[54:].split()) == 4 for row in rows)  # success and preserved, full and partial
+
 @pytest.mark.slow
 def test_leditspp_baseline_reconstructs_the_source_with_the_edit_off():
     import edits
