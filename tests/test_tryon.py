@@ -355,7 +355,7 @@ def test_catvton_training_resumes_exactly_after_a_kill_and_the_batch_command_run
     assert code == 0, err
     assert json.loads(out)["results"] == 2
     made = sorted(p.name for p in (tmp_path / "results").glob("*.png"))
-    assert made == ["00000_00_00001_00.png", "00001_00_00000_00.png"]
+    assert made == ["00000_00__00001_00.png", "00001_00__00000_00.png"]  # the names `atelier evaluate tryon` reads
     lines = (tmp_path / "results" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[0])["garment"].endswith("00001_00.jpg")
     # a finished run says so

@@ -18,7 +18,7 @@ def register(subparsers) -> None:
             "Draw PERSON wearing GARMENT inside --mask (white: the region drawn anew; it must have the person "
             "image's size). Images of any size are resized to the model's resolution and the result back to "
             "the person's size; outside the mask the person's pixels are kept exactly. Batch form: --pairs "
-            "FILE --data DIR --outdir DIR over a VITON-HD pairs file (result <person>_<garment>.png, and "
+            "FILE --data DIR --outdir DIR over a VITON-HD pairs file (result <person>__<garment>.png, the names `atelier evaluate tryon` reads, and "
             "results.jsonl). Every PNG carries A1111 'parameters' metadata with the inputs' SHA-256."
         ),
     )

@@ -29,8 +29,8 @@ class Pair:
 
     @property
     def name(self) -> str:
-        """The result's file stem: person and garment stems."""
-        return f"{self.person.stem}_{self.garment.stem}"
+        """The result's file stem, `<person stem>__<garment stem>`: the names `atelier evaluate tryon` reads."""
+        return f"{self.person.stem}__{self.garment.stem}"
 
 
 def mask_path(root: Path, split: str, person: str) -> Path:
