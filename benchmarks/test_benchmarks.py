@@ -262,3 +262,96 @@ def test_tryon_memory_step_trains_only_self_attention_or_everything():
     assert len(_tryon_memory.table(rows)) == 6
     with pytest.raises(ValueError):
         _tryon_memory.measure("lora", False)
+
+
+@pytest.mark.parametrize("variant,flags", [("catvton", []), ("ootd", []), ("catvton-full", ["--trainable", "all"]),
+                                           ("ootd-frozen", ["--freeze_garment_unet"])])
+def test_tryon_benchmark_trains_with_the_settings_of_the_training_command(tmp_path, variant, flags):
+    """The benchmark's run settings are `atelier train tryon`'s with the options the existing runs were made
+    with, so train_tryon accepts (and reuses) those runs."""
+    from dataclasses import asdict
+
+    import tryon
+    from atelier.cli import build_parser
+    from atelier.train.tryon import config_from_args
+
+    (tmp_path / "real-data").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "data").symlink_to(tmp_path / "real-data")  # runs/tryon/data -> the data folder
+    method = tryon.VARIANTS[variant][0]
+    args = build_parser().parse_args(
+        ["train", "tryon", "--method", method, *flags, "--data", str(tmp_path / "real-data"), "--output_dir",
+         str(tmp_path / "work" / variant), "--max_train_steps", "1500", "--train_batch_size", "16", "--validation_steps",
+         "500", "--checkpointing_steps", "250", "--checkpoints_total_limit", "2", "--threads", "1"])
+    bench = tryon.train_config(variant, tmp_path / "work" / "data", tmp_path / "work" / variant, 1500, 1)
+    assert asdict(bench) == asdict(config_from_args(args))
+
+
+def test_tryon_benchmark_runs_small_and_reuses_its_work(tmp_path, monkeypatch, capsys):
+    """Data, four two-step runs, every part but memory, its sections in a RESULTS file; a second call draws nothing."""
+    import tryon
+
+    monkeypatch.chdir(tmp_path)  # relative paths: the command goes into the RESULTS file
+    monkeypatch.setitem(tryon.RUN, "num_validation_images", 1)  # the final validation grid, small
+    monkeypatch.setitem(tryon.RUN, "validation_inference_steps", 2)
+    argv = ["--work", "work", "--steps", "2", "--train-n", "16", "--test-n", "4", "--cfg-pairs", "2", "--infer-steps", "2",
+            "--skip", "memory", "--results", "RESULTS.md"]
+    assert tryon.main(argv) == 0
+    out = capsys.readouterr().out
+    text = (tmp_path / "RESULTS.md").read_text()
+    for key in ("tryon-toy", "tryon-cfg", "tryon-ablations"):
+        assert f"<!-- begin {key} -->" in text and f"<!-- end {key} -->" in text
+    assert "tryon-memory" not in text and str(tmp_path) not in text and str(Path.home()) not in text
+    assert "python benchmarks/tryon.py --work work --steps 2" in text
+    assert "% of the slots are large" in text and "LPIPS" in text
+    for variant in tryon.VARIANTS:
+        assert (tmp_path / "work" / variant / "done.json").is_file()
+        assert f"\n{variant} " in out
+    toy = tmp_path / "work" / "results" / "catvton" / "steps2-g2.5"
+    assert len(list((toy / "paired").glob("*__*.png"))) == len(list((toy / "unpaired").glob("*__*.png"))) == 4
+    assert len(list((tmp_path / "work" / "results" / "ootd" / "steps2-g3.5" / "paired").glob("*.png"))) == 2  # cfg subset
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*.png")}
+    assert tryon.main(["--work", "work", "--steps", "2", "--train-n", "16", "--test-n", "4", "--infer-steps", "2",
+                       "--only", "toy"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*.png")} == stamps
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        tryon.main(["--work", "work", "--only", "toy", "--skip", "cfg"])
+    assert exc.value.code == 2 and "--only and --skip exclude each other" in capsys.readouterr().err
+
+
+def test_tryon_benchmark_memory_table_checks_catvtons_count(monkeypatch):
+    import _tryon_memory
+    import tryon
+
+    def fake(mode, checkpointing, threads=1, steps=1, timeout=None):
+        trainable = 49_574_080 if mode == "attention" else 859_535_364
+        return {"mode": mode, "gradient_checkpointing": checkpointing, "trainable": trainable, "total_params": 859_535_364,
+                "weights_gb": 4.0, "peak_gb": 5.0 if mode == "attention" else 14.0, "seconds_per_step": 14.2}
+
+    monkeypatch.setattr(_tryon_memory, "measure", fake)
+    lines, notes = tryon.memory_lines(1, 1)
+    assert len(lines) == 6 and lines[2].split() == ["attention-only", "off", "49.57", "14.2", "4.00", "5.00", "1.00"]
+    assert lines[5].split()[:3] == ["full", "on", "859.54"] and lines[5].split()[-1] == "10.00"
+    assert "49,574,080 parameters, which matches CatVTON's 49.57 M" in notes
+
+
+def test_tryon_benchmark_sees_a_run_another_process_trains(tmp_path):
+    import subprocess
+    import sys
+
+    import tryon
+
+    out = tmp_path / "runs" / "ootd"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train", "tryon", "--output_dir", "runs/ootd"],
+                             cwd=tmp_path)
+    try:
+        deadline = time.time() + 10
+        while tryon.training_elsewhere(out) is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert tryon.training_elsewhere(out) == other.pid
+        assert tryon.training_elsewhere(tmp_path / "runs" / "catvton") is None
+    finally:
+        other.kill()
+        other.wait()
+    assert tryon.training_elsewhere(out) is None
