@@ -239,6 +239,23 @@ def test_the_model_folder_round_trips_and_loads_in_plain_diffusers(models, tmp_p
         load_tryon_model(folder, method="ootd" if method == "catvton" else "catvton")
 
 
+def test_an_exported_model_keeps_its_results_and_names_no_path_of_this_machine(models, tmp_path):
+    from atelier.tryon import export_tryon_model
+
+    trained = save_tryon_model(models["catvton"], tmp_path / "run" / "final",
+                               {"trained_with": {"data": str(tmp_path / "data"), "output_dir": str(tmp_path / "run")}})
+    folder = export_tryon_model(trained, tmp_path / "shipped")
+    assert next((folder / "unet").glob("*.safetensors")).stat().st_size < \
+        0.6 * next((trained / "unet").glob("*.safetensors")).stat().st_size  # stored in fp16
+    texts = [p.read_text() for p in folder.rglob("*.json")]
+    assert not any(str(tmp_path) in t or "_name_or_path" in t for t in texts)
+    assert json.loads((folder / "tryon.json").read_text())["trained_with"] == {"data": "data", "output_dir": "run"}
+    person, garment, mask = _person_garment_mask(4)
+    a = np.asarray(try_on(load_tryon_model(trained), person, garment, mask, steps=2, seed=1), dtype=float)
+    b = np.asarray(try_on(load_tryon_model(folder), person, garment, mask, steps=2, seed=1), dtype=float)
+    assert np.abs(a - b).mean() < 2  # fp16 weights: 8-bit pixels within rounding on average
+
+
 def test_a_missing_or_damaged_model_folder_is_one_clear_error(models, tmp_path):
     folder = save_tryon_model(models["catvton"], tmp_path / "m")
     weights = next((folder / "unet").glob("*.safetensors"))

@@ -22,6 +22,7 @@ _EXPORTS = {
     "build_tryon_model": "atelier.tryon.model",
     "load_tryon_model": "atelier.tryon.model",
     "save_tryon_model": "atelier.tryon.model",
+    "export_tryon_model": "atelier.tryon.model",
     "try_on": "atelier.tryon.pipeline",
     "Pair": "atelier.tryon.data",
     "read_pairs": "atelier.tryon.data",

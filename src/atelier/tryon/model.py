@@ -245,3 +245,21 @@ def load_tryon_model(source="toyworld-tryon", *, method: str | None = None, devi
         height = width = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     model = TryOnModel(info["method"], net.eval(), vae.eval(), scheduler, (int(height), int(width)), str(source), info)
     return model.to(device, dtype)
+
+
+def export_tryon_model(source, folder, *, weights_dtype=torch.float16) -> Path:
+    """`source` rewritten for shipping (the built-in toyworld-tryon is made this way): weights stored in
+    `weights_dtype` (they load in any dtype), configs without the folder they were loaded from, and the
+    training record without this machine's paths (the data and output folders keep only their names)."""
+    from atelier.models.save import make_portable
+
+    model = load_tryon_model(source, device="cpu", dtype=torch.float32)
+    record = {k: v for k, v in model.info.items() if k not in ("format", "method", "base_model", "resolution", "defaults")}
+    trained = dict(record.get("trained_with") or {})
+    for key in ("data", "output_dir", "resume_from_checkpoint"):
+        if isinstance(trained.get(key), str):
+            trained[key] = Path(trained[key]).name
+    record["trained_with"] = trained
+    save_tryon_model(model.to("cpu", weights_dtype), folder, record)
+    make_portable(folder)
+    return Path(folder)
