@@ -364,25 +364,17 @@ TINY_TRAIN = ["--stages", "turbo", "--vae-steps", 1, "--text-steps", 1, "--unet-
               "--set", "text_batch=4", "--set", "unet_batch=2", "--set", "turbo_batch=2", "--threads", 1]
 
 
-def test_training_compiles_its_unets_in_place_and_checkpoints_keep_their_keys(capsys, tmp_path, monkeypatch):
+def test_training_compiles_its_unets_in_place_and_checkpoints_keep_their_keys(capsys, tmp_path, kill_after_checkpoint):
     from safetensors.torch import load_file
 
     from atelier.train.checkpoint import load_state
-    from atelier.train.loop import TrainLoop
 
     fast, plain = tmp_path / "fast", tmp_path / "plain"
     flags = ["--compile", "regional", "--compile-backend", "aot_eager", "--channels-last"]
-    real_save = TrainLoop.save
-
-    def save_then_die(loop):
-        real_save(loop)
-        if loop.name == "unet" and loop.step == 1:
-            raise KeyboardInterrupt  # killed after the first checkpoint of the compiled, channels-last UNet
-
-    monkeypatch.setattr(TrainLoop, "save", save_then_die)
+    kill_after_checkpoint(1, loop="unet")  # killed after the first checkpoint of the compiled, channels-last UNet
     code, _, _ = run(["train", "toyworld", "--out-dir", fast, *TINY_TRAIN, *flags], capsys)
     assert code == 130
-    monkeypatch.setattr(TrainLoop, "save", real_save)
+    kill_after_checkpoint(None)
     code, _, err = run(["train", "toyworld", "--out-dir", fast, *TINY_TRAIN, *flags], capsys)
     assert code == 0, err
     assert "[unet] resumed at step 1" in err

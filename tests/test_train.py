@@ -8,7 +8,6 @@ import pytest
 from atelier.cli import main
 from atelier.models import detect_family, load_pipeline
 from atelier.train import toyworld as trainer
-from atelier.train.loop import TrainLoop
 
 TINY = [
     "--vae-steps", "3", "--text-steps", "2", "--unet-steps", "4", "--turbo-steps", "2", "--taesd-steps", "2",
@@ -20,23 +19,16 @@ TINY = [
 ]
 
 
-def test_killed_run_resumes_and_exports_loadable_models(tmp_path, monkeypatch, capsys):
+def test_killed_run_resumes_and_exports_loadable_models(tmp_path, capsys, kill_after_checkpoint):
     out = tmp_path / "run"
     argv = ["train", "toyworld", "--out-dir", str(out), *TINY]
 
-    real_save = TrainLoop.save
-
-    def save_then_die(loop):
-        real_save(loop)
-        if loop.name == "unet" and loop.step == 2:
-            raise KeyboardInterrupt  # as if killed right after the step-2 checkpoint
-
-    monkeypatch.setattr(TrainLoop, "save", save_then_die)
+    kill_after_checkpoint(2, loop="unet")
     assert main(argv) == 130
     assert (out / "vae" / "done.json").is_file() and not (out / "unet" / "done.json").exists()
     assert (out / "unet" / "checkpoint.safetensors").is_file() and (out / "unet" / "loss.png").is_file()
 
-    monkeypatch.setattr(TrainLoop, "save", real_save)
+    kill_after_checkpoint(None)
     capsys.readouterr()
     assert main(argv) == 0
     printed = capsys.readouterr()

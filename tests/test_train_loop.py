@@ -296,21 +296,14 @@ def test_no_good_checkpoint_left_is_one_clear_error(tmp_path):
     torch.testing.assert_close(weights, straight, rtol=0, atol=0)
 
 
-def test_damaged_toyworld_checkpoint_through_the_cli(tmp_path, capsys, monkeypatch):
+def test_damaged_toyworld_checkpoint_through_the_cli(tmp_path, capsys, kill_after_checkpoint):
     out = tmp_path / "run"
     argv = ["train", "toyworld", "--out-dir", str(out), "--stages", "vae", "--vae-steps", "3",
             "--set", "checkpoint_every=1", "--set", "vae_batch=2", "--set", "eval_every=1000",
             "--set", "eval_scenes=2", "--set", "vae_full_steps=1", "--threads", "1"]
-    real_save = TrainLoop.save
-
-    def save_then_die(loop):
-        real_save(loop)
-        if loop.step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(TrainLoop, "save", save_then_die)
+    kill_after_checkpoint(2)
     assert main(argv) == 130
-    monkeypatch.setattr(TrainLoop, "save", real_save)
+    kill_after_checkpoint(None)
     (out / "vae" / "checkpoint.safetensors").write_bytes(b"\x00" * 10)
     capsys.readouterr()
     assert main(argv) == 0

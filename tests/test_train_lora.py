@@ -23,7 +23,6 @@ from atelier.train.checkpoint import read_state
 from atelier.train.dreambooth_data import (DreamBoothData, Item, LatentCache, batch_index, make_bucket_resolutions,
                                            place, select_bucket, shuffle_caption, time_ids)
 from atelier.train.lora import WEIGHT_NAME, LoraTrainConfig, train_lora
-from atelier.train.loop import TrainLoop
 
 
 @pytest.fixture(scope="module")
@@ -142,21 +141,14 @@ def test_processes_read_disjoint_batches_and_cached_latents_keep_captions_shuffl
 # ---------------------------------------------------------------- training
 
 def test_sd1_lora_resumes_exactly_after_a_kill_and_loads_in_plain_diffusers(tmp_path, models, instance_dir,
-                                                                             monkeypatch, capsys):
+                                                                             capsys, kill_after_checkpoint):
     from diffusers import StableDiffusionPipeline
 
     straight = train_lora(_cfg(tmp_path / "a", models["sd1"], instance_dir, checkpoints_total_limit=1))
-    real_save = TrainLoop.save
-
-    def save_then_die(loop):
-        real_save(loop)
-        if loop.step == 2:
-            raise KeyboardInterrupt  # as if killed right after the step-2 checkpoint
-
-    monkeypatch.setattr(TrainLoop, "save", save_then_die)
+    kill_after_checkpoint(2)
     with pytest.raises(KeyboardInterrupt):
         train_lora(_cfg(tmp_path / "b", models["sd1"], instance_dir))
-    monkeypatch.setattr(TrainLoop, "save", real_save)
+    kill_after_checkpoint(None)
     capsys.readouterr()
     resumed = train_lora(_cfg(tmp_path / "b", models["sd1"], instance_dir))
     assert "resumed at step 2" in capsys.readouterr().err

@@ -16,7 +16,6 @@ from atelier.errors import UserError
 from atelier.testing import save_tiny_pipeline, tiny_pipeline
 from atelier.testing.cli import one_error_line, run
 from atelier.train.checkpoint import read_state
-from atelier.train.loop import TrainLoop
 from atelier.tryon.inpaint_unet import inpainting_unet
 from atelier.tryon.methods import SkipAttnProcessor, attention_parameters
 from atelier.tryon.model import build_tryon_model, load_tryon_model, save_tryon_model
@@ -330,21 +329,14 @@ def _train(tmp_path, base, data, **kw):
 
 
 def test_catvton_training_resumes_exactly_after_a_kill_and_the_batch_command_runs_its_model(
-        tmp_path, base, data, monkeypatch, capsys):
+        tmp_path, base, data, capsys, kill_after_checkpoint):
     from safetensors.torch import load_file
 
     straight = _train(tmp_path / "a", base, data)
-    real_save = TrainLoop.save
-
-    def save_then_die(loop):
-        real_save(loop)
-        if loop.step == 2:
-            raise KeyboardInterrupt  # as if killed right after the step-2 checkpoint
-
-    monkeypatch.setattr(TrainLoop, "save", save_then_die)
+    kill_after_checkpoint(2)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "b", base, data)
-    monkeypatch.setattr(TrainLoop, "save", real_save)
+    kill_after_checkpoint(None)
     with pytest.raises(UserError, match="other settings"):  # a resume with other settings is refused
         _train(tmp_path / "b", base, data, learning_rate=5e-4)
     capsys.readouterr()
