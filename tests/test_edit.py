@@ -85,6 +85,28 @@ def test_edit_timesteps_follow_the_model_spacing(toyworld, turbo):
     assert ts[0] > ts[-1] and len(ts) == 25 and ts[-1] == 1  # leading spacing with steps_offset 1
 
 
+def test_phrase_positions_are_the_changed_phrase_whole(toyworld):
+    from atelier.edit.masks import phrase_positions
+
+    tok = toyworld.tokenizer
+
+    def words(text, positions):
+        return [tok.convert_ids_to_tokens(tok(text).input_ids[i]).removesuffix("</w>") for i in positions]
+
+    source = "a small blue square in the center, a large red circle at the top left and a small green diamond on the right"
+    target = source.replace("red", "yellow")
+    src, tgt = phrase_positions(tok, source, target)
+    assert words(source, src) == ["large", "red", "circle", "top", "left"]  # the phrase, not "red" alone
+    assert words(target, tgt) == ["large", "yellow", "circle", "top", "left"]
+    # a partial caption is one phrase; an addition has a new phrase in the target only
+    assert words("a large red circle at the top left", phrase_positions(
+        tok, "a large red circle at the top left", "a large red square at the top left")[0]) == \
+        ["large", "red", "circle", "top", "left"]
+    added = "a small blue square in the center and a large red circle at the top left"
+    src, tgt = phrase_positions(tok, "a small blue square in the center", added)
+    assert src == [] and words(added, tgt) == ["large", "red", "circle", "top", "left"]
+
+
 def test_changed_tokens_and_attention_store(toyworld):
     tok = toyworld.tokenizer
     src, tgt = changed_token_positions(tok, "a large red circle at the top left", "a large blue circle at the top left")
