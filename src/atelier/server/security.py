@@ -15,12 +15,14 @@ connection forever; `http_protocol` closes a connection whose request head is no
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import secrets
 from urllib.parse import parse_qsl, urlsplit
 
 HEADER_TIMEOUT = 10.0
+CLOSE_DRAIN_SECONDS = 5.0  # how long a refused oversized message may keep arriving after the close frame
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # as Host headers write them
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 PUBLIC_PATHS = ("/static/",)  # the page's script and style: no secrets, and a <script> tag sends no token
@@ -125,8 +127,6 @@ class TokenMiddleware:
 
 def http_protocol(header_timeout: float = HEADER_TIMEOUT):
     """uvicorn's HTTP protocol class (h11 or httptools, as uvicorn picks) with a header deadline."""
-    import asyncio
-
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     class HeaderDeadlineProtocol(AutoHTTPProtocol):
@@ -162,13 +162,30 @@ def websocket_protocol():
         return "auto"
 
     class TooBigAnsweredProtocol(WebSocketsSansIOProtocol):
+        # uvicorn closes the socket right after its close frame, while the rest of the oversized
+        # message is still unread; the kernel then answers with a reset, and a client that has not
+        # read the close frame yet loses it (and the error before it). Here the server half-closes
+        # (FIN after the close frame) and discards what still arrives (websockets' parser does, after
+        # its error) until the client hangs up, or `CLOSE_DRAIN_SECONDS` at most.
+        draining = False
+
         def handle_parser_exception(self):
+            if self.draining:
+                return
             exc = self.conn.parser_exc
-            if isinstance(exc, PayloadTooBig) and self.handshake_complete and not self.close_sent:
-                error = {"type": "error", "code": "frame_too_large",
-                         "message": f"{exc}; the connection closes (the limit is {self.config.ws_max_size} bytes "
-                                    "per message)"}
-                self.transport.write(Frame(Opcode.TEXT, json.dumps(error).encode()).serialize(mask=False))
-            super().handle_parser_exception()
+            if not (isinstance(exc, PayloadTooBig) and self.handshake_complete and not self.close_sent):
+                super().handle_parser_exception()
+                return
+            error = {"type": "error", "code": "frame_too_large",
+                     "message": f"{exc}; the connection closes (the limit is {self.config.ws_max_size} bytes "
+                                "per message)"}
+            self.transport.write(Frame(Opcode.TEXT, json.dumps(error).encode()).serialize(mask=False))
+            close = self.conn.close_sent
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": close.code, "reason": close.reason})
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = self.draining = True
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            asyncio.get_running_loop().call_later(CLOSE_DRAIN_SECONDS, self.transport.close)
 
     return TooBigAnsweredProtocol
