@@ -15,6 +15,7 @@ TINY = [
     "--set", "checkpoint_every=2", "--set", "eval_every=1000", "--set", "eval_images=3",
     "--set", "eval_scenes=4", "--set", "turbo_pairs=64", "--set", "vae_full_steps=1",
     "--set", "vae_batch=4", "--set", "text_batch=8", "--set", "unet_batch=4", "--set", "turbo_batch=4", "--set", "taesd_batch=4",
+    "--set", "taesd_pool=64",
     "--threads", "1",
 ]
 

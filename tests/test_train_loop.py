@@ -2,6 +2,8 @@
 device in the right dtype, options checked before any work, damaged checkpoints and stale temporary
 files survived."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -16,7 +18,7 @@ from atelier.train.loop import TrainLoop
 
 TINY_TOY = dict(vae_steps=2, text_steps=2, unet_steps=2, turbo_steps=2, taesd_steps=2, checkpoint_every=1,
                 eval_every=1000, eval_images=2, eval_scenes=2, turbo_pairs=64, vae_batch=2, text_batch=4,
-                unet_batch=2, turbo_batch=4, taesd_batch=2, threads=1)
+                unet_batch=2, turbo_batch=4, taesd_batch=2, taesd_pool=64, threads=1)
 
 
 def _inverter(tmp_path, **kw) -> InverterConfig:
@@ -109,7 +111,7 @@ def test_every_toyworld_stage_runs_on_the_accelerator_device(tmp_path, meta_acce
         "text": lambda: toy.train_text_encoder(cfg, tokenizer),
         "unet": lambda: toy.train_unet(cfg, vae, te, tokenizer),
         "turbo": lambda: toy.train_turbo(cfg, vae, te, tokenizer, unet),
-        "taesd": lambda: toy.train_taesd(cfg, vae),
+        "taesd": lambda: toy.train_taesd(cfg, SimpleNamespace(vae=vae, unet=unet, text_encoder=te, tokenizer=tokenizer)),
     }
     for name, run in stages.items():
         watch = DeviceWatch()
@@ -359,3 +361,38 @@ def test_save_state_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch)
         save_state(path, {"step": 2, "w": torch.zeros(2)})
     assert load_state(path)["step"] == 1 and not previous_path(path).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]  # no temporary file left
+
+
+# ---------------------------------------------------------------------------- the tiny autoencoder's data
+
+
+def test_the_tiny_decoder_learns_the_vaes_images_of_encoded_and_denoised_latents(tmp_path, monkeypatch):
+    cfg = toy.ToyTrainConfig(out_dir=str(tmp_path / "run"), **TINY_TOY)
+    tokenizer, vae, te, unet = _fresh_toy_models(tmp_path)
+    teacher = SimpleNamespace(vae=vae, unet=unet, text_encoder=te, tokenizer=tokenizer)
+    pool = toy.decoder_pool(cfg, teacher, tmp_path / "pool.safetensors", 64)
+    half = toy.TAESD_CHUNK // 2
+    assert pool["x"].dtype == torch.uint8 and pool["x"].shape == (64, 3, 64, 64)
+    scale = vae.config.scaling_factor
+    with torch.no_grad():
+        means = vae.encode(pool["x"].float() / 127.5 - 1).latent_dist.mean * scale
+        images = vae.decode(pool["z_dec"] / scale).sample.clamp(-1, 1)
+    assert torch.allclose(pool["z_enc"], means, atol=1e-4)
+    assert torch.equal(pool["z_dec"][:half], pool["z_enc"][:half])  # encoded scenes
+    assert (pool["z_dec"][half:] - pool["z_enc"][half:]).abs().mean() > 0.01  # the turbo model's denoised latents
+    assert torch.allclose(pool["target"].float(), images, atol=2e-3)  # the VAE's images, in fp16
+
+    def no_more_work(*args, **kwargs):
+        raise AssertionError("the saved pool is read back, not made again")
+
+    monkeypatch.setattr(unet, "forward", no_more_work)
+    again = toy.decoder_pool(cfg, teacher, tmp_path / "pool.safetensors", 64)
+    assert all(torch.equal(again[k], pool[k]) for k in pool)
+
+
+def test_the_taesd_stage_says_when_there_is_no_turbo_model_to_distil_from(tmp_path, capsys):
+    from atelier.testing.cli import one_error_line, run
+
+    code, _, err = run(["train", "toyworld", "--stages", "taesd", "--out-dir", tmp_path / "run",
+                        "--weights-dir", tmp_path / "empty"], capsys)
+    assert one_error_line(code, err) and "toyworld-turbo" in err

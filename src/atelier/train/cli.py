@@ -15,8 +15,9 @@ from atelier.speed import cli as speed_cli
 from atelier.train.options import check_same_settings
 
 STAGES = ("vae", "text", "unet", "turbo", "taesd", "clip", "ip")
-# What each stage needs trained (or resumed) first. clip and ip start from the exported toyworld model.
-NEEDS = {"vae": (), "text": (), "unet": ("vae", "text"), "turbo": ("vae", "text", "unet"), "taesd": ("vae",),
+# What each stage needs trained (or resumed) first. taesd starts from the exported toyworld-turbo,
+# clip and ip from the exported toyworld.
+NEEDS = {"vae": (), "text": (), "unet": ("vae", "text"), "turbo": ("vae", "text", "unet"), "taesd": (),
          "clip": (), "ip": ("clip",)}
 # Fields that may differ between the run that wrote a checkpoint and the one resuming it.
 _RESUME_FREE = {"out_dir", "threads", "checkpoint_every", "eval_every",
@@ -45,8 +46,8 @@ def register(subparsers) -> None:
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     t.add_argument("--stages", default=",".join(STAGES),
                    help="comma-separated stages (default all: vae,text,unet,turbo,taesd,clip,ip); the stages they "
-                        "need are trained or resumed too (unet needs vae and text; turbo needs unet; taesd needs vae; "
-                        "clip starts from the exported toyworld; ip needs clip)")
+                        "need are trained or resumed too (unet needs vae and text; turbo needs unet; taesd starts from "
+                        "the exported toyworld-turbo, clip from the exported toyworld; ip needs clip)")
     for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps", "clip_steps", "ip_steps"):
         t.add_argument("--" + name.replace("_", "-"), type=int, help=f"override {name}")
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

@@ -65,7 +65,7 @@ UNET_CONFIG = dict(
 # A TAESD-style tiny autoencoder over the same latent space (StreamDiffusion's fast VAE): plain
 # conv blocks, no attention, no normalisation; latents are the diffusion model's (scaled) latents.
 TAESD_CONFIG = dict(
-    encoder_block_out_channels=(16, 16, 16), decoder_block_out_channels=(24, 24, 24),
+    encoder_block_out_channels=(16, 16, 16), decoder_block_out_channels=(32, 32, 32),
     num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1), latent_channels=4, scaling_factor=1.0,
 )
 SCHEDULER_CONFIG = dict(
@@ -108,9 +108,10 @@ class ToyTrainConfig:
     turbo_pairs: int = 4096  # teacher ODE trajectories (noise -> guided 20-step sample) for the 1-step map
     turbo_pair_share: float = 0.5  # share of each batch drawn from those pairs, at t = 999
     # tiny autoencoder (distilled from the VAE)
-    taesd_steps: int = 1500
+    taesd_steps: int = 2400
     taesd_batch: int = 32
     taesd_lr: float = 1e-3
+    taesd_pool: int = 8192  # the decoder's (latent, VAE image) pairs: encoded scenes and turbo-denoised ones
     # toyworld-clip and toyworld-ip
     clip_steps: int = 1500
     clip_batch: int = 128
@@ -141,7 +142,7 @@ class ToyTrainConfig:
         share = dict(minimum=0, maximum=1)
         rules = {name: at_least_1 for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps",
                                               "clip_steps", "ip_steps", "clip_batch", "ip_batch",
-                                              "vae_batch", "text_batch", "unet_batch", "turbo_batch", "taesd_batch",
+                                              "vae_batch", "text_batch", "unet_batch", "turbo_batch", "taesd_batch", "taesd_pool",
                                               "checkpoint_every", "eval_every", "eval_images", "eval_scenes", "threads")}
         rules.update({name: dict(above=0) for name in ("vae_lr", "text_lr", "unet_lr", "turbo_lr", "taesd_lr", "clip_lr",
                                                        "ip_lr", "min_snr_gamma")})
@@ -598,37 +599,124 @@ def train_turbo(cfg: ToyTrainConfig, vae, te, tokenizer, teacher):
 
 # ---------------------------------------------------------------- tiny autoencoder
 
-def train_taesd(cfg: ToyTrainConfig, vae):
-    """Distil an AutoencoderTiny from the VAE, as TAESD is distilled from SD's: the encoder regresses
-    the VAE's scaled latent means, the decoder rebuilds the scene from them."""
+TAESD_CHUNK = 64
+
+
+@torch.no_grad()
+def decoder_pool(cfg: ToyTrainConfig, teacher, path: Path, size: int, seed_name: str = "taesd-pool") -> dict:
+    """What the tiny autoencoder learns from: renders `x` with the VAE's scaled latent means `z_enc`
+    (the encoder's regression target), and latents `z_dec` with the VAE decoder's image of them
+    `target` (the decoder's). Half of each chunk decodes the encoded scenes; the other half decodes
+    what the stream decodes: the turbo model's one-step denoised latents of those scenes at a random t,
+    for the scene's own caption or another scene's (an edit). A decoder taught on encoded scenes alone
+    fails on those, off the encoder's manifold (remnants of the input, wrong colours). Generated in
+    chunks and saved as they go, so a killed run resumes here too."""
+    from diffusers import DDPMScheduler
+
+    vae, unet = teacher.vae, teacher.unet
+    source = LatentSource(cfg, vae, teacher.text_encoder, teacher.tokenizer)
+    dev = unet.device
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    scale = vae.config.scaling_factor
+    keys = ("x", "z_enc", "z_dec", "target")
+    state = load_state(path) or {key: [] for key in keys}
+    done = sum(len(x) for x in state["x"])
+    bar = tqdm(total=size, initial=done, desc=seed_name, dynamic_ncols=True)
+    half = TAESD_CHUNK // 2
+    while done < size:
+        k = done // TAESD_CHUNK
+        seed = step_seed(cfg, seed_name, k)
+        _, captions, x = scene_batch(seed, TAESD_CHUNK, cfg.n_objects_weights)
+        rng, g = random.Random(seed + 1), torch.Generator().manual_seed(seed)
+        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float() * scale
+        prompts = [c if rng.random() < 0.5 else rng.choice(captions) for c in captions[half:]]
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (half,), generator=g).to(dev)
+        xt = scheduler.add_noise(z[half:].to(dev), torch.randn(z[half:].shape, generator=g).to(dev), t)
+        v = unet(xt.to(unet.dtype), t, source.encode_ids(tokenize(source.tok, prompts)).to(dev, unet.dtype)).sample.float()
+        z_dec = torch.cat([z[:half].to(dev), x0_from_v(scheduler, xt, v, t)])
+        target = vae.decode((z_dec / scale).to(vae.dtype)).sample.float().clamp(-1, 1)
+        for key, value in zip(keys, (((x + 1) * 127.5).round().to(torch.uint8), z, z_dec, target.half())):
+            state[key].append(value.cpu())
+        done += TAESD_CHUNK
+        bar.update(TAESD_CHUNK)
+        if (k + 1) % 16 == 0 or done >= size:
+            save_state(path, state)
+    bar.close()
+    return {key: torch.cat(list(value))[:size] for key, value in state.items()}
+
+
+def load_teacher(folder: Path):
+    """The exported toyworld-turbo pipeline (VAE, turbo UNet, text encoder, tokenizer) in fp32."""
+    from atelier.errors import UserError
+    from atelier.models import load_pipeline
+
+    if not (Path(folder) / "model_index.json").is_file():
+        raise UserError(f"the taesd stage distils from the exported toyworld-turbo, and {folder} has none: "
+                        "train the turbo stage first (or pass --weights-dir with the built-in models)")
+    return load_pipeline(str(folder), device="cpu", dtype="fp32")
+
+
+def train_taesd(cfg: ToyTrainConfig, teacher):
+    """Distil an AutoencoderTiny from the toy VAE, as TAESD is distilled from SD's: the encoder
+    regresses the VAE's scaled latent means; the decoder regresses the VAE decoder's images, on the
+    latents of `decoder_pool` (the distillation target is the teacher's decoding, not the render, so
+    the stream's frames look as they do with the VAE). `teacher`: toyworld-turbo's vae, unet,
+    text_encoder and tokenizer (a pipeline or a namespace)."""
+    from types import SimpleNamespace
+
     from diffusers import AutoencoderTiny
 
     loop = stage_loop(cfg, "taesd", cfg.taesd_steps)
     final = loop.dir / "final"
     if loop.done:
         return AutoencoderTiny.from_pretrained(final)
+    teacher = SimpleNamespace(tokenizer=teacher.tokenizer, **{name: loop.frozen(getattr(teacher, name), keep_original=True)
+                                                              for name in ("vae", "unet", "text_encoder")})
+    pool = decoder_pool(cfg, teacher, loop.dir / "pool.safetensors", cfg.taesd_pool)
+    held_out = decoder_pool(cfg, teacher, loop.dir / "held_out.safetensors", cfg.eval_scenes, "taesd-held-out")
     torch.manual_seed(cfg.seed + 5)
     tiny = AutoencoderTiny(**TAESD_CONFIG)
-    vae = loop.frozen(vae, keep_original=True)
     loop.prepare({"taesd": tiny}, torch.optim.AdamW(tiny.parameters(), lr=cfg.taesd_lr, weight_decay=0.0))
     tiny.train()
-    scale = vae.config.scaling_factor
+    dev = loop.device
 
     def step(i, micro):
-        _, _, x = scene_batch(step_seed(cfg, "taesd", i), cfg.taesd_batch, cfg.n_objects_weights)
-        x = x.to(loop.device)
-        with torch.no_grad():
-            z = (vae.encode(x.to(vae.dtype)).latent_dist.mean * scale).float()
-        recon = tiny.decode(z).sample
-        return F.mse_loss(tiny.encode(x).latents, z) + F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        pick = torch.randint(0, len(pool["x"]), (cfg.taesd_batch,), generator=torch.Generator().manual_seed(step_seed(cfg, "taesd", i)))
+        x = pool["x"][pick].to(dev).float() / 127.5 - 1
+        target = pool["target"][pick].to(dev).float()
+        recon = tiny.decode(pool["z_dec"][pick].to(dev)).sample
+        return F.mse_loss(tiny.encode(x).latents, pool["z_enc"][pick].to(dev)) + F.l1_loss(recon, target) + F.mse_loss(recon, target)
 
-    loop.run(step, lr=lambda i: lr_at(i, cfg.taesd_steps, cfg.taesd_lr), clip=1.0, window=20,
-             evaluate=lambda parts: tiny_round_trip_accuracy(tiny, vae, n=min(96, cfg.eval_scenes), seed=10_000))
+    def evaluate(parts):
+        return {**tiny_round_trip_accuracy(tiny, teacher.vae, n=min(96, cfg.eval_scenes), seed=10_000),
+                **decoder_agreement(tiny, held_out)}
+
+    loop.run(step, lr=lambda i: lr_at(i, cfg.taesd_steps, cfg.taesd_lr), clip=1.0, window=20, evaluate=evaluate)
     tiny = loop.unwrap(tiny)
     tiny.eval()
     tiny.save_pretrained(final)
-    loop.finish(tiny_round_trip_accuracy(tiny, vae, n=cfg.eval_scenes, seed=20_000))
+    loop.finish({**tiny_round_trip_accuracy(tiny, teacher.vae, n=cfg.eval_scenes, seed=20_000),
+                 **decoder_agreement(tiny, held_out)})
     return tiny
+
+
+@torch.no_grad()
+def decoder_agreement(tiny, held_out: dict) -> dict:
+    """How often the judge sees the same objects in the tiny decoder's image as in the VAE's, on
+    held-out latents: encoded scenes, and the turbo model's denoised ones (`decoder_pool`'s halves)."""
+    from atelier.toyworld.judge import detect
+
+    was_training = tiny.training
+    tiny.eval()
+    same = []
+    for start in range(0, len(held_out["z_dec"]), 32):
+        z = held_out["z_dec"][start:start + 32].to(tiny.device, tiny.dtype)
+        ours, theirs = to_uint8(tiny.decode(z).sample), to_uint8(held_out["target"][start:start + 32])
+        same += [sorted(d.key() for d in detect(a)) == sorted(d.key() for d in detect(b)) for a, b in zip(ours, theirs)]
+    tiny.train(was_training)
+    rows = torch.arange(len(same)) % TAESD_CHUNK < TAESD_CHUNK // 2
+    same = torch.tensor(same, dtype=torch.float32)
+    return {"same_as_vae_encoded": round(float(same[rows].mean()), 4), "same_as_vae_denoised": round(float(same[~rows].mean()), 4)}
 
 
 @torch.no_grad()
@@ -704,15 +792,15 @@ def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo", "taes
     with atomic_open(out / "config.json", "w", encoding="utf-8") as f:
         f.write(json.dumps(asdict(cfg), indent=2, default=str))
     paths = {}
-    if any(s in stages for s in ("vae", "text", "unet", "turbo", "taesd")):
+    if any(s in stages for s in ("vae", "text", "unet", "turbo")):
         tokenizer = make_tokenizer(out / "tokenizer")
         vae = train_vae(cfg).eval().requires_grad_(False)
         te = train_text_encoder(cfg, tokenizer).eval().requires_grad_(False) if "text" in stages or "unet" in stages else None
         unet = train_unet(cfg, vae, te, tokenizer).eval().requires_grad_(False) if "unet" in stages else None
         turbo = train_turbo(cfg, vae, te, tokenizer, unet) if "turbo" in stages else None
         paths = export_pipelines(cfg, vae, te, tokenizer, unet, turbo, weights_dir) if unet is not None else {}
-        if "taesd" in stages:
-            paths["toyworld-taesd"] = export_taesd(train_taesd(cfg, vae), weights_dir)
+    if "taesd" in stages:
+        paths["toyworld-taesd"] = export_taesd(train_taesd(cfg, load_teacher(weights_dir / "toyworld-turbo")), weights_dir)
     if "clip" in stages or "ip" in stages:
         paths.update(train_eyes(cfg, stages, weights_dir))
     stage_times = {}
