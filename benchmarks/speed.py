@@ -12,7 +12,8 @@
    configuration may cost at most 2 points) and seconds per image against fp32 eager, interleaved.
 3. The stream on toyworld-turbo (its default live settings): frames/s of engine configurations
    against the per-frame diffusers img2img pipeline (fp32, full VAE), interleaved; and the engine's
-   judged prompt-edit success on toy edit cases (at most 5 points below the fp32 engine's).
+   judged prompt-edit success on toy edit cases (at most 5 points below the fp32 engine's). Beside an
+   exported model, toyworld-taesd is exported to the same runtime.
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/speed.py --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/speed.py --archs toy --per-count 2 --frames 4 --cases 4   # smoke run
@@ -341,7 +342,8 @@ def format_toy_rows(rows, per_count: int) -> str:
 def stream_rows(frames_n: int, cases_n: int, repeats: int) -> tuple[str, list]:
     from stream import animation, img2img_runner
 
-    from atelier.runtime import export_pipeline
+    from atelier.models import load_tiny_autoencoder
+    from atelier.runtime import export_pipeline, export_tiny_autoencoder
     from atelier.stream import StreamEngine
     from atelier.stream.engine import default_settings
     from atelier.toyworld import edit_cases, render_pil, score_edit
@@ -358,14 +360,17 @@ def stream_rows(frames_n: int, cases_n: int, repeats: int) -> tuple[str, list]:
     with tempfile.TemporaryDirectory() as tmp:
         exported = {fmt: load_pipeline(str(export_pipeline(load_pipeline("toyworld-turbo"), Path(tmp) / fmt, fmt)))
                     for fmt in ("openvino", "onnx")}
+        taesd = load_tiny_autoencoder("toyworld-taesd", device="cpu", dtype="fp32")
+        tiny = {fmt: export_tiny_autoencoder(taesd, Path(tmp) / f"taesd-{fmt}", fmt)  # on the model's runtime
+                for fmt in ("openvino", "onnx")}
         quantized = load_pipeline("toyworld-turbo")
         quantize_module(quantized.unet, "int8wo")
         engines = {
             "engine fp32 (full VAE)": StreamEngine(pipe, t_index_list=t_index),
             "engine + toyworld-taesd": StreamEngine(pipe, t_index_list=t_index, vae="toyworld-taesd"),
             "engine + taesd, int8 weights (quanto)": StreamEngine(quantized, t_index_list=t_index, vae="toyworld-taesd"),
-            "engine + taesd, OpenVINO": StreamEngine(exported["openvino"], t_index_list=t_index, vae="toyworld-taesd"),
-            "engine + taesd, ONNX Runtime": StreamEngine(exported["onnx"], t_index_list=t_index, vae="toyworld-taesd"),
+            "engine + taesd, OpenVINO": StreamEngine(exported["openvino"], t_index_list=t_index, vae=tiny["openvino"]),
+            "engine + taesd, ONNX Runtime": StreamEngine(exported["onnx"], t_index_list=t_index, vae=tiny["onnx"]),
             "engine, ONNX Runtime (full VAE, exported)": StreamEngine(exported["onnx"], t_index_list=t_index),
         }
         for name, engine in engines.items():

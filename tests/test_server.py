@@ -704,6 +704,42 @@ def test_serve_help(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--max-sessions" in out and "toyworld-turbo" in out
+    assert "--tiny-vae" in out and "toyworld-taesd" in out
+
+
+def test_the_tiny_vae_reaches_every_session_engine(pipe):
+    """create_app loads a --tiny-vae source once; each session's StreamEngine gets that same module."""
+    from atelier.core.vae import is_tiny
+
+    manager = create_app(pipe, tiny_vae="toyworld-taesd").state.manager
+    first, second = manager.engine_factory(), manager.engine_factory()
+    assert is_tiny(manager.tiny_vae) and first.vae is manager.tiny_vae and second.vae is manager.tiny_vae
+    assert first.tiny_vae and create_app(pipe).state.manager.engine_factory().vae is pipe.vae
+
+
+def test_serve_loads_the_tiny_vae_once_and_refuses_an_unknown_one(monkeypatch, tmp_path, capsys):
+    import atelier.server.app as app_module
+    from atelier.testing.cli import one_error_line, run
+
+    served = []
+
+    class NoServer:
+        def __init__(self, app, log_level):
+            served.append(app)
+
+        def run(self, sockets):
+            sockets[0].close()
+
+    monkeypatch.setattr(app_module, "make_server", NoServer)
+    monkeypatch.setattr("atelier.server.cli._quiet_loading", lambda: None)  # the test session's logging stays
+    code, _, err = run(["serve", "--port", 0, "--tiny-vae", "toyworld-taesd"], capsys)
+    assert code == 0, err
+    manager = served[0].state.manager
+    assert type(manager.tiny_vae).__name__ == "AutoencoderTiny" and manager.engine_factory().vae is manager.tiny_vae
+    for source in ("no-such-taesd", str(tmp_path / "missing"), "someone/not-cached-taesd"):
+        code, _, err = run(["serve", "--port", 0, "--tiny-vae", source], capsys)
+        assert one_error_line(code, err) and source in err, err
+    assert len(served) == 1  # refused before loading the model
 
 
 def test_serve_command_max_sessions_and_errors(tmp_path):

@@ -22,7 +22,11 @@ def upcast_if_needed(vae):
 
 
 def is_tiny(vae) -> bool:
-    return type(vae).__name__ == "AutoencoderTiny"
+    """AutoencoderTiny (TAESD), or a module standing in for one (atelier.runtime's ExportedTinyVAE
+    says so with `is_tiny_autoencoder`): its encode gives `.latents`, not a distribution."""
+    from diffusers import AutoencoderTiny
+
+    return isinstance(vae, AutoencoderTiny) or getattr(type(vae), "is_tiny_autoencoder", False) is True
 
 
 def encode(vae, images: torch.Tensor, dtype: torch.dtype | None = None, sample_generator=None) -> torch.Tensor:

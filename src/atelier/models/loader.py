@@ -741,41 +741,73 @@ def _load_peft_adapter(pipe, path: Path, keys: list[str], name: str) -> None:
 TINY_AUTOENCODERS = {"toyworld-taesd": "TAESD-style tiny autoencoder for the toy-world models"}
 
 
-def load_tiny_autoencoder(source, *, device=None, dtype=None):
-    """An AutoencoderTiny (TAESD, madebyollin/taesd or taesdxl) from a folder, a hub id (online or
-    cached) or the built-in "toyworld-taesd": StreamDiffusion's fast VAE for the stream."""
-    from diffusers import AutoencoderTiny
-
-    device, dtype = pick_device_dtype(device, dtype)
+def resolve_tiny_autoencoder(source, *, download: bool = True) -> Path | str:
+    """The folder of a tiny autoencoder source (a built-in name, a folder, or a hub id in the HF
+    cache), or the hub id itself when it is to be downloaded (`download` and online)."""
     if isinstance(source, str) and source in TINY_AUTOENCODERS:
         folder = BUILTIN_DIR / source
         if not (folder / "config.json").is_file():
             raise UserError(f"built-in tiny autoencoder '{source}' is not trained yet: run `atelier train toyworld --stages taesd`")
-    elif isinstance(source, (str, Path)) and os.path.isdir(os.path.expanduser(os.fspath(source))):
-        folder = Path(os.path.expanduser(os.fspath(source)))
-    elif isinstance(source, str) and _HUB_ID.match(source):
+        return folder
+    if isinstance(source, (str, Path)) and os.path.isdir(os.path.expanduser(os.fspath(source))):
+        return Path(os.path.expanduser(os.fspath(source)))
+    if isinstance(source, str) and _HUB_ID.match(source):
         from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(source, "config.json", cache_dir=os.fspath(hf_cache_dir()))
-        if not isinstance(found, str):
-            if hub_offline():
-                raise _not_cached(source)
-            folder = source
-        else:
-            folder = Path(found).parent
-    else:
-        raise UserError(f"tiny autoencoder {source!r}: not a folder, a hub id or one of {', '.join(TINY_AUTOENCODERS)}")
-    if isinstance(folder, Path):
-        files = [p.name for p in folder.iterdir()]
-        if not any(f.endswith(".safetensors") for f in files):
-            raise UserError(f"{folder} has no .safetensors weights for a tiny autoencoder")
+        if isinstance(found, str):
+            return Path(found).parent
+        if hub_offline() or not download:
+            raise _not_cached(source)
+        return source
+    raise UserError(f"tiny autoencoder {source!r}: not a folder, a hub id or one of {', '.join(TINY_AUTOENCODERS)}")
+
+
+def is_tiny_autoencoder_source(source) -> bool:
+    """Whether `source` is a tiny autoencoder: a built-in one, or a folder or cached hub id whose
+    config.json is an AutoencoderTiny's (an exported one's too). Never downloads."""
     try:
-        tiny = AutoencoderTiny.from_pretrained(folder, use_safetensors=True, **dtype_kwargs(dtype))
-    except _load_errors() as exc:
-        damaged = _unreadable_weights(folder) if isinstance(folder, Path) else None
-        raise damaged or UserError(f"cannot load a tiny autoencoder from {folder}: {_first_line(exc)}") from None
-    _place([tiny], device, dtype)
+        folder = resolve_tiny_autoencoder(source, download=False)
+    except UserError:
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("_class_name") == "AutoencoderTiny"
+
+
+def load_tiny_autoencoder(source, *, device=None, dtype=None, download: bool = True):
+    """An AutoencoderTiny (TAESD, madebyollin/taesd or taesdxl) from a folder, a hub id (online unless
+    `download` is False, or cached) or the built-in "toyworld-taesd": StreamDiffusion's fast VAE for
+    the stream. A folder written by `atelier export` gives its ExportedTinyVAE (CPU, float32 only)."""
+    from diffusers import AutoencoderTiny
+
+    folder = resolve_tiny_autoencoder(source, download=download)
+    if isinstance(folder, Path) and (folder / "export.json").is_file():
+        tiny = _load_exported_tiny(folder, device, dtype)
+    else:
+        device, dtype = pick_device_dtype(device, dtype)
+        if isinstance(folder, Path) and not any(p.name.endswith(".safetensors") for p in folder.iterdir()):
+            raise UserError(f"{folder} has no .safetensors weights for a tiny autoencoder")
+        try:
+            tiny = AutoencoderTiny.from_pretrained(folder, use_safetensors=True, **dtype_kwargs(dtype))
+        except _load_errors() as exc:
+            damaged = _unreadable_weights(folder) if isinstance(folder, Path) else None
+            raise damaged or UserError(f"cannot load a tiny autoencoder from {folder}: {_first_line(exc)}") from None
+        _place([tiny], device, dtype)
+    tiny.atelier_source = str(source)
     return tiny.eval()
+
+
+def _load_exported_tiny(folder: Path, device, dtype):
+    """An exported tiny autoencoder: on the CPU in float32, whatever the default device; asking for
+    another device or dtype is refused in one line (ExportedModule.to)."""
+    from atelier.runtime.modules import load_exported_tiny_autoencoder
+
+    tiny = load_exported_tiny_autoencoder(folder)
+    tiny.to(device="cpu" if device is None or str(device) == "auto" else device, dtype=parse_dtype(dtype) or torch.float32)
+    return tiny
 
 
 # ----------------------------------------------------------------------------- img2img
@@ -808,6 +840,8 @@ __all__ = [
     "load_lora_adapter",
     "load_pipeline",
     "load_tiny_autoencoder",
+    "resolve_tiny_autoencoder",
+    "is_tiny_autoencoder_source",
     "pick_device_dtype",
     "resolve_model_path",
     "to_img2img",

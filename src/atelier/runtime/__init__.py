@@ -2,6 +2,7 @@
 those runtimes behind torch modules that diffusers and atelier drive like the originals.
 
     export_pipeline  write an exported model folder (atelier export)
+    export_tiny_autoencoder  write an exported tiny autoencoder (AutoencoderTiny) folder
     load_exported    the diffusers pipeline of an exported folder (load_pipeline does this too)
     is_exported      whether a folder is an exported model
 
@@ -12,6 +13,7 @@ from atelier._lazy import lazy_exports
 
 _EXPORTS = {
     "export_pipeline": "atelier.runtime.export",
+    "export_tiny_autoencoder": "atelier.runtime.export",
     "parse_static_shape": "atelier.runtime.export",
     "load_exported": "atelier.runtime.modules",
     "is_exported": "atelier.runtime.modules",

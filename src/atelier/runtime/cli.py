@@ -9,10 +9,13 @@ def register(subparsers) -> None:
         description=(
             "Export MODEL's UNet, VAE (encoder and decoder) and text encoder(s) to OpenVINO IR or ONNX and "
             "write the rest as the diffusers folder it was. The folder then loads like any model "
-            "(--model DIR): generate, img2img and the stream run on the runtime, on the CPU."
+            "(--model DIR): generate, img2img and the stream run on the runtime, on the CPU. A tiny autoencoder "
+            "(toyworld-taesd, or a TAESD folder or cached hub id) exports on its own: config.json, encoder and "
+            "decoder; give the folder as the stream's tiny autoencoder (serve --tiny-vae DIR)."
         ),
     )
-    p.add_argument("model", help="a model: built-in name, diffusers folder, .safetensors file or cached hub id")
+    p.add_argument("model", help="a model: built-in name, diffusers folder, .safetensors file or cached hub id; "
+                        "or a tiny autoencoder (toyworld-taesd, a TAESD folder or cached hub id)")
     p.add_argument("--out", required=True, metavar="DIR", help="the exported model folder to write")
     p.add_argument("--format", required=True, metavar="F", help="openvino or onnx")
     p.add_argument("--static-shape", metavar="HxW",
@@ -34,8 +37,8 @@ def run(args) -> int:
 
     from atelier.cli import print_json
     from atelier.errors import UserError
-    from atelier.models import load_pipeline, resolve_model_path
-    from atelier.runtime.export import export_pipeline, parse_static_shape
+    from atelier.models import is_tiny_autoencoder_source
+    from atelier.runtime.export import parse_static_shape
     from atelier.runtime.modules import PRECISIONS, import_runtime, read_export_info
 
     import_runtime(args.format)  # unknown format or missing package: say so before loading anything
@@ -45,15 +48,43 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists: pass --overwrite to replace it")
-    source = resolve_model_path(args.model)
-    if out.exists() and out.resolve() == source.resolve():
-        raise UserError(f"--out {out} is the model being exported: choose another folder")
-    pipe = load_pipeline(args.model, device="cpu", dtype="fp32", allow_pickle=args.allow_pickle, config=args.config)
-    export_pipeline(pipe, out, args.format, static_shape=shape, batch=args.batch, precision=args.precision,
-                    source_folder=source if source.is_dir() else None, overwrite=args.overwrite)
+    options = dict(static_shape=shape, batch=args.batch, precision=args.precision, overwrite=args.overwrite)
+    if is_tiny_autoencoder_source(args.model):
+        _export_tiny(args, out, options)
+    else:
+        _export_model(args, out, options)
     info = read_export_info(out)
     if args.json:
         print_json({"out": str(out), **info})
     else:
         print(f"exported {args.model} to {out} ({args.format}: {', '.join(info['components'])})")
     return 0
+
+
+def _check_not_source(out, source) -> None:
+    from atelier.errors import UserError
+
+    if out.exists() and out.resolve() == source.resolve():
+        raise UserError(f"--out {out} is the model being exported: choose another folder")
+
+
+def _export_model(args, out, options: dict) -> None:
+    from atelier.models import load_pipeline, resolve_model_path
+    from atelier.runtime.export import export_pipeline
+
+    source = resolve_model_path(args.model)
+    _check_not_source(out, source)
+    pipe = load_pipeline(args.model, device="cpu", dtype="fp32", allow_pickle=args.allow_pickle, config=args.config)
+    export_pipeline(pipe, out, args.format, source_folder=source if source.is_dir() else None, **options)
+
+
+def _export_tiny(args, out, options: dict) -> None:
+    from atelier.errors import UserError
+    from atelier.models import load_tiny_autoencoder, resolve_tiny_autoencoder
+    from atelier.runtime.export import export_tiny_autoencoder
+
+    if args.config is not None:
+        raise UserError("--config applies to single-file checkpoints, not to a tiny autoencoder")
+    _check_not_source(out, resolve_tiny_autoencoder(args.model, download=False))
+    tiny = load_tiny_autoencoder(args.model, device="cpu", dtype="fp32", download=False)
+    export_tiny_autoencoder(tiny, out, args.format, **options)

@@ -10,6 +10,9 @@ tokenizers, model_index.json, atelier.json) so that the folder loads like any mo
       unet/config.json + model.xml/.bin (OpenVINO) or model.onnx (ONNX)
       vae/config.json + encoder.* + decoder.*
       text_encoder/ (text_encoder_2/) config.json + model.* + final_layer_norm.safetensors
+
+A tiny autoencoder (AutoencoderTiny, TAESD) exports on its own, as the stream's fast VAE beside an
+exported model: its folder holds config.json, encoder.* + decoder.* and export.json.
 """
 
 from __future__ import annotations
@@ -22,8 +25,17 @@ from pathlib import Path
 import torch
 
 from atelier.core.io import atomic_dir
+from atelier.core.vae import is_tiny
 from atelier.errors import UserError
-from atelier.runtime.modules import EXPORT_FILE, FORMATS, PRECISIONS, ExportedModule, graph_path, import_runtime
+from atelier.runtime.modules import (
+    EXPORT_FILE,
+    FORMATS,
+    PRECISIONS,
+    TINY_VAE,
+    ExportedModule,
+    graph_path,
+    import_runtime,
+)
 
 NOT_EXPORTED = ("safety_checker", "feature_extractor", "image_encoder")  # dropped: the export has none
 ONNX_OPSET = 17
@@ -54,7 +66,16 @@ class _VAEEncoderGraph(torch.nn.Module):
         return self.vae.encode(images).latent_dist.parameters  # mean and log-variance, stacked
 
 
-class _VAEDecoderGraph(torch.nn.Module):
+class _TinyEncoderGraph(torch.nn.Module):
+    def __init__(self, tiny):
+        super().__init__()
+        self.tiny = tiny
+
+    def forward(self, images):
+        return self.tiny.encode(images).latents
+
+
+class _VAEDecoderGraph(torch.nn.Module):  # AutoencoderKL's and AutoencoderTiny's alike
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
@@ -101,6 +122,52 @@ def _export_graph(module, example: dict, outputs: list[str], dynamic: dict[str, 
         ov.save_model(model, str(path), compress_to_fp16=False)
 
 
+def _write_autoencoder(vae, folder: Path, fmt: str, images: torch.Tensor, latents: torch.Tensor, dynamic: set[int]) -> None:
+    """`vae`'s (AutoencoderKL or AutoencoderTiny) encoder.* and decoder.* graphs and config.json in
+    `folder`; `images` and `latents` are the examples, `dynamic` their free axes."""
+    encoder, output = (_TinyEncoderGraph(vae), "latents") if is_tiny(vae) else (_VAEEncoderGraph(vae), "moments")
+    _export_graph(encoder, {"images": images}, [output], {"images": dynamic}, graph_path(folder, "encoder", fmt), fmt)
+    _export_graph(_VAEDecoderGraph(vae), {"latents": latents}, ["images"], {"latents": dynamic},
+                  graph_path(folder, "decoder", fmt), fmt)
+    vae.save_config(folder)
+
+
+def _check_options(fmt: str, precision: str, batch, out, overwrite: bool):
+    """The runtime module of `fmt`, once the options and the output folder are fine."""
+    runtime = import_runtime(fmt)
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise UserError(f"--batch must be a whole number >= 1, got {batch!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists: pass --overwrite (overwrite=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder")
+    return runtime
+
+
+def _check_cpu_float32(modules) -> None:
+    for module in modules:
+        if module.device.type != "cpu" or module.dtype != torch.float32:
+            raise UserError("export a model loaded on the CPU in float32 (load_pipeline(source, device='cpu', dtype='fp32'))")
+
+
+def _write_record(folder: Path, fmt: str, runtime, *, precision: str, static_shape, batch, components: dict,
+                  source: str) -> None:
+    record = {
+        "format": fmt,
+        "runtime": f"{FORMATS[fmt]} {getattr(runtime, '__version__', '?')}",
+        "precision": precision,
+        "static_shape": list(static_shape) if static_shape else None,
+        "batch": batch,
+        "components": components,
+        "exported_from": str(source or ""),
+        "torch": torch.__version__,
+    }
+    (folder / EXPORT_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
 # ---------------------------------------------------------------------------------- a pipeline
 
 
@@ -112,10 +179,8 @@ def _check_exportable(pipe) -> None:
         raise UserError(f"{type(pipe).__name__} is not a Stable Diffusion text-to-image pipeline (UNet and text encoder)")
     if type(unet).__name__ != "UNet2DConditionModel" or type(vae).__name__ != "AutoencoderKL":
         raise UserError(f"atelier exports UNet2DConditionModel + AutoencoderKL models, not {type(unet).__name__} + {type(vae).__name__}")
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if module is not None and (module.device.type != "cpu" or module.dtype != torch.float32):
-            raise UserError("export a model loaded on the CPU in float32 (load_pipeline(source, device='cpu', dtype='fp32'))")
+    _check_cpu_float32(getattr(pipe, name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+                       if getattr(pipe, name, None) is not None)
 
 
 def _unet_example(pipe, height: int, width: int, batch: int) -> dict:
@@ -175,17 +240,9 @@ def export_pipeline(pipe, out, fmt: str, *, static_shape: tuple[int, int] | None
     The folder appears complete or not at all; an existing one is replaced only with overwrite."""
     from atelier.core.facts import check_size, native_size, size_step
 
-    runtime = import_runtime(fmt)
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
-    if batch is not None and (not isinstance(batch, int) or batch < 1):
-        raise UserError(f"--batch must be a whole number >= 1, got {batch!r}")
+    runtime = _check_options(fmt, precision, batch, out, overwrite)
     _check_exportable(pipe)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists: pass --overwrite (overwrite=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file, not a folder")
     if static_shape is not None:
         check_size(static_shape[1], static_shape[0], size_step(pipe), names=("static width", "static height"))
     height, width = static_shape or (native_size(pipe),) * 2
@@ -209,11 +266,7 @@ def export_pipeline(pipe, out, fmt: str, *, static_shape: tuple[int, int] | None
         scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
         images = torch.rand(fixed_batch, 3, height, width) * 2 - 1
         latents = torch.randn(fixed_batch, pipe.vae.config.latent_channels, height // scale, width // scale)
-        _export_graph(_VAEEncoderGraph(pipe.vae), {"images": images}, ["moments"], {"images": free_batch | spatial},
-                      graph_path(tmp / "vae", "encoder", fmt), fmt)
-        _export_graph(_VAEDecoderGraph(pipe.vae), {"latents": latents}, ["images"], {"latents": free_batch | spatial},
-                      graph_path(tmp / "vae", "decoder", fmt), fmt)
-        pipe.vae.save_config(tmp / "vae")
+        _write_autoencoder(pipe.vae, tmp / "vae", fmt, images, latents, free_batch | spatial)
         components["vae"] = "vae"
 
         for name in ("text_encoder", "text_encoder_2"):
@@ -237,17 +290,8 @@ def export_pipeline(pipe, out, fmt: str, *, static_shape: tuple[int, int] | None
             index["requires_safety_checker"] = False
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
         _write_defaults(pipe, tmp, source_folder)
-        record = {
-            "format": fmt,
-            "runtime": f"{FORMATS[fmt]} {getattr(runtime, '__version__', '?')}",
-            "precision": precision,
-            "static_shape": list(static_shape) if static_shape else None,
-            "batch": batch,
-            "components": components,
-            "exported_from": str(getattr(pipe, "atelier_source", "") or ""),
-            "torch": torch.__version__,
-        }
-        (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        _write_record(tmp, fmt, runtime, precision=precision, static_shape=static_shape, batch=batch,
+                      components=components, source=getattr(pipe, "atelier_source", ""))
     return out
 
 
@@ -258,3 +302,40 @@ def _write_defaults(pipe, folder: Path, source_folder) -> None:
         shutil.copyfile(source, folder / "atelier.json")
     elif getattr(pipe, "atelier_defaults", None):
         (folder / "atelier.json").write_text(json.dumps(pipe.atelier_defaults, indent=2), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------- a tiny autoencoder
+
+
+def tiny_scale(tiny) -> int:
+    """Pixels per latent of an AutoencoderTiny: each encoder block after the first halves the size."""
+    return 2 ** (len(tiny.config.num_encoder_blocks) - 1)
+
+
+def export_tiny_autoencoder(tiny, out, fmt: str, *, static_shape: tuple[int, int] | None = None,
+                            batch: int | None = None, precision: str = "fp32", overwrite: bool = False) -> Path:
+    """Export an AutoencoderTiny (loaded on the CPU in float32) to `out` in format "openvino" or "onnx":
+    config.json, the encoder and decoder graphs (with TAESD's pixel scaling inside) and export.json.
+    load_tiny_autoencoder(out) loads it back. The options are export_pipeline's."""
+    from atelier.core.facts import check_size
+
+    runtime = _check_options(fmt, precision, batch, out, overwrite)
+    if isinstance(tiny, ExportedModule):
+        raise UserError("this tiny autoencoder is already exported: export the original one instead")
+    if not is_tiny(tiny):
+        raise UserError(f"export_tiny_autoencoder exports an AutoencoderTiny, not a {type(tiny).__name__}")
+    _check_cpu_float32([tiny])
+    scale = tiny_scale(tiny)
+    if static_shape is not None:
+        check_size(static_shape[1], static_shape[0], scale, names=("static width", "static height"))
+    height, width = static_shape or (8 * scale,) * 2
+    fixed_batch = batch or 2
+    dynamic = (set() if batch else {0}) | (set() if static_shape else {2, 3})
+    images = torch.rand(fixed_batch, 3, height, width) * 2 - 1
+    latents = torch.randn(fixed_batch, tiny.config.latent_channels, height // scale, width // scale)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        _write_autoencoder(tiny, tmp, fmt, images, latents, dynamic)
+        _write_record(tmp, fmt, runtime, precision=precision, static_shape=static_shape, batch=batch,
+                      components={TINY_VAE: TINY_VAE}, source=getattr(tiny, "atelier_source", ""))
+    return out

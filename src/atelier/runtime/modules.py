@@ -19,6 +19,7 @@ from atelier.errors import UserError
 FORMATS = {"openvino": "openvino", "onnx": "onnxruntime"}  # format -> the package that runs it
 SUFFIXES = {"openvino": ".xml", "onnx": ".onnx"}
 EXPORT_FILE = "export.json"  # marks an exported model folder and says how it was exported
+TINY_VAE = "tiny_vae"  # the component (and its kind) of an exported tiny autoencoder, whose folder is its own
 PRECISIONS = ("fp32", "auto")  # OpenVINO inference precision: exact, or the CPU's fastest (bf16 where it has it)
 
 
@@ -234,23 +235,18 @@ class ExportedUNet(ExportedModule):
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
-class ExportedVAE(ExportedModule):
-    """AutoencoderKL's encode (-> latent_dist) and decode (-> sample) on two compiled graphs."""
+class _ExportedAutoencoder(ExportedModule):
+    """What AutoencoderKL and AutoencoderTiny share: an encoder and a decoder graph, decode -> sample."""
 
     def __init__(self, config, encoder: CompiledGraph | None, decoder: CompiledGraph, fmt: str):
         super().__init__(config, fmt)
         self.encoder_graph, self.decoder_graph = encoder, decoder
         self.use_slicing = self.use_tiling = False
 
-    def encode(self, x, return_dict=True):
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-        from diffusers.models.modeling_outputs import AutoencoderKLOutput
-
+    def _encoded(self, x, output: str) -> torch.Tensor:
         if self.encoder_graph is None:
             raise UserError("this exported model has no VAE encoder: export it again to use img2img")
-        moments = _tensor(self.encoder_graph(images=_numpy(x))["moments"])
-        dist = DiagonalGaussianDistribution(moments)
-        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+        return _tensor(self.encoder_graph(images=_numpy(x))[output])
 
     def decode(self, z, return_dict=True, generator=None):
         from diffusers.models.autoencoders.vae import DecoderOutput
@@ -258,15 +254,43 @@ class ExportedVAE(ExportedModule):
         images = _tensor(self.decoder_graph(latents=_numpy(z))["images"]).to(z.dtype)
         return DecoderOutput(sample=images) if return_dict else (images,)
 
-    def forward(self, sample, sample_posterior=False, return_dict=True, generator=None):
-        dist = self.encode(sample).latent_dist
-        return self.decode(dist.sample(generator) if sample_posterior else dist.mode(), return_dict=return_dict)
-
     def enable_slicing(self):  # the runtime takes the whole batch; nothing to slice
         pass
 
     def disable_slicing(self):
         pass
+
+
+class ExportedVAE(_ExportedAutoencoder):
+    """AutoencoderKL's encode (-> latent_dist) and decode (-> sample) on two compiled graphs."""
+
+    def encode(self, x, return_dict=True):
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+        dist = DiagonalGaussianDistribution(self._encoded(x, "moments"))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def forward(self, sample, sample_posterior=False, return_dict=True, generator=None):
+        dist = self.encode(sample).latent_dist
+        return self.decode(dist.sample(generator) if sample_posterior else dist.mode(), return_dict=return_dict)
+
+
+class ExportedTinyVAE(_ExportedAutoencoder):
+    """AutoencoderTiny's (TAESD's) encode (-> latents) and decode (-> sample) on two compiled graphs,
+    which include its input and output scaling ([-1, 1] pixels on both sides)."""
+
+    is_tiny_autoencoder = True  # atelier.core.vae.is_tiny
+
+    def encode(self, x, return_dict=True):
+        from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
+
+        latents = self._encoded(x, "latents").to(x.dtype)
+        return AutoencoderTinyOutput(latents=latents) if return_dict else (latents,)
+
+    def forward(self, sample, return_dict=True):
+        """Encode then decode (without AutoencoderTiny's rounding of the latents to 8 bits)."""
+        return self.decode(self.encode(sample).latents, return_dict=return_dict)
 
 
 class ExportedTextEncoder(ExportedModule):
@@ -365,6 +389,21 @@ def load_component(folder: Path, name: str, info: dict, threads=None) -> Exporte
     raise UserError(f"{folder / EXPORT_FILE}: unknown component kind {kind!r}")
 
 
+def is_exported_tiny_autoencoder(info: dict) -> bool:
+    return info["components"] == {TINY_VAE: TINY_VAE}
+
+
+def load_exported_tiny_autoencoder(folder, *, threads: int | None = None) -> ExportedTinyVAE:
+    """The ExportedTinyVAE of a folder written by `export_tiny_autoencoder` (config.json, encoder
+    and decoder graphs, export.json side by side)."""
+    folder = Path(folder)
+    info = read_export_info(folder)
+    if info is None or not is_exported_tiny_autoencoder(info):
+        raise UserError(f"{folder} is not an exported tiny autoencoder: export one with `atelier export toyworld-taesd`")
+    encoder, decoder = (_graph(folder, stem, info, threads) for stem in ("encoder", "decoder"))
+    return ExportedTinyVAE(_frozen_config(folder / "config.json"), encoder, decoder, info["format"])
+
+
 def load_exported(folder, *, threads: int | None = None):
     """The diffusers pipeline (its model_index.json's class) of an exported folder: the scheduler and
     tokenizers as saved, the exported components compiled by their runtime on the CPU, no safety
@@ -376,6 +415,9 @@ def load_exported(folder, *, threads: int | None = None):
     info = read_export_info(folder)
     if info is None:
         raise UserError(f"{folder} is not an exported model (no {EXPORT_FILE}): export one with `atelier export`")
+    if is_exported_tiny_autoencoder(info):
+        raise UserError(f"{folder} is an exported tiny autoencoder, not a model: give it as the stream's tiny "
+                        "autoencoder (vae=, --tiny-vae)")
     import_runtime(info["format"])
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     cls = getattr(diffusers, index.get("_class_name", ""), None)

@@ -95,6 +95,7 @@ def create_app(
     idle_timeout: float = IDLE_TIMEOUT,
     ip_adapter=None,
     ip_image_encoder=None,
+    tiny_vae=None,
     **load_options,
 ) -> FastAPI:
     """The app for a loaded pipeline, or for anything `load_pipeline` takes (loaded here, now).
@@ -106,6 +107,8 @@ def create_app(
     ip_adapter / ip_image_encoder: the IP-Adapter for the sessions' reference images (a source as
       load_ip_adapter takes it; False: none). Default: the one already loaded in the pipeline, else for a built-in
       model its own adapter if there is one; without an adapter the page's reference slot is off.
+    tiny_vae: the sessions' tiny autoencoder (TAESD) instead of the model's VAE: a loaded one, or a
+      source as load_tiny_autoencoder takes it (loaded here, once, never downloaded).
     """
     from atelier.core.facts import model_name as _model_name
     from atelier.stream import StreamEngine
@@ -124,7 +127,11 @@ def create_app(
     model = _model_name(pipe) or "model"
     reference_note = _load_reference_adapter(pipe, model, ip_adapter, ip_image_encoder,
                                              load_options.get("allow_pickle", False))
-    manager = SessionManager(pipe, max_sessions, max_frame_side, engine_factory)
+    if isinstance(tiny_vae, (str, os.PathLike)):
+        from atelier.models import load_tiny_autoencoder
+
+        tiny_vae = load_tiny_autoencoder(tiny_vae, device=pipe.unet.device, dtype=pipe.unet.dtype, download=False)
+    manager = SessionManager(pipe, max_sessions, max_frame_side, engine_factory, tiny_vae=tiny_vae)
     schema = StreamEngine.settings_schema(pipe)
     try:
         from atelier.edit.one_step import default_inverter

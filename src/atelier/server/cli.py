@@ -59,6 +59,11 @@ def register(subparsers) -> None:
     p.add_argument("--no-ip-adapter", action="store_true", help="no reference images (not even a built-in model's adapter)")
     p.add_argument("--ip-image-encoder", metavar="DIR",
                    help="the CLIP vision folder the adapter was trained with (default: found beside the adapter)")
+    p.add_argument("--tiny-vae", metavar="SOURCE",
+                   help="decode and encode the stream's frames with a tiny autoencoder (TAESD) instead of the model's "
+                        "VAE: a built-in name (toyworld-taesd), a folder, a folder exported by `atelier export` (run "
+                        "by OpenVINO / ONNX Runtime on the CPU) or a hub id in your HF cache (never downloaded). "
+                        "Loaded once and shared by every session")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default warning)")
     speed_cli.add_speed_options(p)
@@ -86,9 +91,11 @@ def run_serve(args) -> int:
     from atelier.server.app import create_app, listen, make_server
     from atelier.server.security import allowed_hosts_for, is_loopback, normal_origin
 
-    from atelier.models import load_pipeline
+    from atelier.models import load_pipeline, load_tiny_autoencoder, resolve_tiny_autoencoder
 
     origins = [normal_origin(o) for o in args.allowed_origin]  # a bad one fails before the model loads
+    if args.tiny_vae is not None:
+        resolve_tiny_autoencoder(args.tiny_vae, download=False)  # so does an unknown --tiny-vae
     speed_cli.speed_options(args).check(args.device)  # so do speed options this machine cannot run
     sock = listen(args.host, args.port)  # and a busy port
     _quiet_loading()
@@ -96,6 +103,8 @@ def run_serve(args) -> int:
                          config=args.config)
     # the stream's batch (frames x stages) varies with the live settings: compiled for dynamic shapes
     speed_cli.apply_from_args(pipe, args, dynamic_default=True, inference_mode=False)
+    tiny_vae = None if args.tiny_vae is None else load_tiny_autoencoder(
+        args.tiny_vae, device=pipe.unet.device, dtype=pipe.unet.dtype, download=False)
     app = create_app(
         pipe,
         max_sessions=args.max_sessions,
@@ -107,6 +116,7 @@ def run_serve(args) -> int:
         idle_timeout=args.idle_timeout,
         ip_adapter=False if args.no_ip_adapter else args.ip_adapter,
         ip_image_encoder=args.ip_image_encoder,
+        tiny_vae=tiny_vae,
     )
     host, port = sock.getsockname()[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host

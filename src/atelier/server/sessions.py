@@ -224,10 +224,12 @@ class Session:
 class SessionManager:
     """All sessions of one server and the inference worker that serves them round-robin."""
 
-    def __init__(self, pipe, max_sessions: int = 8, max_frame_side: int = MAX_FRAME_SIDE, engine_factory=None):
+    def __init__(self, pipe, max_sessions: int = 8, max_frame_side: int = MAX_FRAME_SIDE, engine_factory=None,
+                 tiny_vae=None):
         if max_sessions < 1:
             raise UserError(f"max_sessions must be at least 1, got {max_sessions}")
         self.pipe = pipe
+        self.tiny_vae = tiny_vae  # a loaded tiny autoencoder every default engine shares, or None
         self.max_sessions = max_sessions
         self.max_frame_side = max_frame_side
         self.engine_factory = engine_factory or self._default_engine
@@ -242,7 +244,7 @@ class SessionManager:
     def _default_engine(self):
         from atelier.stream import StreamEngine
 
-        engine = StreamEngine(self.pipe)
+        engine = StreamEngine(self.pipe, vae=self.tiny_vae)
         engine.prepare("")
         return engine
 
