@@ -193,6 +193,26 @@ def test_installed_restores_processors_even_on_errors():
     assert all(unet.attn_processors[k] is before[k] for k in before)
 
 
+
+def test_a_hook_finds_a_compiled_unets_layers_by_their_own_names():
+    unet = tiny_components("sd1")["unet"]
+    names = []
+
+    class Names(AttentionHook):
+        layers = "all"
+
+        def processor_for(self, name, original):
+            names.append(name)
+            return original
+
+    hook = Names()
+    with hook.installed(torch.compile(unet)):  # the wrapper's own module names start with "_orig_mod."
+        pass
+    with hook.installed(unet):
+        pass
+    assert names == list(unet.attn_processors) * 2
+
+
 # ---------------------------------------------------------------------------- images out
 
 

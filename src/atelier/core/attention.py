@@ -33,13 +33,16 @@ class AttentionHook:
         return self.layers == "all" or name.endswith(f"{self.layers}.processor")
 
     def install(self, unet) -> None:
-        self._saved = dict(unet.attn_processors)
-        unet.set_attn_processor({name: (self.processor_for(name, proc) if self._wanted(name) else proc)
-                                 for name, proc in self._saved.items()})
+        layers = attention_layers(unet)
+        self._saved = {name: module.processor for name, module in layers}
+        for name, module in layers:
+            if self._wanted(name):
+                module.set_processor(self.processor_for(name, module.processor))
 
     def remove(self, unet) -> None:
         if self._saved is not None:
-            unet.set_attn_processor(self._saved)
+            for name, module in attention_layers(unet):
+                module.set_processor(self._saved[name])
             self._saved = None
 
     @contextmanager
@@ -52,6 +55,19 @@ class AttentionHook:
 
 
 CrossAttentionHook = AttentionHook
+
+
+def attention_layers(unet) -> list[tuple[str, torch.nn.Module]]:
+    """(name, layer) of every attention layer, named as diffusers' `attn_processors` names their
+    processors; found once per UNet. Walking the module tree, as `attn_processors` and
+    `set_attn_processor` each do on every call, cost more than a toy UNet's whole attention."""
+    base = getattr(unet, "_orig_mod", unet)  # a torch.compile'd UNet: the module it wraps
+    layers = base.__dict__.get("_atelier_attention_layers")
+    if layers is None:
+        base.attn_processors  # a UNet without attention processors to change (an exported one) refuses here
+        layers = [(f"{name}.processor", module) for name, module in base.named_modules() if hasattr(module, "get_processor")]
+        base.__dict__["_atelier_attention_layers"] = layers
+    return layers
 
 
 def attend(attn, query: torch.Tensor, context: torch.Tensor, attention_mask, batch: int):
