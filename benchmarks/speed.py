@@ -361,20 +361,24 @@ def stream_rows(frames_n: int, cases_n: int, repeats: int) -> tuple[str, list]:
     sources = [render_pil(c.source) for c in cases]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        exported = {fmt: load_pipeline(str(export_pipeline(load_pipeline("toyworld-turbo"), Path(tmp) / fmt, fmt)))
-                    for fmt in ("openvino", "onnx")}
+        # (format, OpenVINO precision): "auto" computes in bf16 on CPUs that have it
+        runtimes = {"onnx": ("onnx", "fp32"), "openvino": ("openvino", "fp32"), "openvino-bf16": ("openvino", "auto")}
+        exported = {key: load_pipeline(str(export_pipeline(load_pipeline("toyworld-turbo"), Path(tmp) / key, fmt, precision=precision)))
+                    for key, (fmt, precision) in runtimes.items()}
         taesd = load_tiny_autoencoder("toyworld-taesd", device="cpu", dtype="fp32")
-        tiny = {fmt: export_tiny_autoencoder(taesd, Path(tmp) / f"taesd-{fmt}", fmt)  # on the model's runtime
-                for fmt in ("openvino", "onnx")}
+        tiny = {key: export_tiny_autoencoder(taesd, Path(tmp) / f"taesd-{key}", fmt, precision=precision)  # on the model's runtime
+                for key, (fmt, precision) in runtimes.items()}
         quantized = load_pipeline("toyworld-turbo")
         quantize_module(quantized.unet, "int8wo")
         engines = {
             "engine fp32 (full VAE)": StreamEngine(pipe, t_index_list=t_index),
             "engine + toyworld-taesd": StreamEngine(pipe, t_index_list=t_index, vae="toyworld-taesd"),
             "engine + taesd, int8 weights (quanto)": StreamEngine(quantized, t_index_list=t_index, vae="toyworld-taesd"),
-            "engine + taesd, OpenVINO": StreamEngine(exported["openvino"], t_index_list=t_index, vae=tiny["openvino"]),
-            "engine + taesd, ONNX Runtime": StreamEngine(exported["onnx"], t_index_list=t_index, vae=tiny["onnx"]),
             "engine, ONNX Runtime (full VAE, exported)": StreamEngine(exported["onnx"], t_index_list=t_index),
+            "engine, OpenVINO bf16 (full VAE, exported)": StreamEngine(exported["openvino-bf16"], t_index_list=t_index),
+            "engine + taesd, OpenVINO": StreamEngine(exported["openvino"], t_index_list=t_index, vae=tiny["openvino"]),
+            "engine + taesd, OpenVINO bf16": StreamEngine(exported["openvino-bf16"], t_index_list=t_index, vae=tiny["openvino-bf16"]),
+            "engine + taesd, ONNX Runtime": StreamEngine(exported["onnx"], t_index_list=t_index, vae=tiny["onnx"]),
         }
         for name, engine in engines.items():
             successes = []
