@@ -13,7 +13,8 @@
 3. The stream on toyworld-turbo (its default live settings): frames/s of engine configurations
    against the per-frame diffusers img2img pipeline (fp32, full VAE), interleaved; and the engine's
    judged prompt-edit success on toy edit cases (at most 5 points below the fp32 engine's). Beside an
-   exported model, toyworld-taesd is exported to the same runtime.
+   exported model, toyworld-taesd is exported to the same runtime; "taesd encoder" rows encode the
+   frames with it and decode them with the model's VAE.
 
 Parts 1 and 2 write RESULTS.md's section "speed", part 3 its own section "speed-stream".
 
@@ -379,6 +380,10 @@ def stream_rows(frames_n: int, cases_n: int, repeats: int) -> tuple[str, list]:
             "engine + taesd, OpenVINO": StreamEngine(exported["openvino"], t_index_list=t_index, vae=tiny["openvino"]),
             "engine + taesd, OpenVINO bf16": StreamEngine(exported["openvino-bf16"], t_index_list=t_index, vae=tiny["openvino-bf16"]),
             "engine + taesd, ONNX Runtime": StreamEngine(exported["onnx"], t_index_list=t_index, vae=tiny["onnx"]),
+            # the tiny encoder only: the full VAE decodes (a tiny decoder is where TAESD loses quality)
+            "engine + taesd encoder, ONNX Runtime": StreamEngine(exported["onnx"], t_index_list=t_index, vae_encoder=tiny["onnx"]),
+            "engine + taesd encoder, OpenVINO bf16": StreamEngine(exported["openvino-bf16"], t_index_list=t_index,
+                                                                  vae_encoder=tiny["openvino-bf16"]),
         }
         for name, engine in engines.items():
             successes = []

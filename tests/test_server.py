@@ -714,7 +714,11 @@ def test_the_tiny_vae_reaches_every_session_engine(pipe):
     manager = create_app(pipe, tiny_vae="toyworld-taesd").state.manager
     first, second = manager.engine_factory(), manager.engine_factory()
     assert is_tiny(manager.tiny_vae) and first.vae is manager.tiny_vae and second.vae is manager.tiny_vae
-    assert first.tiny_vae and create_app(pipe).state.manager.engine_factory().vae is pipe.vae
+    assert first.vae_encoder is manager.tiny_vae and create_app(pipe).state.manager.engine_factory().vae is pipe.vae
+    encode_only = create_app(pipe, tiny_vae="toyworld-taesd", tiny_vae_for="encode").state.manager.engine_factory()
+    assert is_tiny(encode_only.vae_encoder) and encode_only.vae is pipe.vae  # the model's VAE still decodes
+    with pytest.raises(UserError, match="tiny_vae_for"):
+        create_app(pipe, tiny_vae="toyworld-taesd", tiny_vae_for="decode")
 
 
 def test_serve_loads_the_tiny_vae_once_and_refuses_an_unknown_one(monkeypatch, tmp_path, capsys):
@@ -736,10 +740,14 @@ def test_serve_loads_the_tiny_vae_once_and_refuses_an_unknown_one(monkeypatch, t
     assert code == 0, err
     manager = served[0].state.manager
     assert type(manager.tiny_vae).__name__ == "AutoencoderTiny" and manager.engine_factory().vae is manager.tiny_vae
+    code, _, err = run(["serve", "--port", 0, "--tiny-vae", "toyworld-taesd", "--tiny-vae-for", "encode"], capsys)
+    assert code == 0, err
+    engine = served[1].state.manager.engine_factory()
+    assert engine.vae_encoder is served[1].state.manager.tiny_vae and engine.vae is not engine.vae_encoder
     for source in ("no-such-taesd", str(tmp_path / "missing"), "someone/not-cached-taesd"):
         code, _, err = run(["serve", "--port", 0, "--tiny-vae", source], capsys)
         assert one_error_line(code, err) and source in err, err
-    assert len(served) == 1  # refused before loading the model
+    assert len(served) == 2  # refused before loading the model
 
 
 def test_serve_command_max_sessions_and_errors(tmp_path):

@@ -377,14 +377,20 @@ def test_stream_through_the_toyworld_tiny_autoencoder(turbo):
     """The tiny autoencoder stays close to the full VAE's stream (32-36 dB measured); it is a
     speed/quality trade-off: faint remnants of the input make the judge fail more often."""
     full, tiny = StreamEngine(turbo), StreamEngine(turbo, vae="toyworld-taesd")
-    assert tiny.tiny_vae and not full.tiny_vae
-    for engine in (full, tiny):
+    encoder_only = StreamEngine(turbo, vae_encoder="toyworld-taesd")  # the full VAE decodes
+    assert tiny.tiny_vae and not full.tiny_vae and not encoder_only.tiny_vae
+    for engine in (full, tiny, encoder_only):
         engine.prepare("a large blue circle at the top left")
+
+    def psnr(a, b):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        return 10 * np.log10(255**2 / ((a - b) ** 2).mean())
+
     for frame in _frames(3, seed=11):
-        full.reset(), tiny.reset()
-        a, b = np.asarray(full(frame), np.float32), np.asarray(tiny(frame), np.float32)
-        psnr = 10 * np.log10(255**2 / ((a - b) ** 2).mean())
-        assert psnr > 28, psnr
+        full.reset(), tiny.reset(), encoder_only.reset()
+        expected = full(frame)
+        through_tiny, through_encoder = psnr(expected, tiny(frame)), psnr(expected, encoder_only(frame))
+        assert through_tiny > 28 and through_encoder > through_tiny, (through_tiny, through_encoder)
 
 
 # ---------------------------------------------------------------------------- reference images (IP-Adapter)

@@ -69,6 +69,7 @@ log = logging.getLogger("atelier.server")
 STATIC = Path(__file__).parent / "static"
 MAX_TEXT_MESSAGE = 64 * 1024
 IDLE_TIMEOUT = 120.0  # seconds without a frame or command before a session is closed
+TINY_VAE_USES = ("both", "encode")  # what a tiny autoencoder does for the stream: encode and decode, or encode only
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -96,6 +97,7 @@ def create_app(
     ip_adapter=None,
     ip_image_encoder=None,
     tiny_vae=None,
+    tiny_vae_for: str = "both",
     **load_options,
 ) -> FastAPI:
     """The app for a loaded pipeline, or for anything `load_pipeline` takes (loaded here, now).
@@ -108,7 +110,8 @@ def create_app(
       load_ip_adapter takes it; False: none). Default: the one already loaded in the pipeline, else for a built-in
       model its own adapter if there is one; without an adapter the page's reference slot is off.
     tiny_vae: the sessions' tiny autoencoder (TAESD) instead of the model's VAE: a loaded one, or a
-      source as load_tiny_autoencoder takes it (loaded here, once, never downloaded).
+      source as load_tiny_autoencoder takes it (loaded here, once, never downloaded); tiny_vae_for:
+      "both" (it encodes and decodes the frames) or "encode" (the model's VAE still decodes them).
     """
     from atelier.core.facts import model_name as _model_name
     from atelier.stream import StreamEngine
@@ -131,7 +134,10 @@ def create_app(
         from atelier.models import load_tiny_autoencoder
 
         tiny_vae = load_tiny_autoencoder(tiny_vae, device=pipe.unet.device, dtype=pipe.unet.dtype, download=False)
-    manager = SessionManager(pipe, max_sessions, max_frame_side, engine_factory, tiny_vae=tiny_vae)
+    if tiny_vae_for not in TINY_VAE_USES:
+        raise UserError(f"tiny_vae_for must be {' or '.join(TINY_VAE_USES)}, got {tiny_vae_for!r}")
+    manager = SessionManager(pipe, max_sessions, max_frame_side, engine_factory, tiny_vae=tiny_vae,
+                             tiny_vae_for=tiny_vae_for)
     schema = StreamEngine.settings_schema(pipe)
     try:
         from atelier.edit.one_step import default_inverter

@@ -64,6 +64,10 @@ def register(subparsers) -> None:
                         "VAE: a built-in name (toyworld-taesd), a folder, a folder exported by `atelier export` (run "
                         "by OpenVINO / ONNX Runtime on the CPU) or a hub id in your HF cache (never downloaded). "
                         "Loaded once and shared by every session")
+    p.add_argument("--tiny-vae-for", default="both", choices=["both", "encode"],
+                   help="both: the tiny autoencoder encodes and decodes the frames (fastest); encode: it only "
+                        "encodes them and the model's VAE decodes (a tiny decoder is where TAESD loses image "
+                        "quality; see docs/speed.md) (default both)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default warning)")
     speed_cli.add_speed_options(p)
@@ -117,6 +121,7 @@ def run_serve(args) -> int:
         ip_adapter=False if args.no_ip_adapter else args.ip_adapter,
         ip_image_encoder=args.ip_image_encoder,
         tiny_vae=tiny_vae,
+        tiny_vae_for=args.tiny_vae_for,
     )
     host, port = sock.getsockname()[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host

@@ -225,11 +225,12 @@ class SessionManager:
     """All sessions of one server and the inference worker that serves them round-robin."""
 
     def __init__(self, pipe, max_sessions: int = 8, max_frame_side: int = MAX_FRAME_SIDE, engine_factory=None,
-                 tiny_vae=None):
+                 tiny_vae=None, tiny_vae_for: str = "both"):
         if max_sessions < 1:
             raise UserError(f"max_sessions must be at least 1, got {max_sessions}")
         self.pipe = pipe
         self.tiny_vae = tiny_vae  # a loaded tiny autoencoder every default engine shares, or None
+        self.tiny_vae_for = tiny_vae_for  # "both" (encode and decode) or "encode"
         self.max_sessions = max_sessions
         self.max_frame_side = max_frame_side
         self.engine_factory = engine_factory or self._default_engine
@@ -244,7 +245,10 @@ class SessionManager:
     def _default_engine(self):
         from atelier.stream import StreamEngine
 
-        engine = StreamEngine(self.pipe, vae=self.tiny_vae)
+        if self.tiny_vae_for == "encode":
+            engine = StreamEngine(self.pipe, vae_encoder=self.tiny_vae)
+        else:
+            engine = StreamEngine(self.pipe, vae=self.tiny_vae)
         engine.prepare("")
         return engine
 

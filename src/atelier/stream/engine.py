@@ -79,8 +79,11 @@ class StreamEngine:
       the negative); "initialize" (RCFG with one real negative pass at the first stage).
     frame_buffer_size: frames per call. use_denoising_batch: one UNet call for all stages.
     similarity_filter / similarity_threshold / max_skip_frames: StreamDiffusion's frame skipping.
-    vae: a replacement autoencoder, e.g. a tiny one (AutoencoderTiny, a folder, a hub id, or
-      "toyworld-taesd"), sharing the model's latent space.
+    vae: a replacement autoencoder, e.g. a tiny one (AutoencoderTiny, a folder, a folder exported by
+      `atelier export`, a hub id, or "toyworld-taesd"), sharing the model's latent space.
+    vae_encoder: a replacement for the encoder alone (the same kinds): frames are encoded by it and
+      decoded by `vae` (default the model's VAE). A tiny autoencoder's encoder regresses the VAE's
+      latents closely; its decoder is where it loses image quality (benchmarks/speed.py).
     ip_adapter / ip_image_encoder: an IP-Adapter source to load into the pipeline (as
       atelier.image_prompts.load_ip_adapter takes it) for the `reference` setting; without one the
       adapter already loaded in the pipeline is used. reference: an image (embedded once per image),
@@ -101,6 +104,7 @@ class StreamEngine:
         similarity_threshold: float = 0.98,
         max_skip_frames: int = 10,
         vae=None,
+        vae_encoder=None,
         ip_adapter=None,
         ip_image_encoder=None,
     ):
@@ -114,12 +118,9 @@ class StreamEngine:
         self.unet = pipe.unet
         if ip_adapter is not None:
             image_prompt.load_adapter(pipe, ip_adapter, image_encoder=ip_image_encoder)
-        if isinstance(vae, (str, os.PathLike)):
-            from atelier.models import load_tiny_autoencoder
-
-            vae = load_tiny_autoencoder(vae, device=pipe.unet.device, dtype=pipe.unet.dtype)
-        self.vae = vae if vae is not None else pipe.vae
-        self.tiny_vae = vae_calls.is_tiny(self.vae)
+        self.vae = _autoencoder(vae, pipe) if vae is not None else pipe.vae
+        self.vae_encoder = _autoencoder(vae_encoder, pipe) if vae_encoder is not None else self.vae
+        self.tiny_vae = vae_calls.is_tiny(self.vae)  # frames come out of a tiny decoder
         self.frame_buffer_size = frame_buffer_size
         self.use_denoising_batch = use_denoising_batch
         self.width = width or native_size(pipe)
@@ -411,7 +412,7 @@ class StreamEngine:
 
     def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
         with self._timed("vae_encode"):
-            return vae_calls.encode(self.vae, images.to(self.device), self.dtype)
+            return vae_calls.encode(self.vae_encoder, images.to(self.device), self.dtype)
 
     def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         with self._timed("vae_decode"):
@@ -484,6 +485,15 @@ class StreamEngine:
             **image_prompt.reference_fields(self.adapters, s["reference"], s["ip_scale"]),
         }
         return format_parameters(s["prompt"], s["negative_prompt"], {k: v for k, v in fields.items() if v is not None})
+
+
+def _autoencoder(source, pipe):
+    """A loaded autoencoder as it is; a source (name, folder, hub id) loaded as a tiny one on the UNet's device."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    from atelier.models import load_tiny_autoencoder
+
+    return load_tiny_autoencoder(source, device=pipe.unet.device, dtype=pipe.unet.dtype)
 
 
 def _repeat_rows(embeds, times: int):
