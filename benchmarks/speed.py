@@ -456,7 +456,10 @@ def main(argv=None) -> int:
                           "\n\n".join(parts), command)
         if stream:  # its own section: it can be measured again without the hour that parts 1 and 2 take
             write_section(args.results, "speed-stream", "Speed: the stream on the CPU fast path (atelier.stream, atelier.runtime)",
-                          f"{parts[0]}\n\n{stream}", command)
+                          f"{parts[0]}\n\n{stream}", command,
+                          "Part 3 of speed.py writes this section, parts 1 and 2 the section \"Speed and memory\"; a part 3 "
+                          "printed there is from a run before the split, and this section supersedes it. Target (issue 17): "
+                          ">= 3x the per-frame img2img pipeline with edits followed within 5 points of the fp32 engine.")
     return 0
 
 
