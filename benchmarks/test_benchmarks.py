@@ -227,19 +227,18 @@ def test_lora_benchmark_runs_small_and_reuses_finished_runs(tmp_path, capsys):
     argv = ["--work", str(tmp_path), "--models", "toyworld-turbo", "--concepts", "ring", "--held-out", "2", "--prior", "2",
             "--steps", "2", "--inversion-steps", "1", "--skip", "ablations,memory", "--threads", "1", "--ablation-model", "toyworld-turbo"]
     lora.CLASS_IMAGES = 2
-    lora.PRIOR_FLAGS[-1] = "2"
     try:
         assert lora.main(argv) == 0
     finally:
-        lora.CLASS_IMAGES, lora.PRIOR_FLAGS[-1] = 100, "100"
+        lora.CLASS_IMAGES = 100
     out = capsys.readouterr().out
     assert "toyworld-turbo  ring" in out and "+ ring LoRA (prior preservation)" in out
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert runs == ["toyworld-turbo-ring-defaults", "toyworld-turbo-ring-prior-preservation"]
+    assert runs == ["toyworld-turbo-ring-defaults", "toyworld-turbo-ring-prior-preservation", "toyworld-turbo-ring-recipe"]
     assert sorted(p.name for p in (tmp_path / "class-toyworld-turbo").glob("*.txt")) == ["class-00000.txt", "class-00001.txt"]
-    stamp = (tmp_path / "runs" / runs[0] / "bench.json").stat().st_mtime_ns
+    stamp = (tmp_path / "runs" / runs[2] / "bench.json").stat().st_mtime_ns  # the concept run (the recipe)
     assert lora.main([*argv, "--skip", "prior,ablations,memory"]) == 0
-    assert (tmp_path / "runs" / runs[0] / "bench.json").stat().st_mtime_ns == stamp
+    assert (tmp_path / "runs" / runs[2] / "bench.json").stat().st_mtime_ns == stamp
 
 
 def test_tryon_memory_step_trains_only_self_attention_or_everything():
