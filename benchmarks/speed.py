@@ -14,7 +14,9 @@
    against the per-frame diffusers img2img pipeline (fp32, full VAE), interleaved; and the engine's
    judged prompt-edit success on toy edit cases (at most 5 points below the fp32 engine's). Beside an
    exported model, toyworld-taesd is exported to the same runtime; "taesd encoder" rows encode the
-   frames with it and decode them with the model's VAE.
+   frames with it and decode them with the model's VAE. "int8 VAE decoder": the OpenVINO bf16 export
+   with `--quantize int8` (its decoder's up blocks in 8 bit, NNCF, calibrated on 32 latents the model
+   generates from toy captions; atelier.runtime.quantize).
 
 Parts 1 and 2 write RESULTS.md's section "speed", part 3 its own section "speed-stream".
 
@@ -348,6 +350,7 @@ def stream_rows(frames_n: int, cases_n: int, repeats: int) -> tuple[str, list]:
 
     from atelier.models import load_tiny_autoencoder
     from atelier.runtime import export_pipeline, export_tiny_autoencoder
+    from atelier.runtime.cli import toy_calibration_prompts
     from atelier.stream import StreamEngine
     from atelier.stream.engine import default_settings
     from atelier.toyworld import edit_cases, render_pil, score_edit
@@ -366,6 +369,9 @@ def stream_rows(frames_n: int, cases_n: int, repeats: int) -> tuple[str, list]:
         runtimes = {"onnx": ("onnx", "fp32"), "openvino": ("openvino", "fp32"), "openvino-bf16": ("openvino", "auto")}
         exported = {key: load_pipeline(str(export_pipeline(load_pipeline("toyworld-turbo"), Path(tmp) / key, fmt, precision=precision)))
                     for key, (fmt, precision) in runtimes.items()}
+        int8 = export_pipeline(load_pipeline("toyworld-turbo"), Path(tmp) / "openvino-int8", "openvino", precision="auto",
+                               quantize="int8", calibration_prompts=toy_calibration_prompts(32))
+        exported["openvino-int8"] = load_pipeline(str(int8))
         taesd = load_tiny_autoencoder("toyworld-taesd", device="cpu", dtype="fp32")
         tiny = {key: export_tiny_autoencoder(taesd, Path(tmp) / f"taesd-{key}", fmt, precision=precision)  # on the model's runtime
                 for key, (fmt, precision) in runtimes.items()}
@@ -384,6 +390,9 @@ def stream_rows(frames_n: int, cases_n: int, repeats: int) -> tuple[str, list]:
             "engine + taesd encoder, ONNX Runtime": StreamEngine(exported["onnx"], t_index_list=t_index, vae_encoder=tiny["onnx"]),
             "engine + taesd encoder, OpenVINO bf16": StreamEngine(exported["openvino-bf16"], t_index_list=t_index,
                                                                   vae_encoder=tiny["openvino-bf16"]),
+            "engine, OpenVINO bf16 + int8 VAE decoder": StreamEngine(exported["openvino-int8"], t_index_list=t_index),
+            "engine + taesd encoder, OV bf16 + int8 decoder": StreamEngine(exported["openvino-int8"], t_index_list=t_index,
+                                                                          vae_encoder=tiny["openvino-bf16"]),
         }
         for name, engine in engines.items():
             successes = []
@@ -410,9 +419,9 @@ def stream_rows(frames_n: int, cases_n: int, repeats: int) -> tuple[str, list]:
 
 def format_stream_rows(header: str, rows) -> str:
     base = rows[0][3]
-    lines = [header, "", f"{'configuration':<44} {'frames/s':>9} {'x img2img':>10} {'edits followed':>15} {'vs fp32':>8}",
-             "-" * 92]
-    lines += [f"{name:<44} {fps:9.1f} {ratio:10.2f} {100 * ok:14.1f}% {100 * (ok - base):+8.1f}"
+    lines = [header, "", f"{'configuration':<48} {'frames/s':>9} {'x img2img':>10} {'edits followed':>15} {'vs fp32':>8}",
+             "-" * 96]
+    lines += [f"{name:<48} {fps:9.1f} {ratio:10.2f} {100 * ok:14.1f}% {100 * (ok - base):+8.1f}"
               for name, fps, ratio, ok in rows]
     return "\n".join(lines)
 

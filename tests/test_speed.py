@@ -162,6 +162,15 @@ def test_quantize_generates_end_to_end(mode, capsys, tmp_path):
     assert Image.open(tmp_path / "q.png").size == (64, 64)
 
 
+def test_quantize_int8_and_a_bare_compile_mean_what_the_field_means(capsys, tmp_path):
+    """`--quantize int8 --compile` as the diffusers guides write it: int8 weights, regional compile."""
+    code, out, err = run(["generate", "a red circle", "--model", "toyworld-turbo", "--seed", 1, "--quantize", "int8",
+                          "--compile", "--compile-backend", "eager", "--out", tmp_path / "q.png", "--json"], capsys)
+    assert code == 0, err
+    speed = json.loads(out)["speed"]
+    assert speed["quantize"]["mode"] == "int8wo" and speed["compile"]["compile"] == "regional"
+
+
 def test_img2img_and_edit_take_the_speed_flags_and_report_them(capsys, tmp_path):
     from atelier.toyworld import parse_caption, render_pil
 

@@ -24,6 +24,15 @@ def register(subparsers) -> None:
                    help="fix the UNet's and VAE's batch (with CFG the UNet sees 2 per image; larger batches run in pieces)")
     p.add_argument("--precision", default="fp32", metavar="P",
                    help="OpenVINO compute precision: fp32 (default, exact) or auto (bf16 on CPUs that have it)")
+    p.add_argument("--quantize", metavar="Q",
+                   help="int8 (OpenVINO): the VAE decoder's up blocks in 8 bit with NNCF, calibrated on the model's "
+                        "own latents; export.json records the worst PSNR against the unquantized decoder")
+    p.add_argument("--calibration", metavar="SOURCE",
+                   help="for --quantize: a folder of images like those the model will decode (frames to stream), or "
+                        "a text file of prompts, one a line (default: toy-world captions for the toy models, "
+                        "varied generic prompts for others)")
+    p.add_argument("--calibration-size", type=int, default=32, metavar="N",
+                   help="calibration latents for --quantize (default: 32)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--config", metavar="C", help="for a single-file checkpoint: a diffusers folder or bundled config")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.ckpt/.bin) weights")
@@ -49,9 +58,15 @@ def run(args) -> int:
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists: pass --overwrite to replace it")
     options = dict(static_shape=shape, batch=args.batch, precision=args.precision, overwrite=args.overwrite)
+    if args.calibration is not None and args.quantize is None:
+        raise UserError("--calibration is for --quantize int8")
     if is_tiny_autoencoder_source(args.model):
+        if args.quantize is not None:
+            raise UserError("--quantize applies to a model's VAE decoder, not to a tiny autoencoder")
         _export_tiny(args, out, options)
     else:
+        if args.quantize is not None:
+            options.update(_quantize_options(args))
         _export_model(args, out, options)
     info = read_export_info(out)
     if args.json:
@@ -88,3 +103,38 @@ def _export_tiny(args, out, options: dict) -> None:
     _check_not_source(out, resolve_tiny_autoencoder(args.model, download=False))
     tiny = load_tiny_autoencoder(args.model, device="cpu", dtype="fp32", download=False)
     export_tiny_autoencoder(tiny, out, args.format, **options)
+
+
+def _quantize_options(args) -> dict:
+    """export_pipeline's quantization options, checked before the model loads."""
+    from atelier.errors import UserError
+    from atelier.runtime.quantize import check_quantize, read_calibration
+
+    check_quantize(args.quantize, args.format)
+    if args.calibration_size < 1:
+        raise UserError(f"the calibration size must be a whole number >= 1, got {args.calibration_size}")
+    options = dict(quantize=args.quantize, calibration_size=args.calibration_size)
+    if args.calibration is not None:
+        kind, items = read_calibration(args.calibration)
+        options["calibration_images" if kind == "images" else "calibration_prompts"] = items
+    elif _is_toy_model(args.model):
+        options["calibration_prompts"] = toy_calibration_prompts(args.calibration_size)
+    return options
+
+
+def _is_toy_model(model: str) -> bool:
+    from atelier.models import resolve_model_path
+    from atelier.models.families import read_defaults_file
+
+    path = resolve_model_path(model)
+    return path.is_dir() and read_defaults_file(path).get("family") == "toyworld"
+
+
+def toy_calibration_prompts(n: int) -> list[str]:
+    """Captions of random toy scenes of 1-3 objects (fixed seed), as the toy models are prompted."""
+    import random
+
+    from atelier.toyworld import sample_scene
+
+    rng = random.Random(0)
+    return [sample_scene(rng, n_objects=1 + k % 3).caption(rng) for k in range(n)]

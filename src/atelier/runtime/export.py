@@ -36,6 +36,13 @@ from atelier.runtime.modules import (
     graph_path,
     import_runtime,
 )
+from atelier.runtime.quantize import (
+    GENERIC_PROMPTS,
+    check_quantize,
+    latents_of_images,
+    latents_of_prompts,
+    quantize_decoder,
+)
 
 NOT_EXPORTED = ("safety_checker", "feature_extractor", "image_encoder")  # dropped: the export has none
 ONNX_OPSET = 17
@@ -154,7 +161,7 @@ def _check_cpu_float32(modules) -> None:
 
 
 def _write_record(folder: Path, fmt: str, runtime, *, precision: str, static_shape, batch, components: dict,
-                  source: str) -> None:
+                  source: str, quantized: dict | None = None) -> None:
     record = {
         "format": fmt,
         "runtime": f"{FORMATS[fmt]} {getattr(runtime, '__version__', '?')}",
@@ -165,6 +172,8 @@ def _write_record(folder: Path, fmt: str, runtime, *, precision: str, static_sha
         "exported_from": str(source or ""),
         "torch": torch.__version__,
     }
+    if quantized is not None:
+        record["quantized"] = quantized
     (folder / EXPORT_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
@@ -230,13 +239,18 @@ def parse_static_shape(text: str | None) -> tuple[int, int] | None:
 
 
 def export_pipeline(pipe, out, fmt: str, *, static_shape: tuple[int, int] | None = None, batch: int | None = None,
-                    precision: str = "fp32", source_folder=None, overwrite: bool = False) -> Path:
+                    precision: str = "fp32", source_folder=None, overwrite: bool = False, quantize: str | None = None,
+                    calibration_prompts: list[str] | None = None, calibration_images: list | None = None,
+                    calibration_size: int = 32) -> Path:
     """Export `pipe` (loaded on the CPU in float32) to `out` in format "openvino" or "onnx".
 
     static_shape: (height, width) in pixels to fix the UNet's and VAE's spatial size (dynamic without);
     batch: fix the UNet's and VAE's batch (dynamic without; larger batches run in pieces of it);
     precision (OpenVINO): "fp32" computes in float32, "auto" lets OpenVINO pick its fastest (bf16 on
     CPUs that have it); source_folder: the model's folder, whose atelier.json is copied.
+    quantize="int8" (OpenVINO): the VAE decoder's up blocks in 8 bit (atelier.runtime.quantize),
+    calibrated on `calibration_size` latents of `calibration_images` or, without them, latents the
+    model generates from `calibration_prompts` (default: varied generic prompts).
     The folder appears complete or not at all; an existing one is replaced only with overwrite."""
     from atelier.core.facts import check_size, native_size, size_step
 
@@ -249,6 +263,16 @@ def export_pipeline(pipe, out, fmt: str, *, static_shape: tuple[int, int] | None
     fixed_batch = batch or 2
     spatial = set() if static_shape else {2, 3}
     free_batch = set() if batch else {0}
+    check_quantize(quantize, fmt)
+    if quantize is not None:
+        if not isinstance(calibration_size, int) or calibration_size < 1:
+            raise UserError(f"the calibration size must be a whole number >= 1, got {calibration_size!r}")
+        if calibration_images:
+            calibration = latents_of_images(pipe, list(calibration_images), calibration_size, height, width)
+        else:
+            calibration = latents_of_prompts(pipe, list(calibration_prompts or GENERIC_PROMPTS), calibration_size,
+                                             height, width)
+    quantized = None
 
     components: dict[str, str] = {}
     with atomic_dir(out) as tmp:
@@ -268,6 +292,8 @@ def export_pipeline(pipe, out, fmt: str, *, static_shape: tuple[int, int] | None
         latents = torch.randn(fixed_batch, pipe.vae.config.latent_channels, height // scale, width // scale)
         _write_autoencoder(pipe.vae, tmp / "vae", fmt, images, latents, free_batch | spatial)
         components["vae"] = "vae"
+        if quantize is not None:
+            quantized = quantize_decoder(graph_path(tmp / "vae", "decoder", fmt), calibration)
 
         for name in ("text_encoder", "text_encoder_2"):
             encoder = getattr(pipe, name, None)
@@ -291,7 +317,7 @@ def export_pipeline(pipe, out, fmt: str, *, static_shape: tuple[int, int] | None
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
         _write_defaults(pipe, tmp, source_folder)
         _write_record(tmp, fmt, runtime, precision=precision, static_shape=static_shape, batch=batch,
-                      components=components, source=getattr(pipe, "atelier_source", ""))
+                      components=components, source=getattr(pipe, "atelier_source", ""), quantized=quantized)
     return out
 
 

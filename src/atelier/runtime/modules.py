@@ -9,6 +9,7 @@ The runtimes are imported when a graph is compiled, never before."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,7 @@ class CompiledGraph:
             # several names (a static timestep became {"50", "55", "timestep", "timesteps"})
             names = [_exported_name(port) for port in model.inputs]
             self._compiled = core.compile_model(model, "CPU", config)
+            self._requests = threading.local()
             self.inputs = {
                 name: [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
                 for name, port in zip(names, self._compiled.inputs)
@@ -104,9 +106,13 @@ class CompiledGraph:
     def _run(self, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.format == "onnx":
             return self._session.run(self.outputs, arrays)
-        request = self._compiled.create_infer_request()  # one per call: sessions may share the model
-        result = request.infer([arrays[name] for name in self.inputs])  # by position, in the inputs' order
-        return [np.array(result[self._compiled.outputs[k]]) for k in range(len(self.outputs))]
+        # One request per thread, reused: sessions on other threads may share the model. Inputs are
+        # read in place (they are contiguous copies or the caller's own arrays); outputs are copied out.
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self._compiled.create_infer_request()
+        result = request.infer([arrays[name] for name in self.inputs], share_inputs=True)  # by position
+        return [result[self._compiled.outputs[k]] for k in range(len(self.outputs))]
 
     def __call__(self, **arrays: np.ndarray) -> dict[str, np.ndarray]:
         arrays = {name: np.ascontiguousarray(arrays[name]) for name in self.inputs}

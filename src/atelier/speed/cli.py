@@ -8,6 +8,7 @@ import sys
 from atelier.errors import UserError
 
 QUANTIZE_CHOICES = ("int8wo", "int8dq", "int4wo", "fp8")  # atelier.speed.quantize.QUANTIZE_MODES (kept light here)
+QUANTIZE_ALIASES = {"int8": "int8wo"}  # what `--quantize int8` means in diffusers' quanto and torchao guides
 COMPILE_CHOICES = ("off", "regional", "full")
 COMPILE_MODE_CHOICES = ("default", "reduce-overhead", "max-autotune")  # atelier.speed.compile.TORCH_COMPILE_MODES
 
@@ -44,9 +45,9 @@ def _add_compile(group, *, training: bool) -> None:
                                 "(its repeated transformer blocks, fast to compile) or full; it compiles on the first "
                                 "step (checkpoints and exported weights are unchanged)")
     else:
-        group.add_argument("--compile", choices=COMPILE_CHOICES, default="off",
-                           help="torch.compile the UNet: regional (its repeated transformer blocks, fast to compile) or "
-                                "full; the first call compiles (a warm-up is run and reported)")
+        group.add_argument("--compile", choices=COMPILE_CHOICES, default="off", nargs="?", const="regional",
+                           help="torch.compile the UNet: regional (its repeated transformer blocks, fast to compile; "
+                                "--compile alone) or full; the first call compiles (a warm-up is run and reported)")
     group.add_argument("--compile-mode", choices=COMPILE_MODE_CHOICES, default="default",
                        help="torch.compile's mode with --compile: reduce-overhead (CUDA graphs) or max-autotune; "
                             "both need a CUDA GPU")
@@ -65,8 +66,8 @@ def add_speed_options(p: argparse.ArgumentParser, *, training: bool = False) -> 
         group.add_argument("--channels-last", action="store_true",
                            help="channels-last memory format for the UNet(s) the training loop runs")
         return
-    group.add_argument("--quantize", choices=QUANTIZE_CHOICES,
-                       help="quantize the UNet's Linear layers: int8wo / int4wo (optimum-quanto), int8dq (torchao, "
+    group.add_argument("--quantize", choices=QUANTIZE_CHOICES + tuple(QUANTIZE_ALIASES),
+                       help="quantize the UNet's Linear layers: int8wo (or int8) / int4wo (optimum-quanto), int8dq (torchao, "
                             "dynamic int8 activations), fp8 (torchao, CUDA sm89+). Saves memory; faster only with --compile on GPUs")
     group.add_argument("--quantize-skip", metavar="PATTERNS", default="conv_in,conv_out,time_embedding",
                        help="modules left in high precision, comma-separated names or fnmatch patterns "
@@ -93,8 +94,9 @@ def speed_options(args):
         value = getattr(args, name, None)
         return default if value is None else value
 
+    quantize = get("quantize")
     return SpeedOptions(
-        quantize=get("quantize"), quantize_skip=parse_skip(get("quantize_skip")),
+        quantize=QUANTIZE_ALIASES.get(quantize, quantize), quantize_skip=parse_skip(get("quantize_skip")),
         quantize_backend=get("quantize_backend", "auto"),
         quantize_text_encoder=bool(get("quantize_text_encoder", False)), compile=get("compile", "off"),
         compile_dynamic=get("compile_dynamic"), compile_backend=get("compile_backend"),
