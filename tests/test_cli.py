@@ -208,6 +208,11 @@ def test_models_lists_builtins_and_describes_a_folder(model, capsys):
     listing = json.loads(out)
     assert code == 0 and {m["name"] for m in listing["builtin"]} >= {"toyworld", "toyworld-turbo"}
     assert "sd1" in listing["bundled_configs"]
+    parts = {m["name"] for m in listing["components"]}
+    assert parts >= {"toyworld-taesd", "toyworld-inverter", "toyworld-ip", "toyworld-clip", "toyworld-tryon"}
+    assert not parts & {m["name"] for m in listing["builtin"]}  # a component is not offered as a pipeline
+    code, out, _ = run(["models"], capsys)
+    assert code == 0 and "built-in components:" in out and "toyworld-taesd" in out
     code, out, _ = run(["models", model, "--json"], capsys)
     info = json.loads(out)
     assert code == 0 and info["family"] == "sd1" and info["format"] == "diffusers folder"

@@ -48,6 +48,10 @@ def test_killed_run_resumes_and_exports_loadable_models(tmp_path, capsys, kill_a
     from atelier.models import load_tiny_autoencoder
 
     assert type(load_tiny_autoencoder(out / "weights" / "toyworld-taesd")).__name__ == "AutoencoderTiny"
+    # a finished taesd stage exports again without its teacher: no toyworld-turbo in that weights folder
+    assert main(["train", "toyworld", "--out-dir", str(out), *TINY, "--stages", "taesd",
+                 "--weights-dir", str(tmp_path / "again")]) == 0
+    assert type(load_tiny_autoencoder(tmp_path / "again" / "toyworld-taesd")).__name__ == "AutoencoderTiny"
     meta = json.loads((out / "weights" / "toyworld" / "atelier.json").read_text())
     assert meta["trained_with"]["unet_steps"] == 4 and "out_dir" not in meta["trained_with"]
     # the toy world's eyes: toyworld-clip, and toyworld-ip named by both toy models

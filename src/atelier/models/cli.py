@@ -8,7 +8,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "models", help="list built-in models, or show a model's family and defaults",
         description=(
-            "Without SOURCE: the built-in models and the bundled configs for single-file checkpoints. "
+            "Without SOURCE: the built-in models, the built-in components (tiny autoencoder, inverter, "
+            "IP-Adapter, CLIP, try-on model) and the bundled configs for single-file checkpoints. "
             "With SOURCE (built-in name, diffusers folder, .safetensors file or cached hub id): its "
             "family, prediction type and the sampler, steps and CFG atelier uses for it, read from "
             "its configs without loading weights."
@@ -39,7 +40,7 @@ def describe(source) -> dict:
 
 def run(args) -> int:
     from atelier.cli import print_json
-    from atelier.models.loader import bundled_config_names, list_builtin_models
+    from atelier.models.loader import bundled_config_names, list_builtin_components, list_builtin_models
 
     if args.source:
         result = describe(args.source)
@@ -50,12 +51,17 @@ def run(args) -> int:
                 print(f"{key:16} {value}")
         return 0
     builtins = list_builtin_models()
+    components = list_builtin_components()
     configs = bundled_config_names()
     if args.json:
-        print_json({"builtin": builtins, "bundled_configs": configs})
+        print_json({"builtin": builtins, "components": components, "bundled_configs": configs})
         return 0
     for model in builtins:
         state = "" if model["trained"] else "  (not trained: run `atelier train toyworld`)"
-        print(f"{model['name']:16} {model['description']}{state}")
+        print(f"{model['name']:18} {model['description']}{state}")
+    if components:
+        print("\nbuilt-in components:")
+        for part in components:
+            print(f"{part['name']:18} {part['description']}")
     print(f"\nbundled configs for single-file checkpoints (--config NAME): {', '.join(configs)}")
     return 0

@@ -28,6 +28,14 @@ BUILTIN_MODELS = {
     "toyworld": "toy-world text-to-image model (64x64), trained by `atelier train toyworld`",
     "toyworld-turbo": "few-step distilled toy-world model, trained by `atelier train toyworld`",
 }
+# Built-in parts that are not pipelines: where each is used.
+BUILTIN_COMPONENTS = {
+    "toyworld-taesd": "tiny autoencoder for the stream (serve --tiny-vae, StreamEngine(vae=...))",
+    "toyworld-inverter": "one-step editing's learned inverter (edit --method one-step)",
+    "toyworld-ip": "IP-Adapter of the toy models (--ip-image; used without --ip-adapter)",
+    "toyworld-clip": "the toy world's CLIP: image encoder of toyworld-ip, features for evaluate",
+    "toyworld-tryon": "virtual try-on model (atelier tryon)",
+}
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -151,6 +159,12 @@ def list_builtin_models() -> list[dict]:
         }
         for name, description in names.items()
     ]
+
+
+def list_builtin_components() -> list[dict]:
+    """The built-in parts that are not pipelines (BUILTIN_COMPONENTS) that this install has."""
+    return [{"name": name, "description": description, "path": str(BUILTIN_DIR / name)}
+            for name, description in BUILTIN_COMPONENTS.items() if (BUILTIN_DIR / name).is_dir()]
 
 
 def _builtin_names() -> set[str]:

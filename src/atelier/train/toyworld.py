@@ -661,7 +661,8 @@ def train_taesd(cfg: ToyTrainConfig, teacher):
     regresses the VAE's scaled latent means; the decoder regresses the VAE decoder's images, on the
     latents of `decoder_pool` (the distillation target is the teacher's decoding, not the render, so
     the stream's frames look as they do with the VAE). `teacher`: toyworld-turbo's vae, unet,
-    text_encoder and tokenizer (a pipeline or a namespace)."""
+    text_encoder and tokenizer (a pipeline or a namespace), or the exported toyworld-turbo's folder,
+    loaded only when the stage has steps left."""
     from types import SimpleNamespace
 
     from diffusers import AutoencoderTiny
@@ -670,6 +671,8 @@ def train_taesd(cfg: ToyTrainConfig, teacher):
     final = loop.dir / "final"
     if loop.done:
         return AutoencoderTiny.from_pretrained(final)
+    if isinstance(teacher, (str, Path)):
+        teacher = load_teacher(Path(teacher))
     teacher = SimpleNamespace(tokenizer=teacher.tokenizer, **{name: loop.frozen(getattr(teacher, name), keep_original=True)
                                                               for name in ("vae", "unet", "text_encoder")})
     pool = decoder_pool(cfg, teacher, loop.dir / "pool.safetensors", cfg.taesd_pool)
@@ -800,7 +803,7 @@ def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo", "taes
         turbo = train_turbo(cfg, vae, te, tokenizer, unet) if "turbo" in stages else None
         paths = export_pipelines(cfg, vae, te, tokenizer, unet, turbo, weights_dir) if unet is not None else {}
     if "taesd" in stages:
-        paths["toyworld-taesd"] = export_taesd(train_taesd(cfg, load_teacher(weights_dir / "toyworld-turbo")), weights_dir)
+        paths["toyworld-taesd"] = export_taesd(train_taesd(cfg, weights_dir / "toyworld-turbo"), weights_dir)
     if "clip" in stages or "ip" in stages:
         paths.update(train_eyes(cfg, stages, weights_dir))
     stage_times = {}
