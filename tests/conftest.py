@@ -33,3 +33,11 @@ def kill_after_checkpoint(monkeypatch):
         monkeypatch.setattr(TrainLoop, "save", save_then_die)
 
     return arm
+
+
+@pytest.fixture(scope="module")
+def turbo():
+    """toyworld-turbo on the CPU, one per test module (a module's tests may change it)."""
+    from atelier.models import load_pipeline
+
+    return load_pipeline("toyworld-turbo", device="cpu")

@@ -27,12 +27,6 @@ def toyworld():
     return load_pipeline("toyworld")
 
 
-@pytest.fixture(scope="module")
-def turbo():
-    from atelier.models import load_pipeline
-
-    return load_pipeline("toyworld-turbo")
-
 
 def _latent(den, caption="a large red circle at the top left and a small blue square in the center"):
     pixels = torch.from_numpy(np.asarray(render_pil(parse_caption(caption)), dtype=np.float32) / 127.5 - 1)

@@ -28,12 +28,6 @@ def psnr(a, b) -> float:
     return 99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
-@pytest.fixture(scope="module")
-def turbo():
-    from atelier.models import load_pipeline
-
-    return load_pipeline("toyworld-turbo", device="cpu")
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

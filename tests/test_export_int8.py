@@ -17,22 +17,10 @@ import torch
 from PIL import Image
 
 from atelier.testing.cli import run
-from atelier.toyworld import judge, render_pil, sample_scene
+from atelier.toyworld import judge, psnr, render_pil, sample_scene
 
 CAPTION = "a large red circle at the top left"
 
-
-def psnr(a, b) -> float:
-    a, b = (np.asarray(x, dtype=np.float64) for x in (a, b))
-    mse = float(((a - b) ** 2).mean())
-    return 99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
-
-
-@pytest.fixture(scope="module")
-def turbo():
-    from atelier.models import load_pipeline
-
-    return load_pipeline("toyworld-turbo", device="cpu")
 
 
 @pytest.fixture(scope="module")

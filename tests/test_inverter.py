@@ -24,12 +24,6 @@ from atelier.train.inverter import InverterConfig, prepare_manifest, train_inver
 MIN_INVERSION_PSNR = 34.0
 
 
-@pytest.fixture(scope="module")
-def turbo():
-    from atelier.models import load_pipeline
-
-    return load_pipeline("toyworld-turbo")
-
 
 @pytest.fixture(scope="module")
 def toy_adapter(tmp_path_factory, turbo):

@@ -16,12 +16,6 @@ from atelier.toyworld import judge, parse_caption, render_pil, sample_scene
 import random
 
 
-@pytest.fixture(scope="module")
-def turbo():
-    from atelier.models import load_pipeline
-
-    return load_pipeline("toyworld-turbo")
-
 
 def _frames(n, seed=0):
     rng = random.Random(seed)
