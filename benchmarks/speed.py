@@ -18,7 +18,12 @@
    with `--quantize int8` (its decoder's up blocks in 8 bit, NNCF, calibrated on 32 latents the model
    generates from toy captions; atelier.runtime.quantize).
 
-Parts 1 and 2 write RESULTS.md's section "speed", part 3 its own section "speed-stream".
+4. The VAE decoder alone in 8 bit (`atelier export --quantize int8`): toyworld-turbo's at 64 px, calibrated
+   on latents it generates from toy captions, and the full-size SD 1.5 architecture (random weights; SDXL's
+   decoder has the same layers) at 256 px, calibrated on standard normal latents: seconds per call and
+   PSNR against fp32 eager on latents outside the calibration set, OpenVINO fp32, bf16 and bf16 + int8.
+
+Parts 1 and 2 write RESULTS.md's section "speed", part 3 its own section "speed-stream", part 4 "speed-decoder".
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/speed.py --results benchmarks/RESULTS.md
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/speed.py --threads 1 --skip unet,toy --results benchmarks/RESULTS.md
@@ -417,6 +422,79 @@ def stream_rows(frames_n: int, cases_n: int, repeats: int) -> tuple[str, list]:
     return header, rows
 
 
+# ----------------------------------------------------------------------------- 4. the VAE decoder in 8 bit
+
+
+def build_vae(arch: str, n: int):
+    """(VAE, pixels, n latents at its decoder's input scale): toyworld-turbo's VAE with latents it generates
+    from toy captions, or a full-size architecture with random weights and standard normal latents (a random
+    model has no latents of its own)."""
+    from diffusers import AutoencoderKL
+
+    from atelier.runtime.cli import toy_calibration_prompts
+    from atelier.runtime.quantize import latents_of_prompts
+
+    if arch == "toy":
+        pipe = load_pipeline("toyworld-turbo")
+        return pipe.vae.eval(), 64, latents_of_prompts(pipe, toy_calibration_prompts(n), n, 64, 64)
+    config = json.loads(resources.files("atelier.models.configs").joinpath(f"{arch}.json").read_text())["vae"]
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(config).eval()
+    g = torch.Generator().manual_seed(1)
+    return vae, 256, [torch.randn(1, vae.config.latent_channels, 32, 32, generator=g) for _ in range(n)]
+
+
+def decoder_rows(arch: str, repeats: int, calibration_n: int) -> list[tuple]:
+    """The decoder exported at a static shape: OpenVINO fp32, bf16, and bf16 with its up blocks in 8 bit
+    (atelier.runtime.quantize), each interleaved with fp32 eager; PSNR on 4 latents outside the calibration."""
+    import shutil
+
+    from atelier.runtime.export import _export_graph, _VAEDecoderGraph
+    from atelier.runtime.modules import CompiledGraph, graph_path
+    from atelier.runtime.quantize import quantize_decoder
+
+    vae, pixels, latents = build_vae(arch, calibration_n + 4)
+    calibration, held = latents[:calibration_n], torch.cat(latents[calibration_n:])
+    z = held[:1]
+
+    @torch.no_grad()
+    def base():
+        return vae.decode(z).sample
+
+    with torch.no_grad():
+        ref = vae.decode(held).sample
+    t0 = statistics.median([timed(base) for _ in range(repeats)])
+    rows = [(arch, pixels, "fp32 eager", 1.0, t0, float("inf"), "")]
+    print(f"decoder {arch}: fp32 eager {t0:.3f} s/call", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, eight = Path(tmp) / "plain", Path(tmp) / "int8"
+        plain.mkdir()
+        path = graph_path(plain, "decoder", "openvino")
+        _export_graph(_VAEDecoderGraph(vae), {"latents": z}, ["images"], {}, path, "openvino")
+        shutil.copytree(plain, eight)
+        start = time.perf_counter()
+        record = quantize_decoder(graph_path(eight, "decoder", "openvino"), calibration)
+        note = f"{calibration_n} calibration latents, {time.perf_counter() - start:.0f} s"
+        for name, folder, precision in (("OpenVINO fp32", plain, "fp32"), ("OpenVINO bf16 (CPU's auto)", plain, "auto"),
+                                        ("OpenVINO bf16 + int8 up blocks", eight, "auto")):
+            graph = CompiledGraph(graph_path(folder, "decoder", "openvino"), "openvino", threads=torch.get_num_threads(),
+                                  precision=precision)
+            out = torch.cat([torch.from_numpy(graph(latents=x[None].numpy())["images"]) for x in held])
+            t_base, t = interleaved(base, lambda g=graph: g(latents=z.numpy()), repeats)
+            rows.append((arch, pixels, name, t_base / t, t, psnr(out, ref), note if folder is eight else ""))
+            print(f"decoder {arch}: {name} {t:.3f} s/call, {t_base / t:.2f}x", file=sys.stderr, flush=True)
+    assert record["vae_decoder"] == "int8"
+    return rows
+
+
+def format_decoder_rows(rows) -> str:
+    lines = [f"{'architecture':<13} {'px':>4}  {'configuration':<32} {'x fp32':>7} {'s/call':>8} {'PSNR dB':>8}  note",
+             "-" * 100]
+    lines += [f"{arch:<13} {px:>4}  {name:<32} {ratio:7.2f} {t:8.3f} {p:8.1f}  {note}"
+              for arch, px, name, ratio, t, p, note in rows]
+    return "\n".join(lines)
+
+
 def format_stream_rows(header: str, rows) -> str:
     base = rows[0][3]
     lines = [header, "", f"{'configuration':<48} {'frames/s':>9} {'x img2img':>10} {'edits followed':>15} {'vs fp32':>8}",
@@ -437,7 +515,9 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=30, help="part 3: frames per round")
     parser.add_argument("--rounds", type=int, default=2, help="part 3: rounds")
     parser.add_argument("--cases", type=int, default=60, help="part 3: toy edit cases for the edit success")
-    parser.add_argument("--skip", default="", help="parts to skip: unet,toy,stream")
+    parser.add_argument("--decoder-archs", default="toy,sd1", help="part 4: VAE decoder architectures (toy, sd1, sdxl)")
+    parser.add_argument("--calibration", type=int, default=32, help="part 4: calibration latents")
+    parser.add_argument("--skip", default="", help="parts to skip: unet,toy,stream,decoder")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: atelier's choice)")
     parser.add_argument("--results", help="write the tables into this markdown file's speed section")
     args = parser.parse_args(argv)
@@ -457,7 +537,11 @@ def main(argv=None) -> int:
     stream = None
     if "stream" not in skip:
         stream = "3. The stream\n\n" + format_stream_rows(*stream_rows(args.frames, args.cases, args.rounds))
-    print("\n\n".join(parts + [stream] if stream else parts))
+    decoder = None
+    if "decoder" not in skip:
+        rows = [row for arch in filter(None, args.decoder_archs.split(",")) for row in decoder_rows(arch, args.repeats, args.calibration)]
+        decoder = "4. The VAE decoder in 8 bit (one call, batch 1)\n\n" + format_decoder_rows(rows)
+    print("\n\n".join(parts + [p for p in (stream, decoder) if p]))
     if args.results:
         command = command_line(__file__, argv)
         if len(parts) > 1:  # parts 1 and 2
@@ -469,6 +553,11 @@ def main(argv=None) -> int:
                           "Part 3 of speed.py writes this section, parts 1 and 2 the section \"Speed and memory\"; a part 3 "
                           "printed there is from a run before the split, and this section supersedes it. Target (issue 17): "
                           ">= 3x the per-frame img2img pipeline with edits followed within 5 points of the fp32 engine.")
+        if decoder:
+            write_section(args.results, "speed-decoder", "Speed: the VAE decoder in 8 bit (atelier export --quantize int8)",
+                          f"{parts[0]}\n\n{decoder}", command,
+                          "Part 4 of speed.py. The decoder's up blocks run in 8 bit (NNCF), its input stage "
+                          "(post_quant_conv, conv_in, mid block) in bf16; atelier.runtime.quantize says why.")
     return 0
 
 

@@ -213,11 +213,23 @@ def test_speed_benchmark_runs_small(capsys):
     """Every configuration of part 1 on the toy UNet is a row with a ratio (none fails on this CPU)."""
     import speed
 
-    assert speed.main(["--archs", "toy", "--repeats", "1", "--skip", "toy,stream", "--threads", "1"]) == 0
+    assert speed.main(["--archs", "toy", "--repeats", "1", "--skip", "toy,stream,decoder", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("toy ")]
     assert len(table) == 2 + len(speed.unet_configs("toy"))
     assert not any("failed" in line for line in table), out
+
+
+def test_speed_benchmark_decoder_part_runs_small(capsys):
+    """Part 4 on the toy decoder: fp32 eager and the three OpenVINO rows, the 8-bit one close to fp32."""
+    import speed
+
+    assert speed.main(["--skip", "unet,toy,stream", "--decoder-archs", "toy", "--calibration", "4", "--repeats", "1",
+                       "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("toy ")]
+    assert len(rows) == 4 and "fp32 eager" in rows[0] and "int8 up blocks" in rows[3]
+    ratio, seconds, psnr = rows[3].split("int8 up blocks")[1].split()[:3]
+    assert float(ratio) > 0 and float(psnr) >= 30  # dB against fp32 eager, on latents outside the calibration
 
 
 def test_lora_benchmark_runs_small_and_reuses_finished_runs(tmp_path, capsys):
