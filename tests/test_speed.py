@@ -379,7 +379,7 @@ def test_training_compiles_its_unets_in_place_and_checkpoints_keep_their_keys(ca
     from atelier.train.checkpoint import load_state
 
     fast, plain = tmp_path / "fast", tmp_path / "plain"
-    flags = ["--compile", "regional", "--compile-backend", "aot_eager", "--channels-last"]
+    flags = ["--compile", "--compile-backend", "aot_eager", "--channels-last"]  # --compile alone: regional
     kill_after_checkpoint(1, loop="unet")  # killed after the first checkpoint of the compiled, channels-last UNet
     code, _, _ = run(["train", "toyworld", "--out-dir", fast, *TINY_TRAIN, *flags], capsys)
     assert code == 130

@@ -40,10 +40,10 @@ def _add_numerics(p) -> None:
 
 def _add_compile(group, *, training: bool) -> None:
     if training:
-        group.add_argument("--compile", choices=COMPILE_CHOICES, default="off",
+        group.add_argument("--compile", choices=COMPILE_CHOICES, default="off", nargs="?", const="regional",
                            help="torch.compile the UNet the training loop runs (trained or frozen), in place: regional "
-                                "(its repeated transformer blocks, fast to compile) or full; it compiles on the first "
-                                "step (checkpoints and exported weights are unchanged)")
+                                "(its repeated transformer blocks, fast to compile; --compile alone) or full; it compiles "
+                                "on the first step (checkpoints and exported weights are unchanged)")
     else:
         group.add_argument("--compile", choices=COMPILE_CHOICES, default="off", nargs="?", const="regional",
                            help="torch.compile the UNet: regional (its repeated transformer blocks, fast to compile; "
