@@ -14,6 +14,8 @@ cfg         both methods at guidance 1.0 / 1.5 / 2.5 / 3.5 on the first --cfg-pa
             the judge's scores.
 ablations   ootd vs ootd-frozen, catvton vs catvton-full on every test pair: the judge's scores, trainable
             parameters, training seconds per step.
+shipped     the built-in `toyworld-tryon` as installed, scored like the toy part, with its training history (its
+            tryon.json: the runs it was trained and fine-tuned with).
 memory      one training step of the full-size SD 1.5-inpainting UNet at 256x192 (benchmarks/_tryon_memory.py):
             attention-only vs full, with and without gradient checkpointing, each in its own process.
 
@@ -45,7 +47,8 @@ from _results import check_command, command_line, write_section
 from atelier.core.images import save_png
 from atelier.core.io import atomic_write_bytes
 
-PARTS = ("data", "train", "toy", "cfg", "ablations", "memory")
+PARTS = ("data", "train", "toy", "cfg", "ablations", "shipped", "memory")
+SHIPPED = "toyworld-tryon"  # the built-in model the shipped part measures
 # variant -> (method, options beyond the method's defaults)
 VARIANTS = {"catvton": ("catvton", {}), "ootd": ("ootd", {}),
             "catvton-full": ("catvton", {"trainable": "all"}), "ootd-frozen": ("ootd", {"freeze_garment_unet": True})}
@@ -183,14 +186,16 @@ def pairs_of(data: Path, split: str, limit: int | None = None) -> list[tuple[str
 
 
 class Sampler:
-    """One variant's model and its results folders (one per sampling setting)."""
+    """One model's results folders (one per sampling setting): a variant's run (WORK/<variant>/final) or,
+    with `source`, any try-on model folder or built-in name."""
 
-    def __init__(self, variant: str, work: Path, done: dict, steps: int):
+    def __init__(self, variant: str, work: Path, done: dict, steps: int, source=None):
         self.variant, self.work, self.steps = variant, work, steps
         self.run = work / variant
+        self.source = source if source is not None else self.run / "final"
         self.root = work / "results" / variant
         self._model = None
-        identity = {k: done.get(k) for k in ("steps", "wall_time_s", "final_loss")}
+        identity = {k: done.get(k) for k in ("steps", "wall_time_s", "final_loss", "model_record")}
         record = self.root / "model.json"
         if record.is_file() and json.loads(record.read_text()) != identity:
             log(f"{variant}: the model was retrained since its results were drawn; removing them")
@@ -204,18 +209,23 @@ class Sampler:
         if self._model is None:
             from atelier.tryon import load_tryon_model
 
-            self._model = load_tryon_model(self.run / "final", device="cpu")
+            self._model = load_tryon_model(self.source, device="cpu")
         return self._model
 
     @property
     def method(self) -> str:
-        return VARIANTS[self.variant][0]
+        return self.info["method"]
+
+    @property
+    def info(self) -> dict:
+        from atelier.tryon.model import INFO_FILE, resolve_tryon_folder
+
+        return json.loads((resolve_tryon_folder(self.source) / INFO_FILE).read_text())
 
     def default_guidance(self) -> float:
         from atelier.tryon.model import DEFAULTS
 
-        info = json.loads((self.run / "final" / "tryon.json").read_text())
-        return float({**DEFAULTS[self.method], **info.get("defaults", {})}["guidance"])
+        return float({**DEFAULTS[self.method], **self.info.get("defaults", {})}["guidance"])
 
     def folder(self, guidance: float) -> Path:
         return self.root / f"steps{self.steps}-g{guidance:g}"
@@ -286,6 +296,41 @@ def fmt(value, spec: str, width: int) -> str:
 def judged(scores: dict, split: str) -> str:
     s = scores[split]
     return f"{s['success']:7.1f} {s['garment_right']:7.1f} {s['preserved']:7.1f}"
+
+
+def toy_header(first: str) -> list[str]:
+    return [f"{'':<21}  {'-------------------- paired ---------------------':<57}  {'----------- unpaired ------------':<42}",
+            f"{first:<8} {'steps':>5} {'guid.':>5}  {'success':>7} {'garment':>7} {'kept':>7} {'SSIM':>7} {'LPIPS':>7} "
+            f"{'FID':>8} {'KID':>8}  {'success':>7} {'garment':>7} {'kept':>7} {'FID':>8} {'KID':>8}  {'s/image':>7}",
+            "-" * 133]
+
+
+def toy_row(name: str, steps: int, guidance: float, r: dict, seconds) -> str:
+    """One row of the toy table from `evaluate_tryon`'s report `r`."""
+    pa, un = r["paired"], r["unpaired"]
+    return (f"{name:<8} {steps:>5} {guidance:5g}  {judged(r['judge'], 'paired')} {pa['ssim']:7.4f} "
+            f"{fmt(pa['lpips'], '.4f', 7)} {fmt(pa['fid'], '.2f', 8)} {fmt(pa['kid'], '.4f', 8)}  "
+            f"{judged(r['judge'], 'unpaired')} {fmt(un['fid'], '.2f', 8)} {fmt(un['kid'], '.4f', 8)}  {fmt(seconds, '.2f', 7)}")
+
+
+def training_history(info: dict) -> str:
+    """How a try-on model was trained, oldest run first, from its tryon.json (`trained_with`, `steps`, and
+    `fine_tuned_from` for each run it was fine-tuned from)."""
+    runs, record = [], info
+    while record:
+        runs.append(record)
+        record = record.get("fine_tuned_from")
+    parts = []
+    for n, run in enumerate(reversed(runs)):
+        options = run.get("trained_with") or {}
+        what = (f"{options.get('method', info.get('method'))}"
+                + (", garment UNet frozen" if options.get("freeze_garment_unet") else "")
+                + f", trainable {options.get('trainable')}") if n == 0 else "fine-tuned"
+        lr = options.get("learning_rate")
+        schedule = options.get("lr_scheduler", "constant")
+        parts.append(f"{run.get('steps')} steps ({what}; batch {options.get('train_batch_size')}, learning rate "
+                     f"{lr:g} {schedule}) from {options.get('base')}" if lr is not None else f"{run.get('steps')} steps")
+    return ", then ".join(parts)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -360,7 +405,7 @@ def main(argv=None) -> int:
         if args.results:
             write_section(args.results, key, title, "\n".join(lines), command, notes)
 
-    needs_models = {"toy": ["catvton", "ootd"], "cfg": ["catvton", "ootd"], "ablations": list(VARIANTS)}
+    needs_models = {"toy": ["catvton", "ootd"], "cfg": ["catvton", "ootd"], "ablations": list(VARIANTS), "shipped": []}
     evaluated = [x for x in parts if x in needs_models]
     if "train" in parts or "data" in parts or evaluated:
         manifest = ensure_data(data, args.train_n, args.test_n, write="data" in parts)
@@ -382,24 +427,15 @@ def main(argv=None) -> int:
     if "toy" in parts:
         from atelier.evaluate.tryon import evaluate_tryon
 
-        lines = [f"{'':<21}  {'-------------------- paired ---------------------':<57}  "
-                 f"{'----------- unpaired ------------':<42}",
-                 f"{'method':<8} {'steps':>5} {'guid.':>5}  {'success':>7} {'garment':>7} {'kept':>7} {'SSIM':>7} {'LPIPS':>7} "
-                 f"{'FID':>8} {'KID':>8}  {'success':>7} {'garment':>7} {'kept':>7} {'FID':>8} {'KID':>8}  {'s/image':>7}",
-                 "-" * 133]
+        lines = toy_header("method")
         missing = {}
         for v in ("catvton", "ootd"):
             s = samplers[v]
             g = s.default_guidance()
-            folder = s.draw(data, g)
-            r = evaluate_tryon(folder, data, features="toyworld")
+            r = evaluate_tryon(s.draw(data, g), data, features="toyworld")
             judged_all[(v, g)] = r["judge"]
             missing.update(r["missing"])
-            pa, un = r["paired"], r["unpaired"]
-            lines.append(f"{v:<8} {args.infer_steps:>5} {g:5g}  {judged(r['judge'], 'paired')} {pa['ssim']:7.4f} "
-                         f"{fmt(pa['lpips'], '.4f', 7)} {fmt(pa['fid'], '.2f', 8)} {fmt(pa['kid'], '.4f', 8)}  "
-                         f"{judged(r['judge'], 'unpaired')} {fmt(un['fid'], '.2f', 8)} {fmt(un['kid'], '.4f', 8)}  "
-                         f"{fmt(s.seconds_per_image(g, every), '.2f', 7)}")
+            lines.append(toy_row(v, args.infer_steps, g, r, s.seconds_per_image(g, every)))
             log(lines[-1])
         sizes = slot_sizes(cases)
         large = sizes.get("large", 0.0)
@@ -463,6 +499,27 @@ def main(argv=None) -> int:
                  "run's wall time per step from its done.json (validation grids and checkpoints included; runs trained "
                  "side by side share the CPU).")
         section("tryon-ablations", "Try-on: what trains (ablations)", lines, notes)
+
+    if "shipped" in parts:
+        import hashlib
+
+        from atelier.evaluate.tryon import evaluate_tryon
+        from atelier.tryon.model import INFO_FILE, resolve_tryon_folder
+
+        text = (resolve_tryon_folder(SHIPPED) / INFO_FILE).read_text(encoding="utf-8")
+        s = Sampler("shipped", work, {"model_record": hashlib.sha256(text.encode()).hexdigest()}, args.infer_steps,
+                    source=SHIPPED)
+        g = s.default_guidance()
+        r = evaluate_tryon(s.draw(data, g), data, features="toyworld")
+        lines = toy_header("method") + [toy_row(s.method, args.infer_steps, g, r, s.seconds_per_image(g, every))]
+        log(lines[-1])
+        notes = (f"The built-in `{SHIPPED}` as installed (the default of `atelier tryon`), on the toy part's "
+                 f"{n_pairs['paired']} paired and {n_pairs['unpaired']} unpaired test pairs at its default guidance "
+                 f"and {args.infer_steps} DDIM steps, scored the same way. Trained: {training_history(json.loads(text))}. "
+                 f"{TARGETS} As in the toy table, success is bounded by the slots' sizes, which the inputs do not show "
+                 f"({slot_sizes(cases).get('large', 0.0):.0f} % of these slots are large); garment right is the score "
+                 "without the size.")
+        section("tryon-shipped", f"Try-on: the shipped {SHIPPED}", lines, notes)
 
     if "memory" in parts:
         section("tryon-memory", "Try-on: one training step at real size", *memory_lines(args.threads, args.memory_steps))

@@ -5,6 +5,7 @@ mask, the model folder in plain diffusers, the CLI's one-line errors, and a trai
 exactly after a kill and whose model the batch command runs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,14 +242,20 @@ def test_the_model_folder_round_trips_and_loads_in_plain_diffusers(models, tmp_p
 def test_an_exported_model_keeps_its_results_and_names_no_path_of_this_machine(models, tmp_path):
     from atelier.tryon import export_tryon_model
 
+    earlier = {"steps": 3, "model": str(tmp_path / "first" / "final"), "trained_with": {"data": str(tmp_path / "d0")}}
     trained = save_tryon_model(models["catvton"], tmp_path / "run" / "final",
-                               {"trained_with": {"data": str(tmp_path / "data"), "output_dir": str(tmp_path / "run")}})
+                               {"trained_with": {"data": str(tmp_path / "data"), "output_dir": str(tmp_path / "run"),
+                                                 "base": str(tmp_path / "first" / "final")},
+                                "fine_tuned_from": earlier})
     folder = export_tryon_model(trained, tmp_path / "shipped")
     assert next((folder / "unet").glob("*.safetensors")).stat().st_size < \
         0.6 * next((trained / "unet").glob("*.safetensors")).stat().st_size  # stored in fp16
     texts = [p.read_text() for p in folder.rglob("*.json")]
-    assert not any(str(tmp_path) in t or "_name_or_path" in t for t in texts)
-    assert json.loads((folder / "tryon.json").read_text())["trained_with"] == {"data": "data", "output_dir": "run"}
+    assert not any(str(tmp_path) in t or "_name_or_path" in t or str(Path.home()) in t for t in texts)
+    assert not any(str(models["catvton"].source) in t for t in texts)  # the base model's folder
+    info = json.loads((folder / "tryon.json").read_text())
+    assert info["trained_with"] == {"data": "data", "output_dir": "run", "base": "final"}
+    assert info["fine_tuned_from"] == {"steps": 3, "model": "final", "trained_with": {"data": "d0"}}
     person, garment, mask = _person_garment_mask(4)
     a = np.asarray(try_on(load_tryon_model(trained), person, garment, mask, steps=2, seed=1), dtype=float)
     b = np.asarray(try_on(load_tryon_model(folder), person, garment, mask, steps=2, seed=1), dtype=float)
@@ -396,3 +403,42 @@ def test_training_refusals_are_one_line(tmp_path, base, data, capsys):
         assert one_error_line(code, err) and expected in err, err
     code, _, err = run(["train", "tryon", "--data", tmp_path / "none", "--output_dir", tmp_path / "o"], capsys)
     assert one_error_line(code, err) and "not found" in err
+
+
+def test_training_fine_tunes_a_try_on_model_given_as_base(tmp_path, base, data, capsys, monkeypatch):
+    """--base a try-on model folder: training starts from its weights (not the text-to-image base's),
+    keeps its method, and records where it came from; a cosine schedule decays the rate to 0."""
+    from safetensors.torch import load_file
+
+    first = _train(tmp_path / "a", base, data, method="ootd", freeze_garment_unet=True, max_train_steps=2,
+                   validation_steps=None)
+    from atelier.train.loop import TrainLoop
+
+    rates, original_run = [], TrainLoop.run
+
+    def recording_run(self, step_fn, lr=None, **kw):
+        rates.extend(lr(i) for i in range(self.total))
+        return original_run(self, step_fn, lr=lr, **kw)
+
+    monkeypatch.setattr(TrainLoop, "run", recording_run)
+    # a rate too small to move fp32 weights visibly: the result must be the first model, not the base
+    second = _train(tmp_path / "b", first["model"], data, method="ootd", freeze_garment_unet=True, max_train_steps=2,
+                    validation_steps=None, learning_rate=1e-12, lr_scheduler="cosine")
+    start, tuned = (load_file(next((Path(s["model"]) / "unet").glob("*.safetensors"))) for s in (first, second))
+    base_unet = tiny_pipeline("sd1").unet.state_dict()
+    for key, value in start.items():
+        torch.testing.assert_close(tuned[key], value, rtol=0, atol=1e-6)
+    assert any(not torch.allclose(start[k], v) for k, v in base_unet.items() if k != "conv_in.weight" and k in start)
+    info = json.loads((Path(second["model"]) / "tryon.json").read_text())
+    assert info["method"] == "ootd" and info["fine_tuned_from"]["model"] == first["model"]
+    assert info["fine_tuned_from"]["steps"] == 2 and info["base_model"] == base
+    assert not json.loads((tmp_path / "b" / "out" / "settings.json").read_text())["widened_conv_in"]
+    assert rates[0] == pytest.approx(1e-12) and 0 < rates[1] < rates[0]  # cosine over the run's 2 steps
+    # the wrong method, or a prompt for a model that keeps its own, is one clear line
+    capsys.readouterr()
+    for extra, expected in ((["--method", "catvton"], "an ootd try-on model, not catvton"), (["--method", "ootd", "--prompt", "x"], "--prompt")):
+        code, _, err = run(["train", "tryon", "--data", data, "--base", first["model"], "--output_dir", tmp_path / "c",
+                            "--max_train_steps", 1] + extra, capsys)
+        assert one_error_line(code, err) and expected in err, err
+    with pytest.raises(UserError, match="--lr_scheduler"):
+        _train(tmp_path / "d", base, data, lr_scheduler="sine")

@@ -65,6 +65,14 @@ def open_image(source, *, max_side: int = MAX_IMAGE_SIDE, formats=None, name: st
     return image
 
 
+def pixels_from_image(image):
+    """A PIL image as a (3, H, W) float32 tensor in [-1, 1] (RGB), the range the VAEs read."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
 def read_parameters(path) -> str | None:
     """The infotext of the image at `path`, or None when it has none."""
     return image_parameters(open_image(path))

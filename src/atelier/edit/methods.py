@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from atelier.core.denoiser import Denoiser
+from atelier.core.images import pixels_from_image
 from atelier.edit.inversion import ddim_invert, ddim_step, ddpm_noise_maps, ddpm_step, edit_timesteps
 from atelier.edit.masks import binary_mask, estimate_masks, pixel_mask
 from atelier.errors import UserError
@@ -166,7 +167,7 @@ def padded(image: Image.Image, step: int) -> Image.Image:
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    return pixels_from_image(image)[None]
 
 
 def _image(pixels: torch.Tensor) -> Image.Image:

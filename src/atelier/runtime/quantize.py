@@ -87,14 +87,14 @@ def _cycle(items: list, n: int) -> list:
 
 def latents_of_images(pipe, images: list, size: int, height: int, width: int) -> list[torch.Tensor]:
     """The VAE's latents (decoder input scale) of `size` images, each resized to height x width."""
-    from atelier.core.images import open_image
+    from atelier.core.images import open_image, pixels_from_image
 
     vae = pipe.vae
     out = []
     with torch.no_grad():
         for image in _cycle(images, size):
             picture = open_image(image).convert("RGB").resize((width, height))
-            pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+            pixels = pixels_from_image(picture)[None]
             out.append(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float())
     return out
 

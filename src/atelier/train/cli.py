@@ -12,7 +12,7 @@ from pathlib import Path
 
 from atelier.errors import UserError
 from atelier.speed import cli as speed_cli
-from atelier.train.options import check_same_settings
+from atelier.train.options import LR_SCHEDULERS, check_same_settings
 
 STAGES = ("vae", "text", "unet", "turbo", "taesd", "clip", "ip")
 # What each stage needs trained (or resumed) first. taesd starts from the exported toyworld-turbo,
@@ -439,8 +439,7 @@ def register_lora(sub) -> None:
     train.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
     train.add_argument("--learning_rate", type=float, help="default (model): 1e-4; toy-world 5e-4; Prodigy: use 1.0")
     train.add_argument("--text_encoder_lr", type=float, help="default (model): 5e-6; toy-world 5e-4")
-    train.add_argument("--lr_scheduler", default="constant", choices=("linear", "cosine", "cosine_with_restarts",
-                                                                      "polynomial", "constant", "constant_with_warmup"))
+    train.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
     train.add_argument("--lr_warmup_steps", type=int, help="default (model): 500; toy-world 0")
     train.add_argument("--lr_num_cycles", type=int, default=1)
     train.add_argument("--lr_power", type=float, default=1.0)
@@ -510,11 +509,14 @@ def register_tryon(sub) -> None:
     t.add_argument("--data", help="the data folder, VITON-HD's layout (required)")
     t.add_argument("--output_dir", default="runs/tryon")
     t.add_argument("--base", default="toyworld", help="SD 1.x / 2.x text-to-image or inpainting model: a diffusers "
-                                                      "folder, single file, cached hub id or built-in name")
+                                                      "folder, single file, cached hub id or built-in name; or a "
+                                                      "try-on model folder (or toyworld-tryon) to fine-tune")
     t.add_argument("--max_train_steps", type=int, default=1000)
     t.add_argument("--train_batch_size", type=int, default=4)
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--learning_rate", type=float, help="default: catvton 1e-5, ootd 5e-5 (the papers'); toy-world 3e-4")
+    t.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers' get_scheduler")
+    t.add_argument("--lr_warmup_steps", type=int, default=0)
     t.add_argument("--adam_weight_decay", type=float, default=1e-2)
     t.add_argument("--max_grad_norm", type=float, default=1.0)
     t.add_argument("--trainable", help="attention (self-attention only: CatVTON's recipe) or all "

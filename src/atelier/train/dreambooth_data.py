@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atelier.core.images import pixels_from_image
 from atelier.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -188,7 +189,7 @@ def pixels(item: Item, bucket: tuple[int, int] | None = None, flip: bool = False
     if image.size != tuple(resized):
         image = image.resize(resized, Image.Resampling.BICUBIC)
     image = image.crop((left, top, left + w, top + h))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    x = pixels_from_image(image)
     return x.flip(-1) if flip else x
 
 

@@ -183,10 +183,10 @@ def prepare_manifest(images_dir, out, captions: bool = True) -> dict:
 def _load_image(path: str, size: int) -> torch.Tensor:
     from PIL import Image, ImageOps
 
-    from atelier.core.images import open_image
+    from atelier.core.images import open_image, pixels_from_image
 
     im = ImageOps.fit(open_image(path).convert("RGB"), (size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    return pixels_from_image(im)
 
 
 def caption_phrases(caption: str) -> list[str]:

@@ -70,6 +70,17 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
         raise UserError(f"{flag} {mixed_precision}: {str(exc).splitlines()[0]} (on CPU use no or bf16)") from None
 
 
+def lr_schedule(name: str, warmup: int, total: int, cycles: int = 1, power: float = 1.0):
+    """The multiplier of the learning rate at each step (step -> factor), from diffusers' `get_scheduler`
+    (on a throwaway optimizer: the loop sets the rates itself)."""
+    from diffusers.optimization import get_scheduler
+
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_scheduler(name, optimizer=dummy, num_warmup_steps=warmup, num_training_steps=total,
+                             num_cycles=cycles, power=power)
+    return schedule.lr_lambdas[0]
+
+
 def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
     """Linear warm-up, then cosine decay to a tenth of `base`."""
     if step < warmup:

@@ -51,14 +51,13 @@ from atelier.train import weighting
 from atelier.train.dreambooth_data import (DreamBoothData, Item, LatentCache, batch_index, ensure_class_images,
                                            class_items, make_bucket_resolutions, pixels, place, read_instance_folder,
                                            replace_tokens, time_ids)
-from atelier.train.loop import EmaState, TrainLoop, make_accelerator, numbered_checkpoints
-from atelier.train.options import check_all, check_same_settings
+from atelier.train.loop import EmaState, TrainLoop, lr_schedule, make_accelerator, numbered_checkpoints
+from atelier.train.options import LR_SCHEDULERS, check_all, check_same_settings
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the advanced scripts' default
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 BLORA_BLOCKS = ("unet.up_blocks.0.attentions.0", "unet.up_blocks.0.attentions.1")  # B-LoRA: content, style
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 # Defaults that depend on the base model, used where the option is not given. The general ones are the
 # advanced scripts' (max_train_steps: theirs runs --num_train_epochs 1 by default; 500 steps is what their
@@ -440,14 +439,8 @@ def make_optimizer(cfg: LoraTrainConfig, groups: list[dict]):
 
 
 def lr_factor(cfg: LoraTrainConfig, total: int):
-    """The multiplier of the learning rate at each step, from diffusers' `get_scheduler` (on a throwaway
-    optimizer: the loop sets the rates itself)."""
-    from diffusers.optimization import get_scheduler
-
-    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = get_scheduler(cfg.lr_scheduler, optimizer=dummy, num_warmup_steps=cfg.lr_warmup_steps,
-                             num_training_steps=total, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
-    return schedule.lr_lambdas[0]
+    """The multiplier of the learning rate at each step (diffusers' `get_scheduler`)."""
+    return lr_schedule(cfg.lr_scheduler, cfg.lr_warmup_steps, total, cfg.lr_num_cycles, cfg.lr_power)
 
 
 # ---------------------------------------------------------------- outputs

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from atelier.errors import UserError
 
+# diffusers' get_scheduler names (train.loop.lr_schedule)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
 
 def check_number(flag: str, value, *, integer: bool = False, minimum=None, above=None, maximum=None, below=None) -> None:
     """`flag` is how the user spelt the option (`--max_train_steps`, `checkpoint_every`)."""

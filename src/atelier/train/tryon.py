@@ -3,6 +3,9 @@
 The try-on UNet starts from the base model: a text-to-image UNet is widened to 9 input channels
 (atelier.tryon.inpaint_unet, new channels zero; the new conv_in then trains too, even under
 --trainable attention, or the mask could never reach the model), an inpainting UNet is used as it is.
+When --base names a try-on model (a previous run's final/, any try-on folder, the built-in
+toyworld-tryon), training fine-tunes it instead: its UNets and text embedding are the start, its method
+must be --method, and the result's tryon.json records it under "fine_tuned_from".
 ootd's garment UNet is a copy of the base UNet, trained or frozen (--freeze_garment_unet, Magic
 Clothing's choice). What trains: --trainable attention (the self-attention layers: CatVTON's
 attention-only recipe, its default) or all (OOTDiffusion's default).
@@ -33,8 +36,8 @@ from atelier.core.io import atomic_open
 from atelier.core.prediction import model_target
 from atelier.errors import UserError
 from atelier.train.dreambooth_data import batch_index
-from atelier.train.loop import TrainLoop, make_accelerator, numbered_checkpoints
-from atelier.train.options import check_all, check_same_settings
+from atelier.train.loop import TrainLoop, lr_schedule, make_accelerator, numbered_checkpoints
+from atelier.train.options import LR_SCHEDULERS, check_all, check_same_settings
 
 # Settings that may change when a run resumes (they do not change what is learnt).
 RESUME_FREE = {"resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
@@ -50,11 +53,13 @@ class TryOnTrainConfig:
     method: str = "catvton"
     data: str | None = None  # VITON-HD-layout folder (train_pairs.txt, train/image, train/cloth, train/agnostic-mask)
     output_dir: str = "runs/tryon"
-    base: str = "toyworld"  # text-to-image or inpainting SD 1.x / 2.x model
+    base: str = "toyworld"  # text-to-image or inpainting SD 1.x / 2.x model, or a try-on model to fine-tune
     max_train_steps: int = 1000
     train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     learning_rate: float | None = None  # default: the method's (LEARNING_RATES), toy models TOY_LEARNING_RATE
+    lr_scheduler: str = "constant"  # diffusers' get_scheduler names
+    lr_warmup_steps: int = 0
     adam_weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     trainable: str | None = None  # attention | all; default catvton attention, ootd all
@@ -86,12 +91,15 @@ class TryOnTrainConfig:
         rules = {k: at_least_1 for k in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                                          "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
                                          "num_validation_images", "validation_inference_steps", "threads")}
+        rules["lr_warmup_steps"] = dict(integer=True, minimum=0)
         rules.update(learning_rate=dict(above=0), adam_weight_decay=dict(minimum=0), max_grad_norm=dict(above=0),
                      condition_dropout=dict(minimum=0, maximum=1), seed=dict(integer=True, minimum=0),
                      validation_guidance=dict(minimum=1))
         check_all(lambda name: f"--{name}", asdict(self), rules)
         if self.trainable not in (None, "attention", "all"):
             raise UserError(f"--trainable must be attention or all, not {self.trainable!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise UserError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, not {self.lr_scheduler!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
         if self.prompt and self.method != "ootd":
@@ -162,7 +170,10 @@ def make_optimizer(cfg: TryOnTrainConfig, params: list, lr: float):
 
 def _is_toy(base: str) -> bool:
     from atelier.models.loader import classify_source
+    from atelier.tryon.model import BUILTIN_TRYON
 
+    if base in BUILTIN_TRYON:
+        return True
     try:
         return classify_source(base)[0] == "builtin"
     except UserError:
@@ -191,12 +202,27 @@ def _uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
+def start_model(cfg: TryOnTrainConfig):
+    """The model training starts from: built from a base model, or a try-on model loaded to fine-tune (in
+    fp32 on the CPU; the loop places it)."""
+    from atelier.tryon.model import build_tryon_model, is_tryon_source, load_tryon_model
+
+    if not is_tryon_source(cfg.base):
+        return build_tryon_model(cfg.base, cfg.method, resolution=cfg.resolution, prompt=cfg.prompt)
+    if cfg.prompt:
+        raise UserError(f"--prompt: {cfg.base} is a try-on model; it keeps the text it was trained with")
+    model = load_tryon_model(cfg.base, method=cfg.method, device="cpu", dtype=torch.float32)
+    if cfg.resolution and tuple(cfg.resolution) != tuple(model.resolution):
+        model.resolution = tuple(cfg.resolution)
+    return model
+
+
 def train_tryon(cfg: TryOnTrainConfig) -> dict:
     """Train (or resume) a try-on model; returns a summary with the model folder (`model`)."""
     from atelier.core import vae as vae_calls
     from atelier.tryon.data import load_pair, read_pairs, to_tensor
     from atelier.tryon.methods import latent_mask
-    from atelier.tryon.model import TryOnModel, build_tryon_model, save_tryon_model
+    from atelier.tryon.model import TryOnModel, is_tryon_source, save_tryon_model
     from atelier.tryon.pipeline import try_on
 
     cfg.check()
@@ -221,7 +247,7 @@ def train_tryon(cfg: TryOnTrainConfig) -> dict:
     final = out / "final"
     if loop.done:
         return {**json.loads((out / "done.json").read_text()), "model": str(final), "resumed_done": True}
-    model = build_tryon_model(cfg.base, cfg.method, resolution=cfg.resolution, prompt=cfg.prompt)
+    model = start_model(cfg)
     cfg.resolution = tuple(model.resolution)
     height, width = model.resolution
     step = model.vae_scale * 2 ** (len(model.unet.config.down_block_types) - 1)  # the UNet halves the latents
@@ -299,14 +325,19 @@ def train_tryon(cfg: TryOnTrainConfig) -> dict:
         write_grid(val_dir / f"step_{loop.step:06d}.png", rows)
         return {"validation": f"validation/step_{loop.step:06d}.png"}
 
+    factor = lr_schedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps)
     net.train()
-    loop.run(step, lr=lambda i: cfg.learning_rate, clip=cfg.max_grad_norm, evaluate=evaluate, window=20)
+    loop.run(step, lr=lambda i: cfg.learning_rate * factor(i), clip=cfg.max_grad_norm, evaluate=evaluate, window=20)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         net.eval()
         if frozen_garment:
             net.garment_unet.float()
-        save_tryon_model(model, final, extra={"steps": loop.step, "trained_with": settings})
+        record = {"steps": loop.step, "trained_with": settings}
+        if is_tryon_source(cfg.base):
+            record["fine_tuned_from"] = {"model": cfg.base, "steps": model.info.get("steps"),
+                                         "trained_with": model.info.get("trained_with")}
+        save_tryon_model(model, final, extra=record)
     done = loop.finish({"final_loss": float(np.mean(loop.losses[-20:])), "log": loop.log,
                         "seconds_per_step": round(loop.seconds / max(1, loop.step), 3), "model": str(final)})
     return {**done, "model": str(final), "loss_plot": str(out / "loss.png")}

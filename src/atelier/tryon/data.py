@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atelier.core.images import pixels_from_image
 from atelier.core.io import read_text
 from atelier.errors import UserError
 
@@ -90,7 +91,7 @@ def to_tensor(image, size: tuple[int, int], *, mask: bool = False) -> torch.Tens
     image = image.convert("RGB")
     if image.size != (width, height):
         image = image.resize((width, height), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image).astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+    return pixels_from_image(image)
 
 
 def load_pair(pair: Pair, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

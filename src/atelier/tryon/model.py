@@ -152,6 +152,16 @@ def save_tryon_model(model: TryOnModel, folder, extra: dict | None = None) -> Pa
     return Path(folder)
 
 
+def is_tryon_source(source) -> bool:
+    """Whether `source` names a try-on model (a built-in name, or a folder with tryon.json or per-method
+    subfolders) rather than a base model."""
+    text = os.fspath(source)
+    if text in BUILTIN_TRYON:
+        return True
+    path = Path(os.path.expanduser(text))
+    return path.is_dir() and any((folder / INFO_FILE).is_file() for folder in [path, *(path / m for m in METHODS)])
+
+
 def resolve_tryon_folder(source, method: str | None = None) -> Path:
     """The try-on folder behind `source`: a path, or a built-in name; with per-method subfolders, the
     one `method` names (default: the first that exists)."""
@@ -221,7 +231,8 @@ def load_tryon_model(source="toyworld-tryon", *, method: str | None = None, devi
     folder = resolve_tryon_folder(source, method)
     info = _read_info(folder)
     if method is not None and info["method"] != method:
-        raise UserError(f"{folder} is a {info['method']} try-on model, not {method}")
+        article = "an" if info["method"][0] in "aeiou" else "a"
+        raise UserError(f"{folder} is {article} {info['method']} try-on model, not {method}")
     device, dtype = pick_device_dtype(device, dtype)
     unet = _component(diffusers.UNet2DConditionModel, folder, "unet", dtype)
     if not is_inpainting(unet):
@@ -247,6 +258,27 @@ def load_tryon_model(source="toyworld-tryon", *, method: str | None = None, devi
     return model.to(device, dtype)
 
 
+def portable_record(record: dict) -> dict:
+    """A training record (and those of the runs it was fine-tuned from) with the data, output, checkpoint
+    and starting-model paths cut to their last names."""
+    record = dict(record)
+    trained = dict(record.get("trained_with") or {})
+    for key in ("data", "output_dir", "resume_from_checkpoint", "base"):
+        if _is_path(trained.get(key)) or key != "base" and isinstance(trained.get(key), str):
+            trained[key] = Path(trained[key]).name
+    record["trained_with"] = trained
+    if isinstance(record.get("fine_tuned_from"), dict):
+        earlier = portable_record(record["fine_tuned_from"])
+        if _is_path(earlier.get("model")):
+            earlier["model"] = Path(earlier["model"]).name
+        record["fine_tuned_from"] = earlier
+    return record
+
+
+def _is_path(value) -> bool:
+    return isinstance(value, str) and (os.sep in value or "/" in value)
+
+
 def export_tryon_model(source, folder, *, weights_dtype=torch.float16) -> Path:
     """`source` rewritten for shipping (the built-in toyworld-tryon is made this way): weights stored in
     `weights_dtype` (they load in any dtype), configs without the folder they were loaded from, and the
@@ -254,12 +286,10 @@ def export_tryon_model(source, folder, *, weights_dtype=torch.float16) -> Path:
     from atelier.models.save import make_portable
 
     model = load_tryon_model(source, device="cpu", dtype=torch.float32)
-    record = {k: v for k, v in model.info.items() if k not in ("format", "method", "base_model", "resolution", "defaults")}
-    trained = dict(record.get("trained_with") or {})
-    for key in ("data", "output_dir", "resume_from_checkpoint"):
-        if isinstance(trained.get(key), str):
-            trained[key] = Path(trained[key]).name
-    record["trained_with"] = trained
+    record = portable_record({k: v for k, v in model.info.items()
+                              if k not in ("format", "method", "base_model", "resolution", "defaults")})
+    if _is_path(model.info.get("base_model")):
+        model.info["base_model"] = Path(model.info["base_model"]).name
     save_tryon_model(model.to("cpu", weights_dtype), folder, record)
     make_portable(folder)
     return Path(folder)
