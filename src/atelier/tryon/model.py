@@ -263,9 +263,11 @@ def portable_record(record: dict) -> dict:
     and starting-model paths cut to their last names."""
     record = dict(record)
     trained = dict(record.get("trained_with") or {})
-    for key in ("data", "output_dir", "resume_from_checkpoint", "base"):
-        if _is_path(trained.get(key)) or key != "base" and isinstance(trained.get(key), str):
+    for key in ("data", "output_dir", "resume_from_checkpoint"):
+        if isinstance(trained.get(key), str):
             trained[key] = Path(trained[key]).name
+    if _is_path(trained.get("base")):  # a folder; a built-in or hub name stays as it is
+        trained["base"] = Path(trained["base"]).name
     record["trained_with"] = trained
     if isinstance(record.get("fine_tuned_from"), dict):
         earlier = portable_record(record["fine_tuned_from"])
