@@ -9,7 +9,8 @@ control     a caption of scene A and a reference of another scene B at IP scales
             The control is monotonic when A falls and B rises with the scale.
 
 Every setting runs through `atelier.generate.generate` (what the CLI runs) with the model's own
-adapter (`load_ip_adapter(pipe, None)`: toyworld-ip for the built-in models), in one process.
+adapter (`load_ip_adapter(pipe, None)`: toyworld-ip for the built-in models; `--adapter` names another),
+in one process.
 
     HF_HUB_OFFLINE=1 python benchmarks/image_prompts.py --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/image_prompts.py --per-count 3 --pairs 3      # smoke run
@@ -105,6 +106,9 @@ def main(argv=None) -> int:
     p.add_argument("--variation-guidance", default="", metavar="G,G",
                    help="also run the variation at these classifier-free guidance scales (skipped above 1 for a model "
                         "distilled to run without guidance, such as toyworld-turbo)")
+    p.add_argument("--adapter", metavar="SOURCE",
+                   help="measure this adapter (a folder, e.g. a `train ip-adapter` run's final/) instead of each model's "
+                        "built-in one")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", help="write the RESULTS.md section here")
     args = p.parse_args(argv)
@@ -116,7 +120,7 @@ def main(argv=None) -> int:
     guidances = [float(g) for g in args.variation_guidance.split(",") if g.strip()]
     for name in args.models.split(","):
         pipe = load_pipeline(name)
-        adapters = load_ip_adapter(pipe, None)
+        adapters = load_ip_adapter(pipe, args.adapter)
         stats, seconds = variation(pipe, adapters, scenes)
         lines.append(f"{name:<16} variation (empty prompt, reference only): {variation_row(stats)}   {seconds:.2f} s/image")
         print(lines[-1], flush=True)
@@ -138,7 +142,8 @@ def main(argv=None) -> int:
     if args.results:
         notes = (f"{args.per_count} held-out references per object count; {args.pairs} (caption, reference) pairs "
                  "of different scenes for the control sweep; each model at its own defaults (steps, sampler, "
-                 "guidance) with its built-in adapter `toyworld-ip`; 'variation at guidance G' rows: the same references "
+                 "guidance) with "
+                 + (f"the adapter `{args.adapter}`" if args.adapter else "its built-in adapter `toyworld-ip`") + "; 'variation at guidance G' rows: the same references "
                  "and seeds at that classifier-free guidance instead of the model's default (toyworld 3.0; "
                  "toyworld-turbo runs without guidance and is not swept above it). Targets (issue 13): variation objects right "
                  "≥ 90 / 75 / 55 % for 1 / 2 / 3 objects.")

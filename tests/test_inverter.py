@@ -447,3 +447,17 @@ def test_partial_captions_keep_a_random_subset_of_the_phrases():
     full, partial = Data(None, 64).batch(5, 8, images=False)[0], Data(None, 64, partial=1.0).batch(5, 8, images=False)[0]
     assert any(len(caption_phrases(p)) < len(caption_phrases(f)) for p, f in zip(partial, full))
     assert all(set(caption_phrases(p)) <= set(caption_phrases(f)) for p, f in zip(partial, full))
+
+
+def test_the_image_branch_trains_from_scratch_as_a_plus_adapter(tmp_path, toy_adapter):
+    from atelier.image_prompts import read_adapter
+    from atelier.image_prompts.adapters import adapter_kind
+    from atelier.train.inverter import export_inverter
+
+    trained = train_inverter(_tiny(tmp_path, max_train_steps=1, train_ip_adapter=True, ip_image_proj="plus",
+                                   image_encoder_path=str(toy_adapter / "image_encoder")))
+    export_inverter(trained["final"], tmp_path / "exported")
+    state = read_adapter(tmp_path / "exported" / "ip-adapter.safetensors")
+    assert adapter_kind(state, "ip-adapter.safetensors") == ("plus", 16)
+    fresh = read_adapter(tmp_path / "run" / "ip-adapter-init.safetensors")
+    assert not torch.equal(fresh["image_proj"]["latents"].float(), state["image_proj"]["latents"].float())

@@ -50,6 +50,17 @@ def _cfg(tmp_path, tiny_sd1, encoder, data, **kw) -> IPAdapterConfig:
     return IPAdapterConfig(**{**settings, **kw})
 
 
+def _steers(pipe, adapters, tmp_path, grey: int) -> bool:
+    """A flat grey reference changes the tiny pipeline's image of a caption (the adapter is wired in)."""
+    ref = tmp_path / "ref.png"
+    Image.fromarray(np.full((16, 16, 3), grey, np.uint8)).save(ref)
+    request = dict(seed=1, steps=2, width=16, height=16, cfg_scale=5.0)
+    plain = generate(pipe, GenerationRequest("a red circle", **request), progress=False)[0].image
+    steered = generate(pipe, GenerationRequest("a red circle", image_prompts=[adapters.reference(ref)], **request),
+                       progress=False)[0].image
+    return not np.array_equal(np.asarray(plain), np.asarray(steered))
+
+
 def test_ip_adapter_trains_only_the_adapter_resumes_exactly_and_loads_back(tmp_path, tiny_sd1, encoder, data,
                                                                            monkeypatch, capsys):
     straight = train_ip_adapter(_cfg(tmp_path / "a", tiny_sd1, encoder, data))
@@ -87,13 +98,7 @@ def test_ip_adapter_trains_only_the_adapter_resumes_exactly_and_loads_back(tmp_p
 
     # it loads back through atelier (and so through diffusers' load_ip_adapter) and steers the image
     adapters = load_ip_adapter(pipe, final)
-    ref = tmp_path / "ref.png"
-    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(ref)
-    request = dict(seed=1, steps=2, width=16, height=16, cfg_scale=5.0)
-    plain = generate(pipe, GenerationRequest("a red circle", **request), progress=False)[0].image
-    steered = generate(pipe, GenerationRequest("a red circle", image_prompts=[adapters.reference(ref)], **request),
-                       progress=False)[0].image
-    assert not np.array_equal(np.asarray(plain), np.asarray(steered))
+    assert _steers(pipe, adapters, tmp_path, grey=200)
     assert train_ip_adapter(_cfg(tmp_path / "b", tiny_sd1, encoder, data))["resumed_done"]
 
 
@@ -104,6 +109,10 @@ def test_continuing_from_an_adapter_starts_where_it_ended(tmp_path, tiny_sd1, en
     train_ip_adapter(second)
     a = read_adapter(f"{first['final']}/ip-adapter.safetensors")
     b = read_adapter(tmp_path / "b" / "run" / "final" / "ip-adapter.safetensors")
+    # the continued adapter's record carries the one it started from
+    record = json.loads((tmp_path / "b" / "run" / "final" / "atelier.json").read_text())
+    assert record["fine_tuned_from"] == json.loads((tmp_path / "a" / "run" / "final" / "atelier.json").read_text())
+    assert record["fine_tuned_from"]["trained_with"]["max_train_steps"] == 2
     for group in ("image_proj", "ip_adapter"):
         for key in a[group]:
             torch.testing.assert_close(a[group][key].float(), b[group][key].float(), atol=2e-3, rtol=0)
@@ -137,13 +146,48 @@ def test_a_full_adapter_reads_every_encoder_token_and_loads_back(tmp_path, tiny_
     pixels = torch.rand(1, 3, 32, 32)
     _, uncond = pipe.encode_image(pixels, "cpu", 1, output_hidden_states=True)
     torch.testing.assert_close(ImageEncoder(encoder, hidden_states=True).null(uncond), uncond)
-    ref = tmp_path / "ref.png"
-    Image.fromarray(np.full((16, 16, 3), 40, np.uint8)).save(ref)
-    request = dict(seed=1, steps=2, width=16, height=16, cfg_scale=5.0)
-    plain = generate(pipe, GenerationRequest("a red circle", **request), progress=False)[0].image
-    steered = generate(pipe, GenerationRequest("a red circle", image_prompts=[adapters.reference(ref)], **request),
-                       progress=False)[0].image
-    assert not np.array_equal(np.asarray(plain), np.asarray(steered))
+    assert _steers(pipe, adapters, tmp_path, grey=40)
+
+
+def test_a_plus_adapter_trains_in_the_h94_resampler_layout_and_loads_back(tmp_path, tiny_sd1, encoder, data):
+    """--image_proj plus: tutorial_train_plus.py's Resampler, written under tencent-ailab's key names."""
+    summary = train_ip_adapter(_cfg(tmp_path, tiny_sd1, encoder, data, max_train_steps=2, image_proj="plus",
+                                    num_tokens=8))
+    state = read_adapter(f"{summary['final']}/ip-adapter.safetensors")
+    proj = state["image_proj"]
+    assert proj["latents"].shape[1] == 8 and "layers.3.0.to_kv.weight" in proj and "layers.3.1.3.weight" in proj
+    assert not any(".attn." in k or ".ff." in k or "ln0" in k for k in proj)
+    pipe = tiny_pipeline("sd1")
+    adapters = load_ip_adapter(pipe, summary["final"])
+    assert adapters.adapters[0].kind == "plus"
+    # what diffusers built from the file writes back the same file, so a continued run starts where this ended
+    from atelier.image_prompts.adapters import adapter_state_dict
+
+    written = adapter_state_dict(pipe.unet)
+    assert sorted(written) == sorted(f"{g}.{k}" for g in ("image_proj", "ip_adapter") for k in state[g])
+    for group in ("image_proj", "ip_adapter"):
+        for key, value in state[group].items():
+            torch.testing.assert_close(written[f"{group}.{key}"].float(), value.float())
+    assert _steers(pipe, adapters, tmp_path, grey=40)
+
+
+def test_the_written_plus_layout_is_the_one_h94_ships(tmp_path):
+    """An h94 Plus file (tencent-ailab's names) loaded by diffusers and written back is the same file."""
+    from atelier.image_prompts.adapters import adapter_state_dict
+    from atelier.testing.ip_adapters import plus_adapter
+
+    pipe = tiny_pipeline("sd1")
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "adapter"
+    save_encoder(folder / "image_encoder", projection_dim=16)
+    original = plus_adapter(pipe.unet)
+    save_file(original, folder / "ip-adapter.safetensors")
+    load_ip_adapter(pipe, folder)
+    written = adapter_state_dict(pipe.unet)
+    assert sorted(written) == sorted(original)
+    for key, value in original.items():
+        torch.testing.assert_close(written[key].float(), value.float())
 
 
 # ---------------------------------------------------------------------------------------------

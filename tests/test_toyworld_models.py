@@ -104,3 +104,27 @@ def test_builtin_tryon_model_dresses_toy_persons_and_keeps_the_rest():
         assert score["preserved"]
         right += score["garment_right"]
     assert right >= 14
+
+
+def test_builtin_ip_adapter_draws_the_reference_alone(pipes):
+    """`toyworld-ip` (shipped) through `atelier generate "" --ip-image REF`: 8 held-out references each of
+    1, 2 and 3 objects, the judge's objects right at least the issue's target shares of 8 (90 / 75 /
+    55 %, rounded down; benchmarks/image_prompts.py measures 97.5 / 82.5 / 60 % on 40 each; the adapter
+    before its continued training got 7 / 3 / 2 here, this one 8 / 7 / 5)."""
+    from atelier.image_prompts import load_ip_adapter
+    from atelier.toyworld.judge import detect
+    from atelier.toyworld.render import render_pil
+
+    pipe = pipes["toyworld"]
+    adapters = load_ip_adapter(pipe, None)
+    rng = random.Random(CAPTIONS_SEED + 1)
+    right = {1: 0, 2: 0, 3: 0}
+    try:
+        for k, scene in enumerate(sample_scene(rng, n) for n in (1, 2, 3) for _ in range(8)):
+            prompt = adapters.reference(render_pil(scene))
+            image = generate(pipe, GenerationRequest("", seed=k, image_prompts=[prompt]), progress=False)[0].image
+            found = sorted((o.shape, o.colour, o.size) for o in detect(np.asarray(image)))
+            right[len(scene.objects)] += found == sorted((o.shape, o.colour, o.size) for o in scene.objects)
+    finally:
+        adapters.unload()
+    assert right[1] >= 7 and right[2] >= 6 and right[3] >= 4, right

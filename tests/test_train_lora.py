@@ -197,6 +197,10 @@ def test_sd2_pivotal_tuning_trains_only_the_new_rows_for_their_share_of_the_step
     torch.testing.assert_close(emb["clip_l"], trained[ids].float())
     at_pivot = read_state(out / "checkpoint-2" / "training_state.safetensors")["lora"]["tokens.0"]
     torch.testing.assert_close(emb["clip_l"], at_pivot, rtol=0, atol=0)  # frozen after half the steps
+    # each checkpoint folder is usable as it stands: its LoRA and the embeddings of that step beside it
+    at_checkpoint = load_file(out / "checkpoint-2" / "out_emb.safetensors")
+    torch.testing.assert_close(at_checkpoint["clip_l"], at_pivot, rtol=0, atol=0)
+    assert (out / "checkpoint-2" / WEIGHT_NAME).is_file()
     assert json.loads((out / "settings.json").read_text())["tokens"] == {"TOK": "<s0><s1>"}
     card = (out / "README.md").read_text()
     assert "<s0><s1>" in card and "out_emb" in card and "<lora:out:1>" in card and "embedding:out_emb" in card

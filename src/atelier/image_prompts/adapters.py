@@ -445,11 +445,38 @@ def ip_attention_processors(unet) -> list:
 _FULL_KEYS = {"proj.0": "ff.net.0.proj", "proj.2": "ff.net.2", "proj.3": "norm"}
 
 
+NEW_KINDS = ("base", "plus", "full")  # the adapters new_adapter_state makes, so the ones atelier trains
+
+# the Plus resampler's block parts: diffusers' name -> tencent-ailab's (`layers.{i}.` before both)
+_PLUS_KEYS = {"ln0": "0.norm1", "ln1": "0.norm2", "attn.to_q": "0.to_q", "attn.to_out.0": "0.to_out",
+              "ff.0": "1.0", "ff.1.net.0.proj": "1.1", "ff.1.net.2": "1.3"}
+
+
+def plus_projection_state(proj_state: dict) -> dict:
+    """diffusers' `IPAdapterPlusImageProjection` state -> the Resampler's h94 keys (to_k and to_v
+    joined into `to_kv`): the inverse of diffusers' `_convert_ip_adapter_image_proj_to_diffusers`."""
+    out = {}
+    for key, value in proj_state.items():
+        if not key.startswith("layers."):
+            out[key] = value
+            continue
+        _, i, rest = key.split(".", 2)
+        part, _, param = rest.rpartition(".")
+        if part == "attn.to_v":
+            continue
+        if part == "attn.to_k":
+            out[f"layers.{i}.0.to_kv.{param}"] = torch.cat([value, proj_state[f"layers.{i}.attn.to_v.{param}"]])
+        else:
+            out[f"layers.{i}.{_PLUS_KEYS[part]}.{param}"] = value
+    return out
+
+
 def adapter_state_dict(unet, index: int = 0) -> dict:
     """The h94 flat state dict (`image_proj.proj.weight`, `ip_adapter.1.to_k_ip.weight`, ...) of the
-    base or full adapter number `index` loaded in `unet`: what `load_ip_adapter` reads back, and what
-    the IP-Adapter repository's own code and ComfyUI read. diffusers has only the other direction."""
-    from diffusers.models.embeddings import ImageProjection, IPAdapterFullImageProjection
+    base, Plus or full adapter number `index` loaded in `unet`: what `load_ip_adapter` reads back, and
+    what the IP-Adapter repository's own code and ComfyUI read. diffusers has only the other direction."""
+    from diffusers.models.embeddings import (ImageProjection, IPAdapterFullImageProjection,
+                                             IPAdapterPlusImageProjection)
 
     proj = unet.encoder_hid_proj.image_projection_layers[index]
     if isinstance(proj, ImageProjection):
@@ -457,23 +484,30 @@ def adapter_state_dict(unet, index: int = 0) -> dict:
     elif isinstance(proj, IPAdapterFullImageProjection):
         back = {v: k for k, v in _FULL_KEYS.items()}
         state = {f"image_proj.{back[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": v for k, v in proj.state_dict().items()}
+    elif isinstance(proj, IPAdapterPlusImageProjection):
+        state = {f"image_proj.{k}": v for k, v in plus_projection_state(proj.state_dict()).items()}
     else:
-        raise UserError(f"writing {type(proj).__name__} adapters is not supported: only base and full IP-Adapters")
+        raise UserError(f"writing {type(proj).__name__} adapters is not supported: only base, Plus and full IP-Adapters")
     for k, processor in enumerate(ip_attention_processors(unet)):
         state[f"ip_adapter.{2 * k + 1}.to_k_ip.weight"] = processor.to_k_ip[index].weight
         state[f"ip_adapter.{2 * k + 1}.to_v_ip.weight"] = processor.to_v_ip[index].weight
     return state
 
 
-def new_adapter_state(unet, image_embed_dim: int, *, kind: str = "base", seed: int = 0) -> dict:
-    """A fresh adapter for `unet` as the IP-Adapter training script makes one: the image projection newly
-    initialised, every `to_k_ip` / `to_v_ip` a copy of its layer's `to_k` / `to_v`. `kind` "base": a
-    Linear from the projected image embedding to 4 tokens and a LayerNorm; "full" (h94's full-face
-    architecture): every token of the encoder's penultimate hidden states through an MLP and a
-    LayerNorm (`image_embed_dim` is then the encoder's hidden size). Returns the {"image_proj": ...,
-    "ip_adapter": ...} groups diffusers loads."""
-    if kind not in ("base", "full"):
-        raise UserError(f"unknown adapter kind {kind!r}: base or full")
+def new_adapter_state(unet, image_embed_dim: int, *, kind: str = "base", seed: int = 0, tokens: int = 16) -> dict:
+    """A fresh adapter for `unet` as the IP-Adapter training scripts make one: the image projection newly
+    initialised, every `to_k_ip` / `to_v_ip` a copy of its layer's `to_k` / `to_v`. `kind` "base"
+    (`tutorial_train.py`): a Linear from the projected image embedding to 4 tokens and a LayerNorm;
+    "plus" (`tutorial_train_plus.py`): the Resampler, `tokens` learnt queries attending over the
+    encoder's penultimate hidden states in 4 blocks, as wide as the cross-attention with 64-wide heads
+    (h94's SD 1.5 Plus: 768 wide, 12 heads, 16 tokens), built by diffusers' IPAdapterPlusImageProjection;
+    "full" (h94's full-face architecture): every token of those hidden states through an MLP and a
+    LayerNorm. `image_embed_dim` is the projected embedding's width for "base", the encoder's hidden size
+    otherwise. Returns the {"image_proj": ..., "ip_adapter": ...} groups diffusers loads."""
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    if kind not in NEW_KINDS:
+        raise UserError(f"unknown adapter kind {kind!r}: base, plus or full")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -482,14 +516,21 @@ def new_adapter_state(unet, image_embed_dim: int, *, kind: str = "base", seed: i
         if kind == "base":
             proj = torch.nn.Linear(image_embed_dim, 4 * cross)
             image_proj = {"proj.weight": proj.weight.data, "proj.bias": proj.bias.data}
+        elif kind == "plus":
+            # diffusers reads the heads back as to_q rows / 64 and always builds 4 blocks
+            resampler = IPAdapterPlusImageProjection(embed_dims=image_embed_dim, output_dims=cross, hidden_dims=cross,
+                                                     depth=4, dim_head=64, heads=max(1, cross // 64),
+                                                     num_queries=tokens)
+            image_proj = plus_projection_state({k: v.detach().clone() for k, v in resampler.state_dict().items()})
         else:
             first, second = torch.nn.Linear(image_embed_dim, image_embed_dim), torch.nn.Linear(image_embed_dim, cross)
             image_proj = {"proj.0.weight": first.weight.data, "proj.0.bias": first.bias.data,
                           "proj.2.weight": second.weight.data, "proj.2.bias": second.bias.data}
     finally:
         torch.random.set_rng_state(generator_state)
-    norm_key = "norm" if kind == "base" else "proj.3"
-    image_proj.update({f"{norm_key}.weight": norm.weight.data, f"{norm_key}.bias": norm.bias.data})
+    if kind != "plus":
+        norm_key = "norm" if kind == "base" else "proj.3"
+        image_proj.update({f"{norm_key}.weight": norm.weight.data, f"{norm_key}.bias": norm.bias.data})
     layers = {}
     names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
     for k, name in enumerate(names):

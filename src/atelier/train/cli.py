@@ -201,8 +201,9 @@ def register_inverter(sub) -> None:
     i.add_argument("--train_ip_adapter", action="store_true",
                    help="train the image branch (image projection, to_k_ip, to_v_ip) with the inverter: from scratch "
                         "(needs --image_encoder_path), or from the adapter given; written beside the inverter")
-    i.add_argument("--ip_image_proj", default="base", choices=("base", "full"),
-                   help="with --train_ip_adapter from scratch: base (4 tokens) or full (every image-encoder token)")
+    i.add_argument("--ip_image_proj", default="base", choices=("base", "plus", "full"),
+                   help="with --train_ip_adapter from scratch: base (4 tokens), plus (the Resampler's 16 tokens) or "
+                        "full (every image-encoder token)")
     i.add_argument("--output_dir", default="runs/inverter")
     i.add_argument("--logging_dir", default="logs", help="accelerate's logging folder, inside OUTPUT_DIR")
     i.add_argument("--stage", type=int, default=1, choices=(1, 2))
@@ -290,7 +291,7 @@ def register_ip_adapter(sub) -> None:
     a = sub.add_parser(
         "ip-adapter", help="train an IP-Adapter (image prompt) for a base model (resumable)",
         description=(
-            "Train a base IP-Adapter (4 image tokens) for any SD 1.x / 2.x / SDXL / toy-world model, with the recipe "
+            "Train an IP-Adapter (base: 4 image tokens; --image_proj plus or full) for any SD 1.x / 2.x / SDXL / toy-world model, with the recipe "
             "of the IP-Adapter training script: only the image projection and the new to_k_ip / to_v_ip layers train "
             "(initialised from to_k / to_v); image, text and both are dropped 5%% of the time each (--image_drop_rate, --text_drop_rate, --both_drop_rate). Data: "
             "--data_json_file (a JSON list of {\"image_file\": ..., \"text\": ...}), or rendered toy scenes for the "
@@ -317,9 +318,12 @@ def register_ip_adapter(sub) -> None:
     a.add_argument("--checkpointing_steps", type=int, default=100)
     a.add_argument("--validation_steps", type=int, default=500, help="a validation grid (and the toy judge's score) every N steps")
     a.add_argument("--num_validation_images", type=int, default=8)
-    a.add_argument("--image_proj", default="base", choices=("base", "full"),
-                   help="base: 4 tokens from the image embedding (ip-adapter_sd15); full: every token of the "
-                        "encoder's penultimate hidden states through an MLP (h94's full-face architecture)")
+    a.add_argument("--image_proj", default="base", choices=("base", "plus", "full"),
+                   help="base: 4 tokens from the image embedding (ip-adapter_sd15); plus: the Resampler, "
+                        "--num_tokens learnt queries over the encoder's penultimate hidden states "
+                        "(ip-adapter-plus_sd15, tutorial_train_plus.py); full: every token of those hidden states "
+                        "through an MLP (h94's full-face architecture)")
+    a.add_argument("--num_tokens", type=int, default=16, help="plus: the image tokens (the Resampler's queries)")
     a.add_argument("--image_drop_rate", type=float, default=0.05, help="probability of dropping the image alone")
     a.add_argument("--text_drop_rate", type=float, default=0.05,
                    help="probability of dropping the text alone (raise it when captions describe the images fully)")

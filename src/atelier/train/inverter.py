@@ -84,7 +84,7 @@ class InverterConfig:
     ip_adapter_weight_name: str | None = None  # image branch: an adapter file, or its name inside --ip_adapter
     ip_adapter: str | None = None  # image branch: an adapter folder, file, h94 layout or cached hub id
     train_ip_adapter: bool = False  # image branch trained with the inverter (from scratch without an adapter)
-    ip_image_proj: str = "base"  # a branch trained from scratch: "base" (4 tokens) or "full" (every encoder token)
+    ip_image_proj: str = "base"  # a branch trained from scratch: "base" (4 tokens), "plus" or "full" (every encoder token)
     # speed: applied to the UNets the loop runs (the inverter, the generator, the stage-2 teacher)
     compile: str = "off"  # --compile off, regional, full
     compile_mode: str = "default"  # --compile-mode default, reduce-overhead, max-autotune (CUDA)
@@ -115,8 +115,10 @@ class InverterConfig:
             check_number("regularizer_t", t, integer=True, minimum=0, maximum=999)
         if lo_hi[0] > lo_hi[1]:
             raise UserError(f"regularizer_t must be (low, high) with low <= high, not {tuple(lo_hi)}")
-        if self.ip_image_proj not in ("base", "full"):
-            raise UserError(f"--ip_image_proj must be base or full, not {self.ip_image_proj!r}")
+        from atelier.image_prompts.adapters import NEW_KINDS
+
+        if self.ip_image_proj not in NEW_KINDS:
+            raise UserError(f"--ip_image_proj must be base, plus or full, not {self.ip_image_proj!r}")
         if self.stage not in (1, 2):
             raise UserError(f"--stage must be 1 or 2, not {self.stage!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -321,9 +323,6 @@ class ImageBranch:
             raise UserError(str(exc).replace("CLI --ip-image-encoder", "--image_encoder_path DIR")) from None
         self.unet = gen_pipe.unet
         self.files = self.adapters.adapters[0].files
-        if self.trained and self.adapters.adapters[0].kind not in ("base", "full"):
-            raise UserError(f"--train_ip_adapter trains base and full adapters; {self.files.name} is a "
-                            f"{self.adapters.adapters[0].kind} adapter")
 
     def embeds(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         return self.adapters.batch_embeds(to_pil(pixels))

@@ -63,7 +63,8 @@ class IPAdapterConfig:
     checkpointing_steps: int = 100
     validation_steps: int = 500
     num_validation_images: int = 8
-    image_proj: str = "base"  # "base" (4 tokens from the image embedding) or "full" (every encoder token)
+    image_proj: str = "base"  # "base" (4 tokens from the image embedding), "plus" (the Resampler) or "full"
+    num_tokens: int = 16  # "plus": the Resampler's queries, the image tokens the UNet sees
     image_drop_rate: float = DROP
     text_drop_rate: float = DROP
     both_drop_rate: float = DROP
@@ -80,7 +81,7 @@ class IPAdapterConfig:
         at_least_1 = dict(integer=True, minimum=1)
         rules = {name: at_least_1 for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                                               "checkpointing_steps", "validation_steps", "num_validation_images",
-                                              "threads")}
+                                              "threads", "num_tokens")}
         rules.update(learning_rate=dict(above=0), weight_decay=dict(minimum=0), seed=dict(integer=True, minimum=0),
                      resolution=dict(integer=True, minimum=8),
                      **{k: dict(minimum=0, maximum=1) for k in ("image_drop_rate", "text_drop_rate", "both_drop_rate")})
@@ -89,8 +90,10 @@ class IPAdapterConfig:
             raise UserError("--image_drop_rate + --text_drop_rate + --both_drop_rate must be at most 1")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
-        if self.image_proj not in ("base", "full"):
-            raise UserError(f"--image_proj must be base or full, not {self.image_proj!r}")
+        from atelier.image_prompts.adapters import NEW_KINDS
+
+        if self.image_proj not in NEW_KINDS:
+            raise UserError(f"--image_proj must be base, plus or full, not {self.image_proj!r}")
 
 
 # ---------------------------------------------------------------- data
@@ -251,14 +254,14 @@ def starting_adapter(cfg: IPAdapterConfig, unet, embed_dim: int) -> dict:
     from atelier.image_prompts.adapters import adapter_kind, new_adapter_state, read_adapter
 
     if not cfg.pretrained_ip_adapter_path:
-        return new_adapter_state(unet, embed_dim, kind=cfg.image_proj, seed=cfg.seed)
+        return new_adapter_state(unet, embed_dim, kind=cfg.image_proj, seed=cfg.seed, tokens=cfg.num_tokens)
     path = Path(cfg.pretrained_ip_adapter_path)
     if path.is_dir():
         path = path / WEIGHT_NAME
     state = read_adapter(path)
     if adapter_kind(state, path.name)[0] != cfg.image_proj:
         raise UserError(f"{path.name} is a {adapter_kind(state, path.name)[0]} IP-Adapter: pass --image_proj "
-                        f"{adapter_kind(state, path.name)[0]} (base and full adapters can be trained here)")
+                        f"{adapter_kind(state, path.name)[0]}")
     return state
 
 
@@ -428,8 +431,23 @@ def export_adapter(trainee: AdapterTrainee, encoder_path, folder: Path, cfg: IPA
                         ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json"))
         if cfg is not None:
             trained_with = {k: _portable_path(v) for k, v in asdict(cfg).items() if k != "output_dir"}
-            (tmp / "atelier.json").write_text(json.dumps(
-                {"kind": "ip-adapter", "base_model": _portable_path(cfg.pretrained_model_name_or_path),
-                 "image_proj": cfg.image_proj, "trained_with": trained_with}, indent=2, default=str), encoding="utf-8")
+            record = {"kind": "ip-adapter", "base_model": _portable_path(cfg.pretrained_model_name_or_path),
+                      "image_proj": cfg.image_proj, "trained_with": trained_with}
+            started_from = _record_of(cfg.pretrained_ip_adapter_path)
+            if started_from is not None:
+                record["fine_tuned_from"] = started_from  # the adapter this run continued, with its own history
+            (tmp / "atelier.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
         make_portable(tmp / "image_encoder")
     return Path(folder)
+
+
+def _record_of(adapter) -> dict | None:
+    """The atelier.json of an adapter folder (or of the folder holding an adapter file), if it has one."""
+    if not adapter:
+        return None
+    path = Path(adapter)
+    info = (path if path.is_dir() else path.parent) / "atelier.json"
+    try:
+        return json.loads(info.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

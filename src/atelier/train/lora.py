@@ -676,6 +676,9 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
     def lora_at_checkpoint(folder: Path) -> None:  # each checkpoint holds the LoRA as it is then, ready to use
         with _averaged(ema, trainee):
             save_lora(pipe, trainee, folder)
+        if trainee.tokens is not None:  # and the pivotal-tuning embeddings that go with it, named as the final's
+            save_embedding_file(folder / f"{out.resolve().name}_emb.safetensors",
+                                dict(zip(("clip_l", "clip_g"), trainee.tokens.rows())))
 
     loop.on_checkpoint = lora_at_checkpoint
     loop.speed_up(pipe.unet)
