@@ -6,6 +6,7 @@ in-process through `atelier.cli.main`, a couple through a real subprocess.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -422,3 +423,24 @@ def test_the_toy_world_contract_is_inside_the_repository():
         assert "shared/toyworld.md" not in text, doc
         for target in re.findall(r"\]\(([^)#]*toyworld[^)#]*\.md)", text):
             assert (doc.parent / target).is_file(), (doc, target)
+
+
+def _commands(parser, prefix=()):
+    """Every (sub)command path of the parser, the top level included."""
+    yield list(prefix)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_every_help_shows_real_defaults_only(capsys):
+    """No "(default: None)" anywhere: an option without a default says nothing, or says in words what
+    happens without it."""
+    from atelier.cli import build_parser
+
+    for command in _commands(build_parser()):
+        with pytest.raises(SystemExit):
+            main(command + ["--help"])
+        out = capsys.readouterr().out
+        assert "(default: None)" not in " ".join(out.split()), command

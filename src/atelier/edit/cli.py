@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from atelier.cli import HelpWithDefaults
 from atelier.core.io import check_writable, parse_json
 from atelier.errors import UserError
 from atelier.image_prompts import cli as image_prompts_cli
@@ -26,7 +27,7 @@ def register(subparsers) -> None:
             "skipped unless --overwrite). Outputs are PNG, JPEG or WebP, as the extension says, with the "
             "edit's A1111 parameters."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpWithDefaults,
     )
     p.add_argument("image", nargs="?", metavar="IMAGE", help="the image to edit")
     p.add_argument("--source", help="a prompt describing IMAGE")

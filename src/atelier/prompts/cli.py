@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from atelier.cli import HelpWithDefaults
 from atelier.errors import UserError
 from atelier.prompts.chunks import EMPHASIS_MODES
 
@@ -22,7 +23,7 @@ def register(subparsers) -> None:
             "prompt's schedule over --steps ([from:to:when] editing, [a|b] alternation), each scheduled "
             "text's (weighted:1.2) pieces and, with --tokenizer or --clip, its CLIP tokens per chunk."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpWithDefaults,
     )
     cmd.add_argument("prompt", metavar="PROMPT", help="the prompt, in A1111 syntax")
     cmd.add_argument("--steps", type=int, default=20, help="sampling steps the schedule is laid over")

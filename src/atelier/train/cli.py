@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from atelier.cli import HelpWithDefaults
 from atelier.errors import UserError
 from atelier.speed import cli as speed_cli
 from atelier.train.options import LR_SCHEDULERS, check_same_settings
@@ -22,17 +23,6 @@ NEEDS = {"vae": (), "text": (), "unet": ("vae", "text"), "turbo": ("vae", "text"
 # Fields that may differ between the run that wrote a checkpoint and the one resuming it.
 _RESUME_FREE = {"out_dir", "threads", "checkpoint_every", "eval_every",
                 "compile", "compile_mode", "compile_backend", "channels_last"}  # toyworld.SPEED_FIELDS
-
-
-class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)" after each option's help, except where there is no default to show
-    (None) or the help already says what the default is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or action.default is argparse.SUPPRESS or "default" in text.lower():
-            return text
-        return super()._get_help_string(action)
 
 
 def register(subparsers) -> None:
@@ -182,7 +172,7 @@ def register_inverter(sub) -> None:
             "regulariser; stage 2 starts from OUTPUT_DIR/stage1/final. Checkpoints: OUTPUT_DIR/stage{1,2}/"
             "checkpoint.safetensors; run the same command again to resume. Works under `accelerate launch`."
         ),
-        formatter_class=DefaultsHelp,
+        formatter_class=HelpWithDefaults,
     )
     i.add_argument("--pretrained_model_name_or_path", default="toyworld-turbo",
                    help="model whose VAE, text encoder, tokenizer and scheduler are used")
@@ -300,7 +290,7 @@ def register_ip_adapter(sub) -> None:
             "OUTPUT_DIR/final (ip-adapter.safetensors in the h94 layout + image_encoder/): pass it with --ip-adapter. "
             "Works under `accelerate launch -m atelier.cli train ip-adapter ...`."
         ),
-        formatter_class=DefaultsHelp,
+        formatter_class=HelpWithDefaults,
     )
     a.add_argument("--pretrained_model_name_or_path", default="toyworld", help="the base model (frozen)")
     a.add_argument("--image_encoder_path", help="CLIP vision model folder (default for the toy-world models: toyworld-clip)")
@@ -375,7 +365,7 @@ def register_lora(sub) -> None:
             "marked (model) come from the base model (the toy-world models: docs/lora.md). Works under "
             "`accelerate launch -m atelier.cli train lora ...`."
         ),
-        formatter_class=DefaultsHelp,
+        formatter_class=HelpWithDefaults,
     )
     model = a.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", default="toyworld",
@@ -507,7 +497,7 @@ def register_tryon(sub) -> None:
             "as is. Writes OUTPUT_DIR/final (the model folder `atelier tryon --model` reads), checkpoint-<step> "
             "folders (run the same command again to resume), loss.png and validation/ grids. See docs/tryon.md."
         ),
-        formatter_class=DefaultsHelp,
+        formatter_class=HelpWithDefaults,
     )
     t.add_argument("--method", default="catvton", help="catvton or ootd")
     t.add_argument("--data", help="the data folder, VITON-HD's layout (required)")
