@@ -171,6 +171,29 @@ def test_a_plus_adapter_trains_in_the_h94_resampler_layout_and_loads_back(tmp_pa
     assert _steers(pipe, adapters, tmp_path, grey=40)
 
 
+def test_a_whole_clip_as_the_encoder_is_written_as_its_vision_tower(tmp_path, tiny_sd1, data):
+    """--image_encoder_path a whole CLIP (as toyworld-clip is): final/image_encoder holds the vision tower
+    and its projection alone, the same weights, and loads as the adapter's encoder."""
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig, CLIPModel
+
+    from atelier.testing.ip_adapters import VISION
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,
+                max_position_embeddings=16, projection_dim=16, bos_token_id=97, eos_token_id=98)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config={**VISION, "projection_dim": 16}, projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    summary = train_ip_adapter(_cfg(tmp_path, tiny_sd1, tmp_path / "clip", data, max_train_steps=1))
+    written = load_file(f"{summary['final']}/image_encoder/model.safetensors")
+    assert written and all(k.startswith(("vision_model.", "visual_projection.")) for k in written)
+    for key, value in clip.state_dict().items():
+        if key.startswith(("vision_model.", "visual_projection.")):
+            torch.testing.assert_close(written[key].float(), value.float())
+    adapters = load_ip_adapter(tiny_pipeline("sd1"), summary["final"])
+    assert adapters.adapters[0].kind == "base"
+
+
 def test_the_written_plus_layout_is_the_one_h94_ships(tmp_path):
     """An h94 Plus file (tencent-ailab's names) loaded by diffusers and written back is the same file."""
     from atelier.image_prompts.adapters import adapter_state_dict

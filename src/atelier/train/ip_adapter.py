@@ -427,8 +427,7 @@ def export_adapter(trainee: AdapterTrainee, encoder_path, folder: Path, cfg: IPA
     state = {k: v.to(dtype).contiguous() for k, v in trainee.state_dict().items()}
     with atomic_dir(Path(folder)) as tmp:
         save_file(state, str(tmp / WEIGHT_NAME), metadata={"format": "pt"})
-        shutil.copytree(Path(encoder_path), tmp / "image_encoder",
-                        ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json"))
+        write_image_encoder(Path(encoder_path), tmp / "image_encoder")
         if cfg is not None:
             trained_with = {k: _portable_path(v) for k, v in asdict(cfg).items() if k != "output_dir"}
             record = {"kind": "ip-adapter", "base_model": _portable_path(cfg.pretrained_model_name_or_path),
@@ -439,6 +438,25 @@ def export_adapter(trainee: AdapterTrainee, encoder_path, folder: Path, cfg: IPA
             (tmp / "atelier.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
         make_portable(tmp / "image_encoder")
     return Path(folder)
+
+
+def write_image_encoder(source: Path, folder: Path) -> None:
+    """The adapter's `image_encoder/`: a vision-model folder (h94's) copied as it is; of a whole CLIP
+    (a text tower too, e.g. toyworld-clip) the vision tower and its projection alone, as IP-Adapter
+    folders hold it, so that loading it reads every weight and nothing else."""
+    try:
+        whole_clip = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type") == "clip"
+    except (OSError, ValueError):
+        whole_clip = False
+    if not whole_clip:
+        shutil.copytree(source, folder, ignore=shutil.ignore_patterns("tokenizer*", "vocab.json", "merges.txt",
+                                                                      "special_tokens_map.json"))
+        return
+    from atelier.image_prompts.adapters import load_image_encoder
+
+    vision, processor = load_image_encoder(source, device="cpu", dtype=None)
+    vision.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 def _record_of(adapter) -> dict | None:
