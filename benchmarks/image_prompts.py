@@ -9,7 +9,7 @@ control     a caption of scene A and a reference of another scene B at IP scales
             The control is monotonic when A falls and B rises with the scale.
 
 Every setting runs through `atelier.generate.generate` (what the CLI runs) with the model's own
-adapter (`load_ip_adapter(pipe, None)`: toyworld-ip for the built-in models; `--adapter` names another),
+adapter (`load_ip_adapter(pipe, None)`: toyworld-ip, toyworld-turbo-ip; `--adapter` names another),
 in one process.
 
     HF_HUB_OFFLINE=1 python benchmarks/image_prompts.py --results benchmarks/RESULTS.md
@@ -143,7 +143,8 @@ def main(argv=None) -> int:
         notes = (f"{args.per_count} held-out references per object count; {args.pairs} (caption, reference) pairs "
                  "of different scenes for the control sweep; each model at its own defaults (steps, sampler, "
                  "guidance) with "
-                 + (f"the adapter `{args.adapter}`" if args.adapter else "its built-in adapter `toyworld-ip`") + "; 'variation at guidance G' rows: the same references "
+                 + (f"the adapter `{args.adapter}`" if args.adapter else "its own built-in adapter (`toyworld-ip`; "
+                    "`toyworld-turbo-ip`, that adapter continued on the turbo at its sampling timesteps)") + "; 'variation at guidance G' rows: the same references "
                  "and seeds at that classifier-free guidance instead of the model's default (toyworld 3.0; "
                  "toyworld-turbo runs without guidance and is not swept above it). Targets (issue 13): variation objects right "
                  "≥ 90 / 75 / 55 % for 1 / 2 / 3 objects.")

@@ -118,7 +118,33 @@ def test_continuing_from_an_adapter_starts_where_it_ended(tmp_path, tiny_sd1, en
             torch.testing.assert_close(a[group][key].float(), b[group][key].float(), atol=2e-3, rtol=0)
 
 
+def test_a_distilled_base_trains_at_its_sampling_timesteps(tmp_path, tiny_sd1, encoder, data, monkeypatch):
+    """--train_timesteps: every training sample's timestep comes from the list (SD-Turbo's 999,749,499,249),
+    or, with --train_timesteps_share, that share of them; the rest stay uniform; the record keeps the list."""
+    seen = []
+    real = ip_mod.AdapterTrainee.forward
+
+    def recording(self, x_t, t, *args, **kwargs):
+        seen.extend(int(v) for v in t)
+        return real(self, x_t, t, *args, **kwargs)
+
+    monkeypatch.setattr(ip_mod.AdapterTrainee, "forward", recording)
+    summary = train_ip_adapter(_cfg(tmp_path / "a", tiny_sd1, encoder, data, train_timesteps=(999, 749, 499, 249),
+                                    train_batch_size=4, max_train_steps=6))
+    assert len(seen) == 24 and set(seen) <= {999, 749, 499, 249} and len(set(seen)) > 1
+    record = json.loads((tmp_path / "a" / "run" / "final" / "atelier.json").read_text())
+    assert record["trained_with"]["train_timesteps"] == [999, 749, 499, 249]
+    assert summary["final"]
+    seen.clear()
+    train_ip_adapter(_cfg(tmp_path / "b", tiny_sd1, encoder, data, train_timesteps=(999,), train_timesteps_share=0.5,
+                          train_batch_size=8, max_train_steps=4))
+    assert 4 <= seen.count(999) < len(seen) == 32
+
+
 @pytest.mark.parametrize("args, words", [
+    (["--train_timesteps", "999,abc"], "not a comma-separated list of timesteps"),
+    (["--train_timesteps", "1000"], "--train_timesteps must list training timesteps between 0 and 999"),
+    (["--train_timesteps", "999", "--train_timesteps_share", "2"], "--train_timesteps_share must be"),
     (["--max_train_steps", "0"], "--max_train_steps must be a whole number at least 1"),
     (["--text_drop_rate", "1.5"], "--text_drop_rate must be"),
     (["--text_drop_rate", "0.5", "--image_drop_rate", "0.5", "--both_drop_rate", "0.1"], "must be at most 1"),

@@ -180,7 +180,7 @@ def test_health_settings_page(server):
 
     settings = server.get_json("/api/settings")
     assert (settings["width"], settings["height"]) == (64, 64)
-    assert settings["ip_adapter"] is True and settings["ip_adapter_note"] is None  # toyworld-turbo's own toyworld-ip
+    assert settings["ip_adapter"] is True and settings["ip_adapter_note"] is None  # toyworld-turbo's own toyworld-turbo-ip
     assert settings["one_step_edit"] == "toyworld-inverter"
     for key in ("prompt", "guidance_scale", "delta", "seed", "strength", "blend_prompt", "blend"):
         assert key in settings["settings"], key

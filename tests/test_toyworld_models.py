@@ -106,16 +106,23 @@ def test_builtin_tryon_model_dresses_toy_persons_and_keeps_the_rest():
     assert right >= 14
 
 
-def test_builtin_ip_adapter_draws_the_reference_alone(pipes):
-    """`toyworld-ip` (shipped) through `atelier generate "" --ip-image REF`: 8 held-out references each of
-    1, 2 and 3 objects, the judge's objects right at least the issue's target shares of 8 (90 / 75 /
-    55 %, rounded down; benchmarks/image_prompts.py measures 97.5 / 82.5 / 60 % on 40 each; the adapter
-    before its continued training got 7 / 3 / 2 here, this one 8 / 7 / 5)."""
+# (model, its adapter, objects right of 8 per object count at least): toyworld at the issue's target
+# shares of 8 (90 / 75 / 55 %, rounded down; benchmarks/image_prompts.py measures 97.5 / 82.5 / 60 % on 40
+# each; the adapter before its continued training got 7 / 3 / 2 here, this one 8 / 7 / 5); toyworld-turbo
+# with its own toyworld-turbo-ip (8 / 6 / 3 here; 97.5 / 75 / 62.5 % on the benchmark's 40 each) above
+# what toyworld-ip, trained on toyworld's UNet, draws on it (5 / 3 / 2 here).
+IP_FLOORS = {"toyworld": (7, 6, 4), "toyworld-turbo": (7, 5, 3)}
+
+
+@pytest.mark.parametrize("model", ["toyworld", "toyworld-turbo"])
+def test_builtin_ip_adapter_draws_the_reference_alone(pipes, model):
+    """The model's own adapter (shipped) through `atelier generate "" --ip-image REF`: 8 held-out
+    references each of 1, 2 and 3 objects, the judge's objects right at least IP_FLOORS."""
     from atelier.image_prompts import load_ip_adapter
     from atelier.toyworld.judge import detect
     from atelier.toyworld.render import render_pil
 
-    pipe = pipes["toyworld"]
+    pipe = pipes[model]
     adapters = load_ip_adapter(pipe, None)
     rng = random.Random(CAPTIONS_SEED + 1)
     right = {1: 0, 2: 0, 3: 0}
@@ -127,4 +134,5 @@ def test_builtin_ip_adapter_draws_the_reference_alone(pipes):
             right[len(scene.objects)] += found == sorted((o.shape, o.colour, o.size) for o in scene.objects)
     finally:
         adapters.unload()
-    assert right[1] >= 7 and right[2] >= 6 and right[3] >= 4, right
+    floors = IP_FLOORS[model]
+    assert right[1] >= floors[0] and right[2] >= floors[1] and right[3] >= floors[2], right

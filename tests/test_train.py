@@ -15,7 +15,7 @@ TINY = [
     "--set", "checkpoint_every=2", "--set", "eval_every=1000", "--set", "eval_images=3",
     "--set", "eval_scenes=4", "--set", "turbo_pairs=64", "--set", "vae_full_steps=1",
     "--set", "vae_batch=4", "--set", "text_batch=8", "--set", "unet_batch=4", "--set", "turbo_batch=4", "--set", "taesd_batch=4",
-    "--set", "taesd_pool=64",
+    "--set", "taesd_pool=64", "--set", "ip_turbo_steps=2",
     "--threads", "1",
 ]
 
@@ -54,13 +54,17 @@ def test_killed_run_resumes_and_exports_loadable_models(tmp_path, capsys, kill_a
     assert type(load_tiny_autoencoder(tmp_path / "again" / "toyworld-taesd")).__name__ == "AutoencoderTiny"
     meta = json.loads((out / "weights" / "toyworld" / "atelier.json").read_text())
     assert meta["trained_with"]["unet_steps"] == 4 and "out_dir" not in meta["trained_with"]
-    # the toy world's eyes: toyworld-clip, and toyworld-ip named by both toy models
+    # the toy world's eyes: toyworld-clip, toyworld-ip for toyworld and toyworld-turbo-ip (continued from it
+    # on the turbo, at the turbo's timesteps) for toyworld-turbo, each named by its model
     from transformers import CLIPModel
 
     assert CLIPModel.from_pretrained(out / "weights" / "toyworld-clip").config.vision_config.image_size == 64
-    assert (out / "weights" / "toyworld-ip" / "ip-adapter.safetensors").is_file()
     for name in ("toyworld", "toyworld-turbo"):
-        assert json.loads((out / "weights" / name / "atelier.json").read_text())["ip_adapter"] == "toyworld-ip"
+        assert (out / "weights" / f"{name}-ip" / "ip-adapter.safetensors").is_file()
+        assert json.loads((out / "weights" / name / "atelier.json").read_text())["ip_adapter"] == f"{name}-ip"
+    turbo_ip = json.loads((out / "weights" / "toyworld-turbo-ip" / "atelier.json").read_text())
+    assert turbo_ip["trained_with"]["train_timesteps"] == [999, 749, 499, 249]
+    assert turbo_ip["fine_tuned_from"]["base_model"].endswith("toyworld")
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path, capsys):

@@ -150,8 +150,8 @@ def load_ip_adapter(pipe, source=None, *, variant=None, weight_name=None, image_
     """Load one adapter, or several at once (`source` a list; `variant` / `weight_name` a value or a
     list), into `pipe` with diffusers' `load_ip_adapter`, replacing any adapters loaded before.
     `source` is a path (h94 layout folder, folder, adapter file) or a hub id read from the HF cache;
-    None means the model's own adapter (a built-in toy-world model's `toyworld-ip`), else h94/IP-Adapter
-    from the cache. Returns the IPAdapters that make image prompts."""
+    None means the model's own adapter (`toyworld-ip`, `toyworld-turbo-ip` for the built-in models), else
+    h94/IP-Adapter from the cache. Returns the IPAdapters that make image prompts."""
     from atelier.models import detect_family
 
     if source is None:

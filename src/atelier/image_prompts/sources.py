@@ -97,7 +97,8 @@ def is_h94_layout(folder: Path) -> bool:
 
 def model_adapter(model_folder) -> Path | None:
     """The adapter a model folder names as its own in `atelier.json` ("ip_adapter": a folder beside the
-    model, or a path relative to it): how the built-in toy-world models find `toyworld-ip`."""
+    model, or a path relative to it): how the built-in toy-world models find `toyworld-ip` and
+    `toyworld-turbo-ip`."""
     import json
 
     if not model_folder:

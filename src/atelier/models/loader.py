@@ -32,7 +32,8 @@ BUILTIN_MODELS = {
 BUILTIN_COMPONENTS = {
     "toyworld-taesd": "tiny autoencoder for the stream (serve --tiny-vae, StreamEngine(vae=...))",
     "toyworld-inverter": "one-step editing's learned inverter (edit --method one-step)",
-    "toyworld-ip": "IP-Adapter of the toy models (--ip-image; used without --ip-adapter)",
+    "toyworld-ip": "IP-Adapter of toyworld (--ip-image; used without --ip-adapter)",
+    "toyworld-turbo-ip": "IP-Adapter of toyworld-turbo: toyworld-ip continued on the turbo",
     "toyworld-clip": "the toy world's CLIP: image encoder of toyworld-ip, features for evaluate",
     "toyworld-tryon": "virtual try-on model (atelier tryon)",
 }

@@ -35,9 +35,9 @@ def register(subparsers) -> None:
         description=(
             "Train the toy-world VAE, text encoder, UNet and the distilled turbo UNet, then export "
             "`toyworld` and `toyworld-turbo` as diffusers folders; then the tiny autoencoder `toyworld-taesd`, "
-            "the toy CLIP `toyworld-clip` and the IP-Adapter `toyworld-ip`. Every stage checkpoints to "
+            "the toy CLIP `toyworld-clip` and the IP-Adapters `toyworld-ip` and `toyworld-turbo-ip`. Every stage checkpoints to "
             "OUT_DIR/<stage>/checkpoint.safetensors and draws OUT_DIR/<stage>/loss.png; kill it and run "
-            "the same command again to resume. About 80 minutes on 2 CPU cores with the defaults."
+            "the same command again to resume. About 3.5 hours on 2 CPU cores with the defaults (docs/toyworld-training.md)."
         ),
     )
     t.add_argument("--out-dir", default="runs/toyworld", help="checkpoints, loss curves, logs (default runs/toyworld)")
@@ -48,7 +48,8 @@ def register(subparsers) -> None:
     t.add_argument("--stages", default=",".join(STAGES),
                    help="comma-separated stages (default all: vae,text,unet,turbo,taesd,clip,ip); the stages they "
                         "need are trained or resumed too (unet needs vae and text; turbo needs unet; taesd starts from "
-                        "the exported toyworld-turbo, clip from the exported toyworld; ip needs clip)")
+                        "the exported toyworld-turbo, clip from the exported toyworld; ip needs clip, and trains "
+                        "toyworld-turbo-ip too when toyworld-turbo is exported)")
     for name in ("vae_steps", "text_steps", "unet_steps", "turbo_steps", "taesd_steps", "clip_steps", "ip_steps"):
         t.add_argument("--" + name.replace("_", "-"), type=int, help=f"override {name}")
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -151,7 +152,7 @@ def run_toyworld(args) -> int:
                 print(f"{name}: {path}   (a transformers CLIPModel; its vision tower is toyworld-ip's image encoder)")
                 continue
             if name.endswith("-ip"):
-                print(f"{name}: {path}   (atelier generate \"\" --model toyworld --ip-image REF.png)")
+                print(f"{name}: {path}   (atelier generate \"\" --model {name[:-3]} --ip-image REF.png)")
                 continue
             print(f"{name}: {path}   (atelier generate --model {path} \"a large red circle in the center\")")
     return 0
@@ -276,6 +277,13 @@ def run_prepare_inverter_data(args) -> int:
 
 # ---------------------------------------------------------------- IP-Adapter
 
+def timestep_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--train_timesteps: not a comma-separated list of timesteps: {text!r}") from None
+
+
 def register_ip_adapter(sub) -> None:
     """`atelier train ip-adapter`, with the option names of the IP-Adapter training script."""
     a = sub.add_parser(
@@ -314,6 +322,11 @@ def register_ip_adapter(sub) -> None:
                         "(ip-adapter-plus_sd15, tutorial_train_plus.py); full: every token of those hidden states "
                         "through an MLP (h94's full-face architecture)")
     a.add_argument("--num_tokens", type=int, default=16, help="plus: the image tokens (the Resampler's queries)")
+    a.add_argument("--train_timesteps", metavar="T,T,...",
+                   help="draw the training timesteps from this list instead of uniformly: a few-step distilled base's "
+                        "sampling timesteps (SD-Turbo / toyworld-turbo: 999,749,499,249)")
+    a.add_argument("--train_timesteps_share", type=float, default=1.0,
+                   help="with --train_timesteps: the share of samples drawn from the list, the rest uniform")
     a.add_argument("--image_drop_rate", type=float, default=0.05, help="probability of dropping the image alone")
     a.add_argument("--text_drop_rate", type=float, default=0.05,
                    help="probability of dropping the text alone (raise it when captions describe the images fully)")
@@ -332,7 +345,10 @@ def run_ip_adapter(args) -> int:
 
     speed_cli.apply_training_numerics(args)
     keys = {f.name for f in fields(IPAdapterConfig)}
-    cfg = IPAdapterConfig(**{k: v for k, v in vars(args).items() if k in keys and v is not None})
+    settings = {k: v for k, v in vars(args).items() if k in keys and v is not None}
+    if "train_timesteps" in settings:
+        settings["train_timesteps"] = timestep_list(settings["train_timesteps"])
+    cfg = IPAdapterConfig(**settings)
     cfg.check()
     from atelier.train.ip_adapter import train_ip_adapter
 

@@ -10,7 +10,9 @@ script (tencent-ailab/IP-Adapter `tutorial_train.py`):
     with 0.05, so image-only, text-only and unconditional guidance all work. Where captions describe
     the image completely (the toy world's do) the image adds nothing while the text is there, so the
     adapter only learns from the text-dropped samples: raise --text_drop_rate there (the toy stage: 0.5);
-  * the loss is the model's own diffusion loss (epsilon or v-prediction) at uniform timesteps.
+  * the loss is the model's own diffusion loss (epsilon or v-prediction) at uniform timesteps, or, for a
+    few-step distilled base, at the timesteps it samples at (--train_timesteps; SD-Turbo's 1-4 steps: 999,
+    749, 499, 249), where alone its predictions are what the adapter will see.
 
 The adapter lives in the UNet through diffusers' `IPAdapterAttnProcessor2_0` and image projection (loaded
 with `_load_ip_adapter_weights`, as `load_ip_adapter` does), so what trains is exactly what inference
@@ -65,6 +67,9 @@ class IPAdapterConfig:
     num_validation_images: int = 8
     image_proj: str = "base"  # "base" (4 tokens from the image embedding), "plus" (the Resampler) or "full"
     num_tokens: int = 16  # "plus": the Resampler's queries, the image tokens the UNet sees
+    # A few-step distilled base (Turbo, LCM) is only ever run at its sampling timesteps: train there too.
+    train_timesteps: tuple[int, ...] | None = None  # None: uniform over all, as the script does
+    train_timesteps_share: float = 1.0  # the share of samples drawn from train_timesteps, the rest uniform
     image_drop_rate: float = DROP
     text_drop_rate: float = DROP
     both_drop_rate: float = DROP
@@ -84,10 +89,14 @@ class IPAdapterConfig:
                                               "threads", "num_tokens")}
         rules.update(learning_rate=dict(above=0), weight_decay=dict(minimum=0), seed=dict(integer=True, minimum=0),
                      resolution=dict(integer=True, minimum=8),
-                     **{k: dict(minimum=0, maximum=1) for k in ("image_drop_rate", "text_drop_rate", "both_drop_rate")})
+                     **{k: dict(minimum=0, maximum=1)
+                        for k in ("image_drop_rate", "text_drop_rate", "both_drop_rate", "train_timesteps_share")})
         check_all(lambda name: f"--{name}", asdict(self), rules)
         if self.image_drop_rate + self.text_drop_rate + self.both_drop_rate > 1:
             raise UserError("--image_drop_rate + --text_drop_rate + --both_drop_rate must be at most 1")
+        if self.train_timesteps is not None and (
+                not self.train_timesteps or any(not 0 <= int(t) < 1000 for t in self.train_timesteps)):
+            raise UserError("--train_timesteps must list training timesteps between 0 and 999, e.g. 999,749,499,249")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
         from atelier.image_prompts.adapters import NEW_KINDS
@@ -361,6 +370,9 @@ def train_ip_adapter(cfg: IPAdapterConfig) -> dict:
     scheduler_t = pipe.scheduler.config.num_train_timesteps
     toy = items is None
     defaults = _model_defaults(cfg.pretrained_model_name_or_path)
+    fixed = torch.tensor([int(t) for t in cfg.train_timesteps]) if cfg.train_timesteps else None
+    if fixed is not None and int(fixed.max()) >= scheduler_t:
+        raise UserError(f"--train_timesteps: the model trains over {scheduler_t} timesteps, not {int(fixed.max()) + 1}")
 
     def step(i, micro):
         seed = (cfg.seed * 1_000_003 + i * 64 + micro) % 2**31
@@ -380,7 +392,11 @@ def train_ip_adapter(cfg: IPAdapterConfig) -> dict:
             image_embeds = torch.where(dropped, encoder.null(image_embeds), image_embeds)
             hidden, pooled = den.conditioning(captions)
         noise = torch.randn(z.shape, generator=g).to(z)
-        t = torch.randint(0, scheduler_t, (len(z),), generator=g).to(loop.device)
+        t = torch.randint(0, scheduler_t, (len(z),), generator=g)
+        if fixed is not None:
+            pick = fixed[torch.randint(0, len(fixed), (len(z),), generator=g)]
+            t = torch.where(torch.rand(len(z), generator=g) < cfg.train_timesteps_share, pick, t)
+        t = t.to(loop.device)
         alpha, beta = den.coefficients(t)
         x_t = alpha * z + beta * noise
         pred = model(x_t, t, hidden, pooled, image_embeds.to(den.dtype))

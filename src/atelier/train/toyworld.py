@@ -15,9 +15,11 @@ Four stages, each resumable from its last checkpoint (kill it, run the same comm
 Then `export` writes both as diffusers folders (fp16 safetensors) with an `atelier.json` of defaults.
 Two more stages give the toy world eyes, starting from the exported `toyworld`:
 5. clip    `toyworld-clip`, a CLIPModel trained contrastively on scenes and captions (train/toyworld_clip.py).
-6. ip      `toyworld-ip`, a base IP-Adapter for `toyworld` over toyworld-clip's vision tower
-           (train/ip_adapter.py: the IP-Adapter training script's recipe); both toy models name it
-           in their atelier.json, so `--ip-image` needs no other option.
+6. ip      `toyworld-ip`, an IP-Adapter for `toyworld` over toyworld-clip's vision tower
+           (train/ip_adapter.py: the IP-Adapter training script's recipe), then `toyworld-turbo-ip`:
+           it continued on `toyworld-turbo` at the turbo's sampling timesteps (a distilled model is only
+           run there; trained at uniform timesteps it learns the wrong map). Each model names its own
+           adapter in its atelier.json, so `--ip-image` needs no other option.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class ToyTrainConfig:
     ip_lr: float = 1e-3
     ip_text_drop: float = 0.8  # toy captions say all the image does: the adapter learns where the text is gone
     ip_image_proj: str = "full"  # every CLIP token through an MLP: where each object is (base: 4 tokens)
+    ip_turbo_steps: int = 8000  # toyworld-turbo-ip: toyworld-ip continued on the turbo at TURBO_TIMESTEPS (0: none)
     checkpoint_every: int = 200
     eval_every: int = 500
     eval_images: int = 36  # judged generations per periodic evaluation
@@ -146,7 +149,7 @@ class ToyTrainConfig:
                                               "checkpoint_every", "eval_every", "eval_images", "eval_scenes", "threads")}
         rules.update({name: dict(above=0) for name in ("vae_lr", "text_lr", "unet_lr", "turbo_lr", "taesd_lr", "clip_lr",
                                                        "ip_lr", "min_snr_gamma")})
-        rules.update(seed=whole, vae_full_steps=whole, turbo_pairs=whole, caption_dropout=share, turbo_random_t=share,
+        rules.update(seed=whole, vae_full_steps=whole, turbo_pairs=whole, ip_turbo_steps=whole, caption_dropout=share, turbo_random_t=share,
                      ema_decay=dict(minimum=0, below=1), ip_text_drop=share, turbo_pair_share=dict(minimum=0, below=1),
                      guidance=dict(minimum=0), turbo_teacher_weight=dict(minimum=0))
         check_all(flag_of, asdict(self), rules)
@@ -773,8 +776,9 @@ def export_pipelines(cfg: ToyTrainConfig, vae, te, tokenizer, unet, turbo, weigh
         trained_with = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
         meta = {"name": name, "family": "toyworld", "defaults": defaults, "trained_with": trained_with,
                 "resolution": 64, "description": "atelier's toy-world model (docs/toyworld.md), trained on CPU"}
-        if (Path(weights_dir) / "toyworld-ip").is_dir():
-            meta["ip_adapter"] = "toyworld-ip"
+        adapter = own_adapter(name, weights_dir)
+        if adapter:
+            meta["ip_adapter"] = adapter
         out = save_model_folder(pipe, Path(weights_dir) / name, files={"atelier.json": json.dumps(meta, indent=2, default=str)})
         paths[name] = str(out)
     return paths
@@ -820,7 +824,7 @@ def train_all(cfg: ToyTrainConfig, stages=("vae", "text", "unet", "turbo", "taes
 # ---------------------------------------------------------------- stages 5 and 6: clip, ip
 
 def train_eyes(cfg: ToyTrainConfig, stages, weights_dir: Path) -> dict:
-    """toyworld-clip, then toyworld-ip for the exported `toyworld` (named by both toy models)."""
+    """toyworld-clip, then toyworld-ip for the exported `toyworld` and toyworld-turbo-ip for `toyworld-turbo`."""
     from atelier.errors import UserError
     from atelier.train.ip_adapter import IPAdapterConfig, train_ip_adapter
     from atelier.train.toyworld_clip import ClipTrainConfig, export_clip, export_vision_tower, train_clip
@@ -839,30 +843,46 @@ def train_eyes(cfg: ToyTrainConfig, stages, weights_dir: Path) -> dict:
     if "ip" not in stages:
         return paths
     vision = export_vision_tower(clip, out / "clip" / "vision")
-    summary = train_ip_adapter(IPAdapterConfig(
-        pretrained_model_name_or_path=str(base), image_encoder_path=str(vision), output_dir=str(out / "ip"),
-        train_batch_size=cfg.ip_batch, learning_rate=cfg.ip_lr, max_train_steps=cfg.ip_steps,
-        text_drop_rate=cfg.ip_text_drop, image_proj=cfg.ip_image_proj,
-        checkpointing_steps=cfg.checkpoint_every, validation_steps=cfg.eval_every, num_validation_images=cfg.eval_images,
-        mixed_precision=cfg.mixed_precision, seed=cfg.seed,
-        **{name: getattr(cfg, name) for name in SPEED_FIELDS}))
+    recipe = dict(image_encoder_path=str(vision), train_batch_size=cfg.ip_batch, learning_rate=cfg.ip_lr,
+                  text_drop_rate=cfg.ip_text_drop, image_proj=cfg.ip_image_proj,
+                  checkpointing_steps=cfg.checkpoint_every, validation_steps=cfg.eval_every,
+                  num_validation_images=cfg.eval_images, mixed_precision=cfg.mixed_precision, seed=cfg.seed,
+                  **{name: getattr(cfg, name) for name in SPEED_FIELDS})
+    summary = train_ip_adapter(IPAdapterConfig(pretrained_model_name_or_path=str(base), output_dir=str(out / "ip"),
+                                               max_train_steps=cfg.ip_steps, **recipe))
     paths["toyworld-ip"] = str(ship_adapter(Path(summary["final"]), weights_dir))
+    turbo = weights_dir / "toyworld-turbo"
+    if cfg.ip_turbo_steps and (turbo / "model_index.json").is_file():
+        summary = train_ip_adapter(IPAdapterConfig(
+            pretrained_model_name_or_path=str(turbo), output_dir=str(out / "ip-turbo"),
+            pretrained_ip_adapter_path=paths["toyworld-ip"], max_train_steps=cfg.ip_turbo_steps,
+            train_timesteps=TURBO_TIMESTEPS, **recipe))
+        paths["toyworld-turbo-ip"] = str(ship_adapter(Path(summary["final"]), weights_dir, "toyworld-turbo-ip"))
     return paths
 
 
-def ship_adapter(final: Path, weights_dir: Path) -> Path:
-    """Copy a trained adapter folder to weights_dir/toyworld-ip and make both toy models name it."""
+def own_adapter(model: str, weights_dir) -> str | None:
+    """The adapter folder beside `model` that is its own: `<model>-ip`, else toyworld's `toyworld-ip`."""
+    for name in (f"{model}-ip", "toyworld-ip"):
+        if (Path(weights_dir) / name).is_dir():
+            return name
+    return None
+
+
+def ship_adapter(final: Path, weights_dir: Path, name: str = "toyworld-ip") -> Path:
+    """Copy a trained adapter folder to weights_dir/NAME and make the toy models name their own
+    adapter (`own_adapter`): toyworld-ip for `toyworld`, toyworld-turbo-ip (once there) for the turbo."""
     import shutil
 
     from atelier.core.io import atomic_dir
 
-    with atomic_dir(weights_dir / "toyworld-ip") as tmp:
+    with atomic_dir(weights_dir / name) as tmp:
         shutil.copytree(final, tmp, dirs_exist_ok=True)
     for model in ("toyworld", "toyworld-turbo"):
         info = weights_dir / model / "atelier.json"
         if info.is_file():
             meta = json.loads(info.read_text(encoding="utf-8"))
-            meta["ip_adapter"] = "toyworld-ip"
+            meta["ip_adapter"] = own_adapter(model, weights_dir)
             with atomic_open(info, "w", encoding="utf-8") as f:
                 f.write(json.dumps(meta, indent=2))
-    return weights_dir / "toyworld-ip"
+    return weights_dir / name
