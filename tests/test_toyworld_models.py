@@ -106,7 +106,7 @@ def test_builtin_tryon_model_dresses_toy_persons_and_keeps_the_rest():
     assert right >= 14
 
 
-# (model, its adapter, objects right of 8 per object count at least): toyworld at the target
+# Each model with its own adapter, objects right of 8 per object count at least: toyworld at the target
 # shares of 8 (90 / 75 / 55 %, rounded down; benchmarks/image_prompts.py measures 97.5 / 82.5 / 60 % on 40
 # each; the adapter before its continued training got 7 / 3 / 2 here, this one 8 / 7 / 5); toyworld-turbo
 # with its own toyworld-turbo-ip (8 / 6 / 3 here; 97.5 / 75 / 62.5 % on the benchmark's 40 each) above
