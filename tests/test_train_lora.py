@@ -350,6 +350,25 @@ def test_captioned_class_images_train_on_their_own_captions(tmp_path, models, in
     assert "1.png has no caption" in str(err.value)
 
 
+def test_a_distilled_base_trains_at_its_sampling_timesteps(tmp_path, models, instance_dir, monkeypatch):
+    """--train_timesteps 999,749,499,249: every instance and class sample's timestep is one of the list
+    (a Turbo model is only run there), and settings.json records it."""
+    seen = []
+    real = weighting.training_timesteps
+
+    def recording(*args, **kwargs):
+        t = real(*args, **kwargs)
+        seen.extend(int(v) for v in t)
+        return t
+
+    monkeypatch.setattr(weighting, "training_timesteps", recording)
+    cfg = _cfg(tmp_path, models["sd1"], instance_dir, train_timesteps="999,749,499,249", max_train_steps=3)
+    train_lora(cfg)
+    assert len(seen) == 6 and set(seen) <= {999, 749, 499, 249}
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert settings["options"]["train_timesteps"] == [999, 749, 499, 249]
+
+
 def replace_output(cfg, folder):
     from dataclasses import replace
 
@@ -388,6 +407,9 @@ def test_cached_latents_with_caption_shuffle_encode_each_image_once_and_captions
     (["--instance_data_dir", "{data}", "--with_prior_preservation"], "needs --class_data_dir"),
     (["--instance_data_dir", "{data}", "--snr_gamma", "5", "--do_edm_style_training"], "--snr_gamma does not apply"),
     (["--instance_data_dir", "{data}", "--optimizer", "prodigy"], "needs the prodigyopt package"),
+    (["--instance_data_dir", "{data}", "--train_timesteps", "999,abc"], "not a comma-separated list of timesteps"),
+    (["--instance_data_dir", "{data}", "--train_timesteps", "999", "--do_edm_style_training"],
+     "--train_timesteps does not apply"),
 ])
 def test_train_lora_refuses_in_one_line(args, words, tmp_path, instance_dir, capsys, monkeypatch):
     import sys

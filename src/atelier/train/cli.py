@@ -277,11 +277,13 @@ def run_prepare_inverter_data(args) -> int:
 
 # ---------------------------------------------------------------- IP-Adapter
 
-def timestep_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise UserError(f"--train_timesteps: not a comma-separated list of timesteps: {text!r}") from None
+def add_timestep_options(parser) -> None:
+    """--train_timesteps (a list, parsed by the trainer's config check) and --train_timesteps_share."""
+    from atelier.train.weighting import TIMESTEPS_HELP
+
+    parser.add_argument("--train_timesteps", metavar="T,T,...", help=TIMESTEPS_HELP)
+    parser.add_argument("--train_timesteps_share", type=float, default=1.0,
+                        help="with --train_timesteps: the share of samples drawn from the list, the rest uniform")
 
 
 def register_ip_adapter(sub) -> None:
@@ -322,11 +324,7 @@ def register_ip_adapter(sub) -> None:
                         "(ip-adapter-plus_sd15, tutorial_train_plus.py); full: every token of those hidden states "
                         "through an MLP (h94's full-face architecture)")
     a.add_argument("--num_tokens", type=int, default=16, help="plus: the image tokens (the Resampler's queries)")
-    a.add_argument("--train_timesteps", metavar="T,T,...",
-                   help="draw the training timesteps from this list instead of uniformly: a few-step distilled base's "
-                        "sampling timesteps (SD-Turbo / toyworld-turbo: 999,749,499,249)")
-    a.add_argument("--train_timesteps_share", type=float, default=1.0,
-                   help="with --train_timesteps: the share of samples drawn from the list, the rest uniform")
+    add_timestep_options(a)
     a.add_argument("--image_drop_rate", type=float, default=0.05, help="probability of dropping the image alone")
     a.add_argument("--text_drop_rate", type=float, default=0.05,
                    help="probability of dropping the text alone (raise it when captions describe the images fully)")
@@ -345,10 +343,7 @@ def run_ip_adapter(args) -> int:
 
     speed_cli.apply_training_numerics(args)
     keys = {f.name for f in fields(IPAdapterConfig)}
-    settings = {k: v for k, v in vars(args).items() if k in keys and v is not None}
-    if "train_timesteps" in settings:
-        settings["train_timesteps"] = timestep_list(settings["train_timesteps"])
-    cfg = IPAdapterConfig(**settings)
+    cfg = IPAdapterConfig(**{k: v for k, v in vars(args).items() if k in keys and v is not None})
     cfg.check()
     from atelier.train.ip_adapter import train_ip_adapter
 
@@ -456,6 +451,7 @@ def register_lora(sub) -> None:
     train.add_argument("--snr_gamma", type=float, help="Min-SNR-γ weighting (5.0 is usual): min(SNR,γ)/SNR for "
                                                        "epsilon, min(SNR,γ)/(SNR+1) for v-prediction")
     train.add_argument("--do_edm_style_training", action="store_true", help="the EDM formulation (Karras et al. 2022)")
+    add_timestep_options(train)
     train.add_argument("--noise_offset", type=float, default=0.0)
     train.add_argument("--max_grad_norm", type=float, default=1.0)
     train.add_argument("--use_ema", action="store_true", help="export an exponential moving average of the LoRA")

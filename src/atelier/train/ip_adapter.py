@@ -42,6 +42,7 @@ from atelier.errors import UserError
 from atelier.speed.cli import training_speed
 from atelier.train.loop import TrainLoop, lr_at, make_accelerator
 from atelier.train.options import check_all
+from atelier.train.weighting import parse_timesteps, training_timesteps
 
 WEIGHT_NAME = "ip-adapter.safetensors"
 DROP = 0.05  # the script's rate for dropping the image, the text, and both
@@ -94,9 +95,8 @@ class IPAdapterConfig:
         check_all(lambda name: f"--{name}", asdict(self), rules)
         if self.image_drop_rate + self.text_drop_rate + self.both_drop_rate > 1:
             raise UserError("--image_drop_rate + --text_drop_rate + --both_drop_rate must be at most 1")
-        if self.train_timesteps is not None and (
-                not self.train_timesteps or any(not 0 <= int(t) < 1000 for t in self.train_timesteps)):
-            raise UserError("--train_timesteps must list training timesteps between 0 and 999, e.g. 999,749,499,249")
+        if self.train_timesteps is not None:
+            self.train_timesteps = parse_timesteps(self.train_timesteps)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
         from atelier.image_prompts.adapters import NEW_KINDS
@@ -370,9 +370,8 @@ def train_ip_adapter(cfg: IPAdapterConfig) -> dict:
     scheduler_t = pipe.scheduler.config.num_train_timesteps
     toy = items is None
     defaults = _model_defaults(cfg.pretrained_model_name_or_path)
-    fixed = torch.tensor([int(t) for t in cfg.train_timesteps]) if cfg.train_timesteps else None
-    if fixed is not None and int(fixed.max()) >= scheduler_t:
-        raise UserError(f"--train_timesteps: the model trains over {scheduler_t} timesteps, not {int(fixed.max()) + 1}")
+    if cfg.train_timesteps and max(cfg.train_timesteps) >= scheduler_t:
+        raise UserError(f"--train_timesteps: the model trains over {scheduler_t} timesteps, not {max(cfg.train_timesteps) + 1}")
 
     def step(i, micro):
         seed = (cfg.seed * 1_000_003 + i * 64 + micro) % 2**31
@@ -392,11 +391,7 @@ def train_ip_adapter(cfg: IPAdapterConfig) -> dict:
             image_embeds = torch.where(dropped, encoder.null(image_embeds), image_embeds)
             hidden, pooled = den.conditioning(captions)
         noise = torch.randn(z.shape, generator=g).to(z)
-        t = torch.randint(0, scheduler_t, (len(z),), generator=g)
-        if fixed is not None:
-            pick = fixed[torch.randint(0, len(fixed), (len(z),), generator=g)]
-            t = torch.where(torch.rand(len(z), generator=g) < cfg.train_timesteps_share, pick, t)
-        t = t.to(loop.device)
+        t = training_timesteps(len(z), scheduler_t, g, cfg.train_timesteps, cfg.train_timesteps_share).to(loop.device)
         alpha, beta = den.coefficients(t)
         x_t = alpha * z + beta * noise
         pred = model(x_t, t, hidden, pooled, image_embeds.to(den.dtype))

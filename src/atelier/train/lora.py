@@ -138,6 +138,8 @@ class LoraTrainConfig:
     lr_power: float = 1.0
     snr_gamma: float | None = None
     do_edm_style_training: bool = False
+    train_timesteps: tuple[int, ...] | None = None  # a few-step distilled base's own timesteps (None: uniform)
+    train_timesteps_share: float = 1.0  # the share of samples drawn from train_timesteps, the rest uniform
     optimizer: str = "adamw"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -180,8 +182,10 @@ class LoraTrainConfig:
                      adam_beta2=dict(minimum=0, below=1), prodigy_beta3=dict(minimum=0, below=1),
                      adam_weight_decay=dict(minimum=0), adam_weight_decay_text_encoder=dict(minimum=0),
                      adam_epsilon=dict(minimum=0), max_grad_norm=dict(above=0), noise_offset=dict(minimum=0),
-                     ema_decay=dict(minimum=0, below=1))
+                     ema_decay=dict(minimum=0, below=1), train_timesteps_share=share)
         check_all(lambda name: f"--{name}", asdict(self), rules)
+        if self.train_timesteps is not None:
+            self.train_timesteps = weighting.parse_timesteps(self.train_timesteps)
         if not self.instance_data_dir:
             raise UserError("--instance_data_dir is required (a folder of images, a caption .txt beside each)")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -195,6 +199,8 @@ class LoraTrainConfig:
         if self.train_text_encoder and self.train_text_encoder_ti:
             raise UserError("give one of --train_text_encoder (LoRA on the text encoders) and --train_text_encoder_ti "
                             "(pivotal tuning), not both")
+        if self.do_edm_style_training and self.train_timesteps:
+            raise UserError("--train_timesteps does not apply to --do_edm_style_training (it draws noise levels, not timesteps)")
         if self.do_edm_style_training and self.snr_gamma is not None:
             raise UserError("--snr_gamma does not apply to --do_edm_style_training (its loss has its own weighting)")
         if self.with_prior_preservation and not self.class_data_dir:
@@ -740,7 +746,7 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
                 weight = weighting.edm_loss_weight(sigma)
             target = z.float()
         else:
-            t = torch.randint(0, steps_t, (len(z),), generator=g).to(loop.device)
+            t = weighting.training_timesteps(len(z), steps_t, g, cfg.train_timesteps, cfg.train_timesteps_share).to(loop.device)
             a = abar[t].float().sqrt().view(-1, 1, 1, 1)
             b = (1 - abar[t].float()).sqrt().view(-1, 1, 1, 1)
             x_t = (a * z.float() + b * noise.float()).to(z.dtype)

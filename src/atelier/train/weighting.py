@@ -1,6 +1,7 @@
 """How much each sample of a diffusion training batch counts: Min-SNR-γ loss weights for every prediction
-type, EDM-style (Karras et al. 2022) input scaling and loss weight, and the offset noise of
-Lin / crosslabs. Small pure functions on tensors; the trainers (train/lora.py) put them together.
+type, EDM-style (Karras et al. 2022) input scaling and loss weight, the offset noise of
+Lin / crosslabs, and which timesteps are drawn (uniform, or a few-step distilled model's own).
+Small pure functions on tensors; the trainers (train/lora.py, train/ip_adapter.py) put them together.
 
 Notation (atelier.core.prediction): x_t = alpha x0 + beta eps, alpha = sqrt(abar_t), beta = sqrt(1 - abar_t);
 SNR(t) = alpha² / beta² = abar_t / (1 - abar_t) (diffusers' `compute_snr`); in k-diffusion scaling
@@ -23,6 +24,35 @@ from __future__ import annotations
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEPS_HELP = ("draw the training timesteps from this list instead of uniformly: a few-step distilled base's "
+                  "sampling timesteps (SD-Turbo / toyworld-turbo: 999,749,499,249), the only ones it is run at")
+
+
+def training_timesteps(n: int, total: int, generator: torch.Generator, only=None, share: float = 1.0) -> torch.Tensor:
+    """n training timesteps: uniform over [0, total), or, with `only` (a few-step distilled model's
+    sampling timesteps), drawn from that list for a `share` of the samples. A distilled model's output
+    at the timesteps it was not distilled for is not the map it runs, so an adapter or LoRA trained
+    there learns to steer the wrong thing (docs/image-prompts.md, toyworld-turbo-ip)."""
+    t = torch.randint(0, total, (n,), generator=generator)
+    if only:
+        only = torch.as_tensor(only, dtype=torch.long)
+        pick = only[torch.randint(0, len(only), (n,), generator=generator)]
+        t = torch.where(torch.rand(n, generator=generator) < share, pick, t)
+    return t
+
+
+def parse_timesteps(value, flag: str = "--train_timesteps") -> tuple[int, ...]:
+    """"999,749,499,249" (or a sequence of ints) -> (999, 749, 499, 249); a UserError naming `flag` otherwise."""
+    from atelier.errors import UserError
+
+    text = value if isinstance(value, str) else ",".join(str(v) for v in value)
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"{flag}: not a comma-separated list of timesteps: {text!r}") from None
+    if not values or any(not 0 <= v < 1000 for v in values):
+        raise UserError(f"{flag} must list training timesteps between 0 and 999, e.g. 999,749,499,249")
+    return values
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
