@@ -283,6 +283,8 @@ def test_an_edm_model_trains_with_its_schedulers_preconditioning_and_refuses_snr
     model = str(save_tiny_pipeline(pipe, tmp_path / "edm"))
     with pytest.raises(UserError, match="--snr_gamma does not apply to this EDM model"):
         train_lora(_cfg(tmp_path, model, instance_dir, snr_gamma=5.0))
+    with pytest.raises(UserError, match="--train_timesteps does not apply to this EDM model"):
+        train_lora(_cfg(tmp_path, model, instance_dir, train_timesteps="999"))
     summary = train_lora(_cfg(tmp_path, model, instance_dir, max_train_steps=2))
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
 
@@ -290,6 +292,8 @@ def test_an_edm_model_trains_with_its_schedulers_preconditioning_and_refuses_snr
 def test_prior_preservation_generates_missing_class_images_reuses_them_and_resumes(tmp_path, models, instance_dir,
                                                                                    monkeypatch):
     import atelier.core.images as images
+    import atelier.generate.metadata  # noqa: F401  bound to the real save_png before it is patched here, as the
+    # generate CLI imports it by name: first imported under the patch, it would keep the dying one for later tests
 
     classes = tmp_path / "classes"
     classes.mkdir()

@@ -42,7 +42,7 @@ from atelier.errors import UserError
 from atelier.speed.cli import training_speed
 from atelier.train.loop import TrainLoop, lr_at, make_accelerator
 from atelier.train.options import check_all
-from atelier.train.weighting import parse_timesteps, training_timesteps
+from atelier.train.weighting import check_timesteps, parse_timesteps, training_timesteps
 
 WEIGHT_NAME = "ip-adapter.safetensors"
 DROP = 0.05  # the script's rate for dropping the image, the text, and both
@@ -370,8 +370,7 @@ def train_ip_adapter(cfg: IPAdapterConfig) -> dict:
     scheduler_t = pipe.scheduler.config.num_train_timesteps
     toy = items is None
     defaults = _model_defaults(cfg.pretrained_model_name_or_path)
-    if cfg.train_timesteps and max(cfg.train_timesteps) >= scheduler_t:
-        raise UserError(f"--train_timesteps: the model trains over {scheduler_t} timesteps, not {max(cfg.train_timesteps) + 1}")
+    check_timesteps(cfg.train_timesteps, scheduler_t)
 
     def step(i, micro):
         seed = (cfg.seed * 1_000_003 + i * 64 + micro) % 2**31

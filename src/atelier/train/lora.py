@@ -589,6 +589,8 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
     cfg = resolve(cfg, pipe)
     if _edm_scheduler(pipe) is not None and cfg.snr_gamma is not None:
         raise UserError("--snr_gamma does not apply to this EDM model (its loss has its own weighting)")
+    if _edm_scheduler(pipe) is not None and cfg.train_timesteps:
+        raise UserError("--train_timesteps does not apply to this EDM model (it draws noise levels, not timesteps)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     sdxl = is_sdxl_pipeline(pipe)
@@ -696,6 +698,7 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
     noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
     abar = noise_schedule.alphas_cumprod.to(loop.device)
     steps_t = noise_schedule.config.num_train_timesteps
+    weighting.check_timesteps(cfg.train_timesteps, steps_t)
     pivot = int((cfg.train_text_encoder_ti_frac if tokens else cfg.train_text_encoder_frac) * total) if trains_te else 0
 
     def encode(x):

@@ -41,6 +41,14 @@ def training_timesteps(n: int, total: int, generator: torch.Generator, only=None
     return t
 
 
+def check_timesteps(only, total: int, flag: str = "--train_timesteps") -> None:
+    """A UserError when a listed timestep is outside the model's schedule of `total` steps."""
+    from atelier.errors import UserError
+
+    if only and max(only) >= total:
+        raise UserError(f"{flag}: the model trains over {total} timesteps, not {max(only) + 1}")
+
+
 def parse_timesteps(value, flag: str = "--train_timesteps") -> tuple[int, ...]:
     """"999,749,499,249" (or a sequence of ints) -> (999, 749, 499, 249); a UserError naming `flag` otherwise."""
     from atelier.errors import UserError
