@@ -10,8 +10,10 @@ concepts    each reserved concept of the contract (the shapes `ring` and `bar`, 
             rest of the caption right (every other attribute and object).
             Targets: >= 80 % and >= 80 %, training <= 15 min per concept on this CPU.
 prior       objects right on the standard held-out captions of the base world (no token) with the
-            base model, after the ring run with the defaults, with prior preservation, and with the
-            concepts' recipe; target a drop <= 5 points with prior preservation.
+            base model, after the ring run with the defaults, with prior preservation, with the concepts'
+            recipe, and with the recipe's class loss pulled toward the frozen base model's prediction
+            (--prior_loss_target base_model) at weights 1, 4, 16 (PRIOR_VARIANTS); target a drop <= 5
+            points with prior preservation.
 ablations   the same data and steps, one change each from the defaults: DoRA, pivotal tuning, Min-SNR
             (gamma 5), Prodigy, rank 16, decoder inversion (100 steps).
 memory      real size: `train_lora` (rank 4, 128 px, batch 1) on the full-size SD 1.5 and SDXL
@@ -79,6 +81,20 @@ TURBO_TIMESTEPS = ["--train_timesteps", "999,749,499,249"]
 
 def recipe_for(model: str) -> list[str]:
     return RECIPE + (TURBO_TIMESTEPS if "turbo" in model else [])
+
+
+# The prior-drift table: the ring run without and with prior preservation, then the recipe with the class rows'
+# target the images' noise (DreamBooth's) or the frozen base model's own prediction, at growing weights.
+PRIOR_VARIANTS = {
+    "defaults": lambda model: [],
+    "prior preservation": lambda model: PRIOR_FLAGS,
+    "recipe": recipe_for,
+    "recipe, base-model target": lambda model: recipe_for(model) + ["--prior_loss_target", "base_model"],
+    "recipe, base-model target x4": lambda model: recipe_for(model) + ["--prior_loss_target", "base_model",
+                                                                          "--prior_loss_weight", "4"],
+    "recipe, base-model target x16": lambda model: recipe_for(model) + ["--prior_loss_target", "base_model",
+                                                                           "--prior_loss_weight", "16"],
+}
 
 
 def write_instance_data(concept: str, folder: Path) -> Path:
@@ -227,7 +243,7 @@ def memory_rows(archs, threads: int) -> list[str]:
 
 
 def run_dir(work: Path, model: str, concept: str, variant: str) -> Path:
-    return work / "runs" / f"{model}-{concept}-{variant.replace(' ', '-')}"
+    return work / "runs" / f"{model}-{concept}-{variant.replace(',', '').replace(' ', '-')}"
 
 
 def main(argv=None) -> int:
@@ -292,21 +308,26 @@ def main(argv=None) -> int:
 
     if "prior" not in skip:
         model, concept = args.ablation_model, args.ablation_concept
-        rows = [("base model", trained_pipeline(model, None))]
-        for variant, flags in (("defaults", []), ("prior preservation", PRIOR_FLAGS), ("recipe", recipe_for(model))):
-            out, pipe, _, _ = concept_row(model, concept, variant, flags)
-            rows.append((f"+ {concept} LoRA ({variant})", pipe))
+        rows = [("base model", trained_pipeline(model, None), None)]
+        for variant, flags in PRIOR_VARIANTS.items():
+            _, pipe, _, scores = concept_row(model, concept, variant, flags(model))
+            rows.append((f"+ {concept} LoRA ({variant})", pipe, scores))
         base = None
-        lines = [f"{'':<40} {'objects right':>14} {'vs base':>8}", "-" * 64]
-        for name, pipe in rows:
+        lines = [f"{'':<44} {'concept right':>14} {'rest right':>11} {'objects right':>14} {'vs base':>8}", "-" * 95]
+        for name, pipe, scores in rows:
             acc = prior_score(pipe, args.prior)
             base = acc if base is None else base
-            lines.append(f"{name:<40} {100 * acc:13.1f}% {100 * (acc - base):+8.1f}")
+            taught = (f"{100 * scores['concept_right']:13.1f}% {100 * scores['rest_right']:10.1f}%" if scores
+                      else f"{'':>14} {'':>11}")
+            lines.append(f"{name:<44} {taught} {100 * acc:13.1f}% {100 * (acc - base):+8.1f}")
         sections.append(("lora-prior", f"LoRA: prior drift ({model}, {concept})", lines,
                          f"Objects right on {args.prior} standard held-out captions of the base world (1/2/3 objects, "
-                         f"no token). Prior preservation: {CLASS_IMAGES} class images the base model drew from random "
-                         "base captions, each with its caption file; recipe: the concepts' (prior preservation and pivotal tuning of "
-                         "`sks` as one new token). Target (issue 14): a drop <= 5 points with prior preservation."))
+                         f"no token), and the concept's {args.held_out} held-out captions for what each run learnt. Prior "
+                         f"preservation: {CLASS_IMAGES} class images the base model drew from random base captions, each "
+                         "with its caption file; recipe: the concepts' (prior preservation and pivotal tuning of `sks` as "
+                         "one new token); base-model target: `--prior_loss_target base_model` (the class rows pulled toward "
+                         "the frozen base model's prediction) at the `--prior_loss_weight` named. Target (issue 14): a drop "
+                         "<= 5 points with prior preservation."))
 
     if "ablations" not in skip:
         model, concept = args.ablation_model, args.ablation_concept

@@ -3,6 +3,7 @@ includes, and the LEDITS++ baseline's reconstruction. Run: pytest benchmarks/tes
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -245,8 +246,13 @@ def test_lora_benchmark_runs_small_and_reuses_finished_runs(tmp_path, capsys):
         lora.CLASS_IMAGES = 100
     out = capsys.readouterr().out
     assert "toyworld-turbo  ring" in out and "+ ring LoRA (prior preservation)" in out
+    assert "+ ring LoRA (recipe, base-model target x16)" in out
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert runs == ["toyworld-turbo-ring-defaults", "toyworld-turbo-ring-prior-preservation", "toyworld-turbo-ring-recipe"]
+    assert runs == ["toyworld-turbo-ring-defaults", "toyworld-turbo-ring-prior-preservation", "toyworld-turbo-ring-recipe",
+                    "toyworld-turbo-ring-recipe-base-model-target", "toyworld-turbo-ring-recipe-base-model-target-x16",
+                    "toyworld-turbo-ring-recipe-base-model-target-x4"]
+    settings = json.loads((tmp_path / "runs" / runs[5] / "settings.json").read_text())["options"]
+    assert settings["prior_loss_target"] == "base_model" and settings["prior_loss_weight"] == 4
     assert sorted(p.name for p in (tmp_path / "class-toyworld-turbo").glob("*.txt")) == ["class-00000.txt", "class-00001.txt"]
     stamp = (tmp_path / "runs" / runs[2] / "bench.json").stat().st_mtime_ns  # the concept run (the recipe)
     assert lora.main([*argv, "--skip", "prior,ablations,memory"]) == 0

@@ -373,6 +373,61 @@ def test_a_distilled_base_trains_at_its_sampling_timesteps(tmp_path, models, ins
     assert settings["options"]["train_timesteps"] == [999, 749, 499, 249]
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_adapters_off_is_the_base_model_and_leaves_training_as_it_was(use_dora):
+    from peft import LoraConfig
+
+    pipe = tiny_pipeline("sd1")
+    ids = [lora_mod.tokenize(pipe.tokenizer, ["a red circle", "a blue square"])]
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    bare = lora_mod.LoraTrainee(pipe.unet, [pipe.text_encoder], sdxl=False, te_lora=False, tokens=None)
+    with torch.no_grad():
+        base = bare(x, t, ids)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, use_dora=use_dora, init_lora_weights=False,
+                                     target_modules=targets))  # random B: the adapter changes the output
+    lora_mod.add_text_encoder_lora(pipe.text_encoder, LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                                                 target_modules=lora_mod.TEXT_TARGETS))
+    trainee = lora_mod.LoraTrainee(pipe.unet, [pipe.text_encoder], sdxl=False, te_lora=True, tokens=None)
+    next(p for p in pipe.text_encoder.parameters() if p.requires_grad).requires_grad_(False)  # as after the pivot
+    flags = [p.requires_grad for p in trainee.parameters()]
+    with torch.no_grad():
+        adapted = trainee(x, t, ids)
+        with lora_mod.adapters_off(trainee):
+            off = trainee(x, t, ids)
+        again = trainee(x, t, ids)
+    assert (adapted - base).abs().max() > 1e-3
+    torch.testing.assert_close(off, base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, adapted, rtol=0, atol=0)
+    assert [p.requires_grad for p in trainee.parameters()] == flags
+
+
+@pytest.mark.parametrize("target", ["images", "base_model"])
+def test_prior_loss_target(target, tmp_path, models, instance_dir, monkeypatch):
+    """--prior_loss_target base_model: the class rows are pulled toward the frozen base model's prediction, so
+    the prior loss is zero until the adapter changes the model (and the instance loss is untouched);
+    'images' (DreamBooth's) pulls them toward the noise, which no model predicts exactly."""
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    for i, caption in enumerate(["a red circle", "a blue square"]):
+        Image.fromarray(np.full((16, 16, 3), 60 * i + 30, np.uint8)).save(classes / f"{i}.png")
+        (classes / f"{i}.txt").write_text(caption)
+    losses = []
+    real = weighting.weighted_mse
+    monkeypatch.setattr(weighting, "weighted_mse", lambda *a, **k: (losses.append(float(real(*a, **k).detach())), real(*a, **k))[1])
+    cfg = _cfg(tmp_path, models["sd2"], instance_dir, with_prior_preservation=True, class_data_dir=str(classes),
+               num_class_images=2, max_train_steps=3, prior_loss_target=target)
+    train_lora(cfg)
+    instance, prior = losses[0::2], losses[1::2]
+    assert len(prior) == 3 and all(v > 0 for v in instance)
+    if target == "base_model":
+        assert prior[0] < 1e-10 and prior[1] > 1e-8 and prior[2] > 1e-8  # the LoRA starts as the identity, then drifts
+    else:
+        assert min(prior) > 1e-3
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert settings["options"]["prior_loss_target"] == target
+
+
 def replace_output(cfg, folder):
     from dataclasses import replace
 
@@ -409,6 +464,7 @@ def test_cached_latents_with_caption_shuffle_encode_each_image_once_and_captions
     (["--instance_data_dir", "{data}", "--train_text_encoder_ti_frac", "1.5"], "--train_text_encoder_ti_frac must be"),
     (["--instance_data_dir", "{data}", "--train_text_encoder", "--train_text_encoder_ti"], "not both"),
     (["--instance_data_dir", "{data}", "--with_prior_preservation"], "needs --class_data_dir"),
+    (["--instance_data_dir", "{data}", "--prior_loss_target", "teacher"], "--prior_loss_target must be images or base_model"),
     (["--instance_data_dir", "{data}", "--snr_gamma", "5", "--do_edm_style_training"], "--snr_gamma does not apply"),
     (["--instance_data_dir", "{data}", "--optimizer", "prodigy"], "needs the prodigyopt package"),
     (["--instance_data_dir", "{data}", "--train_timesteps", "999,abc"], "not a comma-separated list of timesteps"),

@@ -13,7 +13,7 @@ from pathlib import Path
 from atelier.cli import HelpWithDefaults
 from atelier.errors import UserError
 from atelier.speed import cli as speed_cli
-from atelier.train.options import LR_SCHEDULERS, check_same_settings
+from atelier.train.options import LR_SCHEDULERS, PRIOR_TARGETS, check_same_settings
 
 STAGES = ("vae", "text", "unet", "turbo", "taesd", "clip", "ip")
 # What each stage needs trained (or resumed) first. taesd starts from the exported toyworld-turbo,
@@ -392,6 +392,9 @@ def register_lora(sub) -> None:
                                                "--num_class_images are there)")
     data.add_argument("--class_prompt", help="the caption of the class images (and the prompt that generates them)")
     data.add_argument("--prior_loss_weight", type=float, default=1.0)
+    data.add_argument("--prior_loss_target", default="images", metavar="{" + ",".join(PRIOR_TARGETS) + "}",
+                      help="what the class images' loss pulls toward: images (DreamBooth: the noise added to them) or "
+                           "base_model (the frozen base model's own prediction on the same noisy latents, adapters off)")
     data.add_argument("--num_class_images", type=int, default=100)
     data.add_argument("--resolution", type=int, help="training size (default (model): its native size)")
     data.add_argument("--center_crop", action="store_true", help="crop centred (default: at a seeded random place)")

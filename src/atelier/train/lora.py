@@ -16,8 +16,9 @@ The loss is the model's own diffusion loss (epsilon or v-prediction target, atel
 uniform timesteps, optionally Min-SNR-γ weighted (--snr_gamma, train/weighting.py: min(SNR, γ)/SNR for
 epsilon, min(SNR, γ)/(SNR + 1) for v-prediction), or EDM-style (--do_edm_style_training); with prior
 preservation, class images (generated with the base model when too few exist) add prior_loss_weight × their
-loss. SDXL is conditioned on both text encoders, the pooled embedding and time ids from each image's
-original size, crop and target size.
+loss, toward the noise that made their noisy latents (DreamBooth's) or, with --prior_loss_target base_model,
+toward the frozen base model's own prediction there (the adapters switched off). SDXL is conditioned on both
+text encoders, the pooled embedding and time ids from each image's original size, crop and target size.
 
 The run goes through atelier's TrainLoop (accelerate: mixed precision, gradient accumulation, clipping,
 `accelerate launch` multi-GPU; exact resume from `checkpoint-<step>` folders after a kill). Outputs in
@@ -52,7 +53,7 @@ from atelier.train.dreambooth_data import (DreamBoothData, Item, LatentCache, ba
                                            class_items, make_bucket_resolutions, pixels, place, read_instance_folder,
                                            replace_tokens, time_ids)
 from atelier.train.loop import EmaState, TrainLoop, lr_schedule, make_accelerator, numbered_checkpoints
-from atelier.train.options import LR_SCHEDULERS, check_all, check_same_settings
+from atelier.train.options import LR_SCHEDULERS, PRIOR_TARGETS, check_all, check_same_settings
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # the advanced scripts' default
@@ -93,6 +94,7 @@ class LoraTrainConfig:
     class_prompt: str | None = None
     with_prior_preservation: bool = False
     prior_loss_weight: float = 1.0
+    prior_loss_target: str = "images"  # or "base_model": the frozen base model's prediction on the class latents
     num_class_images: int = 100
     output_dir: str = "lora-dreambooth-model"
     logging_dir: str = "logs"
@@ -203,6 +205,8 @@ class LoraTrainConfig:
             raise UserError("--train_timesteps does not apply to --do_edm_style_training (it draws noise levels, not timesteps)")
         if self.do_edm_style_training and self.snr_gamma is not None:
             raise UserError("--snr_gamma does not apply to --do_edm_style_training (its loss has its own weighting)")
+        if self.prior_loss_target not in PRIOR_TARGETS:
+            raise UserError(f"--prior_loss_target must be {' or '.join(PRIOR_TARGETS)}, not {self.prior_loss_target!r}")
         if self.with_prior_preservation and not self.class_data_dir:
             raise UserError("--with_prior_preservation needs --class_data_dir (and --class_prompt unless every class "
                             "image there has a caption file)")
@@ -732,31 +736,46 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
             add_time_ids = torch.tensor(rows, device=loop.device, dtype=loop.weight_dtype)
         noise = weighting.offset_noise(torch.randn(z.shape, generator=g), cfg.noise_offset, g).to(z)
         trainee.te_trains = trains_te and i < pivot
+        n = len(batch.items)
         if edm_style:
             index = torch.randint(0, steps_t, (len(z),), generator=g)
             if edm is not None:  # an EDM model: its scheduler's preconditioning
                 sigma = edm.sigmas[index].to(loop.device).view(-1, 1, 1, 1)
                 x = z.float() + sigma * noise.float()
-                pred = model(edm.precondition_inputs(x, sigma).to(z.dtype), edm.timesteps[index].to(loop.device), ids,
-                             add_time_ids)
-                pred, weight = edm.precondition_outputs(x, pred.float(), sigma), None  # the denoised x0
+                inputs = (edm.precondition_inputs(x, sigma).to(z.dtype), edm.timesteps[index].to(loop.device))
+                weight = None
+
+                def output(raw, s):  # the denoised x0
+                    return edm.precondition_outputs(x[s], raw.float(), sigma[s])
             else:  # a variance-preserving model in EDM form (the advanced scripts' --do_edm_style_training)
                 t = index.to(loop.device)
                 sigma = weighting.sigma_of(abar, t).view(-1, 1, 1, 1)
                 x = z.float() + sigma * noise.float()
-                pred = model((x * weighting.edm_input_scale(sigma)).to(z.dtype), t, ids, add_time_ids)
-                pred = denoised_from_sigma(pred.float(), x, sigma, prediction)  # the denoised x0
+                inputs = ((x * weighting.edm_input_scale(sigma)).to(z.dtype), t)
                 weight = weighting.edm_loss_weight(sigma)
+
+                def output(raw, s):  # the denoised x0
+                    return denoised_from_sigma(raw.float(), x[s], sigma[s], prediction)
             target = z.float()
         else:
             t = weighting.training_timesteps(len(z), steps_t, g, cfg.train_timesteps, cfg.train_timesteps_share).to(loop.device)
             a = abar[t].float().sqrt().view(-1, 1, 1, 1)
             b = (1 - abar[t].float()).sqrt().view(-1, 1, 1, 1)
-            x_t = (a * z.float() + b * noise.float()).to(z.dtype)
-            pred = model(x_t, t, ids, add_time_ids)
+            inputs = ((a * z.float() + b * noise.float()).to(z.dtype), t)
             target = model_target(z.float(), noise.float(), a, b, prediction)
             weight = weighting.min_snr_weight(weighting.snr_of(abar, t), cfg.snr_gamma, prediction) if cfg.snr_gamma else None
-        n = len(batch.items)
+
+            def output(raw, s):
+                return raw
+
+        def predict(m, s=slice(None)):
+            return output(m(inputs[0][s], inputs[1][s], [row[s] for row in ids],
+                            None if add_time_ids is None else add_time_ids[s]), s)
+
+        pred = predict(model)
+        if batch.classes and cfg.prior_loss_target == "base_model":
+            with torch.no_grad(), accelerator.autocast(), adapters_off(trainee):  # the class rows' target: the base model's
+                target = torch.cat([target[:n], predict(trainee, slice(n, None)).float()])
         w = (lambda s: None if weight is None else weight[s])
         instance = weighting.weighted_mse(pred[:n], target[:n], w(slice(0, n)))
         if not batch.classes:
@@ -805,6 +824,26 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
                        example=cfg.validation_prompt or items[0].caption)
     done = loop.finish({**summary, **files})
     return {**done, "lora": str(out / WEIGHT_NAME)}
+
+
+@contextlib.contextmanager
+def adapters_off(trainee: LoraTrainee):
+    """Within: the base model alone. Every peft adapter layer of the UNet and text encoders is switched off,
+    and the new token rows are unused by captions without them; which parameters train is restored after
+    (peft's enable_adapters changes requires_grad)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in trainee.modules() if isinstance(m, BaseTunerLayer)]
+    trains = [(p, p.requires_grad) for p in trainee.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in trains:
+            p.requires_grad_(flag)
 
 
 class _averaged:

@@ -11,6 +11,8 @@ from atelier.errors import UserError
 
 # diffusers' get_scheduler names (train.loop.lr_schedule)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+# train lora --prior_loss_target: the class images' noise (DreamBooth) or the frozen base model's prediction
+PRIOR_TARGETS = ("images", "base_model")
 
 
 def check_number(flag: str, value, *, integer: bool = False, minimum=None, above=None, maximum=None, below=None) -> None:
