@@ -402,8 +402,8 @@ def test_adapters_off_is_the_base_model_and_leaves_training_as_it_was(use_dora):
     assert [p.requires_grad for p in trainee.parameters()] == flags
 
 
-@pytest.mark.parametrize("target", ["images", "base_model"])
-def test_prior_loss_target(target, tmp_path, models, instance_dir, monkeypatch):
+@pytest.mark.parametrize("target, edm_style", [("images", False), ("base_model", False), ("base_model", True)])
+def test_prior_loss_target(target, edm_style, tmp_path, models, instance_dir, monkeypatch):
     """--prior_loss_target base_model: the class rows are pulled toward the frozen base model's prediction, so
     the prior loss is zero until the adapter changes the model (and the instance loss is untouched);
     'images' (DreamBooth's) pulls them toward the noise, which no model predicts exactly."""
@@ -416,7 +416,7 @@ def test_prior_loss_target(target, tmp_path, models, instance_dir, monkeypatch):
     real = weighting.weighted_mse
     monkeypatch.setattr(weighting, "weighted_mse", lambda *a, **k: (losses.append(float(real(*a, **k).detach())), real(*a, **k))[1])
     cfg = _cfg(tmp_path, models["sd2"], instance_dir, with_prior_preservation=True, class_data_dir=str(classes),
-               num_class_images=2, max_train_steps=3, prior_loss_target=target)
+               num_class_images=2, max_train_steps=3, prior_loss_target=target, do_edm_style_training=edm_style)
     train_lora(cfg)
     instance, prior = losses[0::2], losses[1::2]
     assert len(prior) == 3 and all(v > 0 for v in instance)
