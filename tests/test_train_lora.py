@@ -208,6 +208,21 @@ def test_sd2_pivotal_tuning_trains_only_the_new_rows_for_their_share_of_the_step
     assert sorted(p.name for p in (out / "validation").glob("*.png")) == ["step_000002.png", "step_000004.png"]
 
 
+def test_ti_warmup_trains_the_new_tokens_alone_then_the_lora(tmp_path, models, instance_dir):
+    train_lora(_cfg(tmp_path, models["sd1"], instance_dir, train_text_encoder_ti=True, ti_warmup_steps=2,
+                    train_text_encoder_ti_frac=1.0, initializer_concept="red"))
+    out = tmp_path / "out"
+    pipe = tiny_pipeline("sd1")
+    red = pipe.text_encoder.get_input_embeddings().weight.detach()[pipe.tokenizer("red", add_special_tokens=False).input_ids]
+    warm, final = (read_state(out / f"checkpoint-{k}" / "training_state.safetensors")["lora"] for k in (2, 4))
+    ups = [k for k in warm if "lora_B" in k]
+    assert ups and all(torch.count_nonzero(warm[k]) == 0 for k in ups)  # the LoRA has not moved (B starts at zero)
+    assert any(torch.count_nonzero(final[k]) > 0 for k in ups)  # and trains after the warm-up
+    assert (warm["tokens.0"] - red[:1]).abs().max() > 1e-3  # the new rows trained during the warm-up (from "red")
+    assert not torch.equal(warm["tokens.0"], final["tokens.0"])  # and go on training (frac 1.0)
+    assert json.loads((out / "settings.json").read_text())["options"]["ti_warmup_steps"] == 2
+
+
 def test_sdxl_lora_of_the_unet_and_both_text_encoders_loads_in_diffusers(tmp_path, models, instance_dir):
     from diffusers import StableDiffusionXLPipeline
 
@@ -463,6 +478,8 @@ def test_cached_latents_with_caption_shuffle_encode_each_image_once_and_captions
     (["--instance_data_dir", "{data}", "--learning_rate", "nan"], "--learning_rate must be"),
     (["--instance_data_dir", "{data}", "--train_text_encoder_ti_frac", "1.5"], "--train_text_encoder_ti_frac must be"),
     (["--instance_data_dir", "{data}", "--train_text_encoder", "--train_text_encoder_ti"], "not both"),
+    (["--instance_data_dir", "{data}", "--ti_warmup_steps", "2"], "--ti_warmup_steps trains the new tokens alone first"),
+    (["--instance_data_dir", "{data}", "--ti_warmup_steps", "-1", "--train_text_encoder_ti"], "--ti_warmup_steps must be"),
     (["--instance_data_dir", "{data}", "--with_prior_preservation"], "needs --class_data_dir"),
     (["--instance_data_dir", "{data}", "--prior_loss_target", "teacher"], "--prior_loss_target must be images or base_model"),
     (["--instance_data_dir", "{data}", "--snr_gamma", "5", "--do_edm_style_training"], "--snr_gamma does not apply"),

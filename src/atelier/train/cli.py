@@ -426,6 +426,9 @@ def register_lora(sub) -> None:
     adapter.add_argument("--train_text_encoder_frac", type=float, default=1.0, help="share of the steps it trains")
     adapter.add_argument("--train_text_encoder_ti", action="store_true", help="pivotal tuning (new tokens)")
     adapter.add_argument("--train_text_encoder_ti_frac", type=float, default=0.5, help="share of the steps they train")
+    adapter.add_argument("--ti_warmup_steps", type=int, default=0, metavar="N",
+                         help="the first N steps train only the new tokens' embeddings, the LoRA after them "
+                              "(Break-A-Scene's first phase; counted in --max_train_steps)")
     adapter.add_argument("--token_abstraction", default="TOK",
                          help="the identifier(s) in the captions, comma-separated, replaced by new tokens")
     adapter.add_argument("--num_new_tokens_per_abstraction", type=int, help="new tokens per identifier (default 2)")

@@ -114,6 +114,7 @@ class LoraTrainConfig:
     train_text_encoder_frac: float = 1.0
     train_text_encoder_ti: bool = False
     train_text_encoder_ti_frac: float = 0.5
+    ti_warmup_steps: int = 0  # the first steps train the new tokens alone (Break-A-Scene's first phase)
     token_abstraction: str = "TOK"
     num_new_tokens_per_abstraction: int | None = None
     initializer_concept: str | None = None
@@ -176,7 +177,7 @@ class LoraTrainConfig:
             "checkpointing_steps", "checkpoints_total_limit", "gradient_accumulation_steps", "lr_num_cycles",
             "num_new_tokens_per_abstraction", "validation_epochs", "validation_steps", "threads",
             "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")}
-        rules.update(seed=whole, keep_tokens=whole, decoder_inversion_steps=whole, lr_warmup_steps=whole, num_validation_images=whole,
+        rules.update(seed=whole, keep_tokens=whole, decoder_inversion_steps=whole, ti_warmup_steps=whole, lr_warmup_steps=whole, num_validation_images=whole,
                      resolution=dict(integer=True, minimum=8), prior_loss_weight=dict(minimum=0),
                      train_text_encoder_frac=share, train_text_encoder_ti_frac=share, lora_dropout=dict(minimum=0, below=1),
                      lora_alpha=dict(above=0), learning_rate=dict(above=0), text_encoder_lr=dict(above=0),
@@ -201,6 +202,8 @@ class LoraTrainConfig:
         if self.train_text_encoder and self.train_text_encoder_ti:
             raise UserError("give one of --train_text_encoder (LoRA on the text encoders) and --train_text_encoder_ti "
                             "(pivotal tuning), not both")
+        if self.ti_warmup_steps and not self.train_text_encoder_ti:
+            raise UserError("--ti_warmup_steps trains the new tokens alone first: it needs --train_text_encoder_ti")
         if self.do_edm_style_training and self.train_timesteps:
             raise UserError("--train_timesteps does not apply to --do_edm_style_training (it draws noise levels, not timesteps)")
         if self.do_edm_style_training and self.snr_gamma is not None:
@@ -787,7 +790,7 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
 
     def rates(i):
         rate = cfg.learning_rate * factor(i)
-        return [rate] + ([rate if i < pivot else 0.0] if te_params else [])
+        return [0.0 if i < cfg.ti_warmup_steps else rate] + ([rate if i < pivot else 0.0] if te_params else [])
 
     def after_step():
         if tokens is not None and loop.step < pivot:  # (loop.step is the step just taken)
