@@ -10,7 +10,7 @@ against the render, with the source caption and, with the branch, the source as 
 s/edit, with its ratio to the 4-step turbo method (the best multi-step method) timed in the same run.
 
     HF_HUB_OFFLINE=1 python benchmarks/inverter_ablation.py \
-        --variant "shipped=toyworld-inverter:off" --variant "b=runs/ablation/b/stage2/final:on" \
+        --variant "shipped=toyworld-inverter:off" --variant "b=runs/ablation2/b/stage2/final:on" \
         --results benchmarks/RESULTS.md
 """
 
