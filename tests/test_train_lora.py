@@ -221,6 +221,8 @@ def test_ti_warmup_trains_the_new_tokens_alone_then_the_lora(tmp_path, models, i
     assert (warm["tokens.0"] - red[:1]).abs().max() > 1e-3  # the new rows trained during the warm-up (from "red")
     assert not torch.equal(warm["tokens.0"], final["tokens.0"])  # and go on training (frac 1.0)
     assert json.loads((out / "settings.json").read_text())["options"]["ti_warmup_steps"] == 2
+    with pytest.raises(UserError, match=r"--ti_warmup_steps 3 is more than the new tokens' share of the steps \(2 of 4"):
+        train_lora(_cfg(tmp_path / "b", models["sd1"], instance_dir, train_text_encoder_ti=True, ti_warmup_steps=3))
 
 
 def test_sdxl_lora_of_the_unet_and_both_text_encoders_loads_in_diffusers(tmp_path, models, instance_dir):

@@ -707,6 +707,9 @@ def train_lora(cfg: LoraTrainConfig) -> dict:
     steps_t = noise_schedule.config.num_train_timesteps
     weighting.check_timesteps(cfg.train_timesteps, steps_t)
     pivot = int((cfg.train_text_encoder_ti_frac if tokens else cfg.train_text_encoder_frac) * total) if trains_te else 0
+    if cfg.ti_warmup_steps > pivot:
+        raise UserError(f"--ti_warmup_steps {cfg.ti_warmup_steps} is more than the new tokens' share of the steps "
+                        f"({pivot} of {total}, --train_text_encoder_ti_frac): the steps after it would train nothing")
 
     def encode(x):
         z = vae_calls.encode(pipe.vae, x.to(loop.device), loop.weight_dtype)
