@@ -303,6 +303,7 @@ ONE_STEP_STEPS = {
                                                                outside_prompt="target", noise_release=0.0),
     "+ noise release 1 (the defaults)": {},
     "defaults, but the noise mask alone": dict(mask_from="noise", mask_threshold=0.5),
+    "defaults, one mask region (--mask-regions 1)": dict(mask_regions=1),
 }
 
 
@@ -330,7 +331,8 @@ def one_step_ablation(args) -> int:
     table = "\n".join(lines)
     print(table)
     if args.results:
-        notes = ("Each row adds one change to the row before it (the last row takes the attention away again). "
+        notes = ("Each row adds one change to the row before it (the last two rows change the defaults once more: the "
+                 "attention taken away again; only the mask's connected region with the strongest response kept). "
                  "The mask: the inverter's noise difference |F(x0, target) - F(x0, source)|, times (\"both\") the "
                  "inverter's cross-attention to the phrase holding the changed words (edit.masks.phrase_positions). "
                  "Outside the mask the generator attends to the source prompt (before) or, as in SwiftEdit's ARaM, "

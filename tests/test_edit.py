@@ -202,7 +202,7 @@ def test_bad_settings_are_refused(toyworld):
 
 
 @pytest.mark.parametrize("field, values", [
-    ("mask_dilate", [-1, 65, 1.5]), ("mask_threshold", [-0.1, 1.01, float("nan"), float("inf")]),
+    ("mask_dilate", [-1, 65, 1.5]), ("mask_regions", [-1, 65, 0.5]), ("mask_threshold", [-0.1, 1.01, float("nan"), float("inf")]),
     ("strength", [0, -0.5, 1.5, float("nan")]), ("steps", [0, 1001, 2.5]), ("guidance_scale", [-1, float("inf"), 51]),
     ("edit_scale", [float("nan"), -1]), ("keep_scale", [11]), ("seed", [-1, 2**64]), ("mask_samples", [0]),
     ("mask_t", [-1, 1000]),
@@ -331,6 +331,44 @@ def test_one_step_query_grids_of_thin_images(turbo):
         image = render_pil(parse_caption(source)).crop(box)
         result = editor.edit(image, source, source.replace("red", "blue"), EditSettings(method="one-step"))
         _check_result(result, image)
+
+
+def test_mask_regions_keep_the_strongest_connected_regions():
+    from atelier.edit.masks import binary_mask
+
+    soft = torch.zeros(8, 8)
+    soft[1:3, 1:3] = 0.7  # a weaker blob
+    soft[5:7, 4:7] = 1.0  # the strongest
+    soft[6, 0] = 0.9  # a one-cell blob, the second strongest
+    assert binary_mask(soft, 0.6, 0).sum() == 4 + 6 + 1
+    one = binary_mask(soft, 0.6, 0, regions=1)
+    assert one.sum() == 6 and one[5:7, 4:7].all()
+    two = binary_mask(soft, 0.6, 0, regions=2)
+    assert two.sum() == 7 and two[6, 0] == 1 and two[1:3, 1:3].sum() == 0
+    assert torch.equal(binary_mask(soft, 0.6, 0, regions=3), binary_mask(soft, 0.6, 0))
+    grown = binary_mask(soft, 0.6, 1, regions=1)  # grown after the choice: the dropped blobs stay out
+    assert grown[4:8, 3:8].all() and grown.sum() == 20
+
+
+@torch.no_grad()
+def test_one_step_mask_regions_one_keeps_one_region_of_the_default_mask(turbo):
+    from scipy import ndimage
+
+    editor = Editor(turbo)
+    regions = []
+    for i, case in enumerate(edit_cases(4, seed=1, partial=True)):
+        image = render_pil(case.source)
+        full = editor.edit(image, case.source_caption, case.target_caption, EditSettings(method="one-step", seed=i))
+        one = editor.edit(image, case.source_caption, case.target_caption,
+                          EditSettings(method="one-step", seed=i, mask_regions=1))
+        full_mask, one_mask = (np.asarray(r.mask) > 127 for r in (full, one))
+        assert one_mask.any() and not (one_mask & ~full_mask).any()
+        assert ndimage.label(one_mask)[1] == 1
+        regions.append(ndimage.label(full_mask)[1])
+        keep = np.asarray(one.mask) == 0  # outside its own mask each result is the source, pixel for pixel
+        assert np.array_equal(np.asarray(one.image)[keep], np.asarray(image)[keep])
+    assert max(regions) > 1  # the first case's default mask has a second blob, which one region drops
+    assert "Mask regions: 1" in one.parameters(case.source_caption, case.target_caption, "toyworld-turbo")
 
 
 def test_evaluate_sees_the_edit_methods():
@@ -482,6 +520,7 @@ def test_cli_batch_skips_finished_cases_on_rerun(tmp_path, capsys):
     (["--mask-out", "{tmp}/m.png", "--method", "img2img"], "--mask-out needs a mask"),
     (["--mask-out", "{tmp}/edited.png", "--out", "{tmp}/edited.png"], "name the same file"),
     (["--mask-dilate", "-1"], "mask_dilate (--mask-dilate) must be an integer from 0 to 64, got -1"),
+    (["--mask-regions", "-2"], "mask_regions (--mask-regions) must be an integer from 0 to 64, got -2"),
     (["--mask-threshold", "1.5"], "mask_threshold (--mask-threshold) must be a number in [0, 1], got 1.5"),
     (["--mask-threshold", "nan"], "mask_threshold"),
     (["--strength", "0"], "strength (--strength) must be a number in (0, 1]"),

@@ -69,6 +69,9 @@ def register(subparsers) -> None:
     p.add_argument("--mask-threshold", type=float,
                    help="a soft mask value in [0, 1] above which a cell is edited (default 0.5; one-step 0.6)")
     p.add_argument("--mask-dilate", type=int, default=1, help="grow the mask by this many latent cells")
+    p.add_argument("--mask-regions", type=int, default=0, metavar="N",
+                   help="keep only the mask's N connected regions with the strongest response (default 0: all; "
+                        "1 when the edit changes one object: a second blob elsewhere is then left alone)")
     p.add_argument("--no-paste-back", action="store_true", help="do not copy the source pixels back outside the mask")
     p.add_argument("--out", metavar="FILE", help="output image, .png/.jpg/.jpeg/.webp (single image; default edited.png)")
     p.add_argument("--mask-out", metavar="MASK.png", help="also write the edit mask (single image)")
@@ -88,7 +91,7 @@ def _settings(args):
 
     return check_settings(EditSettings(
         method=args.method, steps=args.steps, strength=args.strength, guidance_scale=args.guidance,
-        mask_from=args.mask_from, mask_threshold=args.mask_threshold, mask_dilate=args.mask_dilate,
+        mask_from=args.mask_from, mask_threshold=args.mask_threshold, mask_dilate=args.mask_dilate, mask_regions=args.mask_regions,
         paste_back=not args.no_paste_back, seed=args.seed, inverter=args.inverter,
         edit_scale=args.edit_scale, keep_scale=args.keep_scale, outside_prompt=args.outside_prompt,
         noise_release=args.noise_release, image_branch=args.image_branch,

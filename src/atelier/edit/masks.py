@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -163,12 +164,30 @@ def estimate_masks(den, x0: torch.Tensor, source: str, target: str, *, t: int = 
     return maps
 
 
-def binary_mask(soft: torch.Tensor, threshold: float, dilate: int = 1) -> torch.Tensor:
-    """Threshold a soft map, then grow it by `dilate` cells: (h, w) float in {0, 1}."""
-    mask = (soft >= threshold).float()[None, None]
+def binary_mask(soft: torch.Tensor, threshold: float, dilate: int = 1, regions: int = 0) -> torch.Tensor:
+    """Threshold a soft map, keep its `regions` strongest connected regions (0: all), then grow it by
+    `dilate` cells: (h, w) float in {0, 1}."""
+    mask = soft >= threshold
+    if regions:
+        mask = strongest_regions(soft, mask, regions)
+    mask = mask.float()[None, None]
     if dilate > 0:
         mask = F.max_pool2d(mask, 2 * dilate + 1, 1, dilate)
     return mask[0, 0]
+
+
+def strongest_regions(soft: torch.Tensor, mask: torch.Tensor, regions: int) -> torch.Tensor:
+    """The `regions` connected regions (4-neighbourhood) of a boolean (h, w) mask whose soft values peak
+    highest (ties: the larger first), the others cleared: an edit of one object is one region, and a
+    second, weaker blob is the mask reacting to something else."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask.cpu().numpy())
+    if count <= regions:
+        return mask
+    values = soft.detach().float().cpu().numpy()
+    ranked = sorted(range(1, count + 1), key=lambda r: (values[labels == r].max(), (labels == r).sum()), reverse=True)
+    return torch.from_numpy(np.isin(labels, ranked[:regions])).to(mask.device)
 
 
 def pixel_mask(mask: torch.Tensor, height: int, width: int, feather: int = 1) -> torch.Tensor:

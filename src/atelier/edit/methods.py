@@ -31,7 +31,7 @@ from PIL import Image
 from atelier.core.denoiser import Denoiser
 from atelier.core.images import pixels_from_image
 from atelier.edit.inversion import ddim_invert, ddim_step, ddpm_noise_maps, ddpm_step, edit_timesteps
-from atelier.edit.masks import binary_mask, estimate_masks, pixel_mask
+from atelier.edit.masks import binary_mask, estimate_masks, pixel_mask, strongest_regions
 from atelier.errors import UserError
 
 METHOD_NAMES = ("ddpm", "diffedit", "turbo", "img2img", "one-step")
@@ -48,6 +48,7 @@ class EditSettings:
     mask_from: str = "auto"  # noise, attention, both, none; auto: one-step "both", the others "noise"
     mask_threshold: float | None = None  # default: one-step 0.6, the others 0.5
     mask_dilate: int = 1
+    mask_regions: int = 0  # keep the mask's N strongest connected regions (0: all; 1: the edit is one object)
     mask_t: int = 500  # timestep at which the mask is estimated
     mask_samples: int = 4
     paste_back: bool = True
@@ -78,7 +79,8 @@ class EditResult:
         s = self.settings
         fields = {"Steps": s.steps, "Sampler": f"edit {s.method}", "CFG scale": s.guidance_scale, "Seed": s.seed,
                   "Size": f"{self.image.width}x{self.image.height}", "Model": model, "Denoising strength": s.strength,
-                  "Edit source": source, "Edit mask": f"{s.mask_from} >= {s.mask_threshold}" if s.method != "img2img" else None}
+                  "Edit source": source, "Edit mask": f"{s.mask_from} >= {s.mask_threshold}" if s.method != "img2img" else None,
+                  "Mask regions": s.mask_regions or None}
         if s.method == "one-step":
             fields.update({"Outside prompt": s.outside_prompt, "Noise release": s.noise_release})
         if self.image_branch:
@@ -88,7 +90,8 @@ class EditResult:
 
 # name: (low, high, whole numbers only, low itself excluded); a None setting means "the method's default"
 LIMITS = {"steps": (1, 1000, True, False), "strength": (0, 1, False, True), "guidance_scale": (0, 50, False, False),
-          "mask_threshold": (0, 1, False, False), "mask_dilate": (0, 64, True, False), "mask_t": (0, 999, True, False),
+          "mask_threshold": (0, 1, False, False), "mask_dilate": (0, 64, True, False),
+          "mask_regions": (0, 64, True, False), "mask_t": (0, 999, True, False),
           "mask_samples": (1, 64, True, False), "seed": (0, 2**64 - 1, True, False),
           "edit_scale": (0, 10, False, False), "keep_scale": (0, 10, False, False), "noise_release": (0, 10, False, False),
           "ip_edit_scale": (0, 10, False, False), "ip_keep_scale": (0, 10, False, False)}
@@ -248,9 +251,11 @@ class Editor:
                               attention=s.mask_from in ("attention", "both"))
         if s.mask_from == "both":
             mask = binary_mask(maps["noise"], s.mask_threshold, 0) * binary_mask(maps["attention"], s.mask_threshold, 0)
+            if s.mask_regions:
+                mask = strongest_regions(maps["noise"] * maps["attention"], mask.bool(), s.mask_regions).float()
             mask = binary_mask(mask, 0.5, s.mask_dilate)
         else:
-            mask = binary_mask(maps[s.mask_from], s.mask_threshold, s.mask_dilate)
+            mask = binary_mask(maps[s.mask_from], s.mask_threshold, s.mask_dilate, s.mask_regions)
         return mask.to(x0.device, x0.dtype)
 
     def _guided(self, hidden, pooled, s: EditSettings, pseudo: bool):

@@ -7,7 +7,8 @@
                 smoothed, normalised to [0, 1]; with mask_from "both" (the default) multiplied by the
                 inverter's cross-attention to the phrases that hold the changed words (masks.phrase_positions),
                 which keeps the mask on the object a partial caption names ("make the red circle blue"),
-                then thresholded (EditSettings.mask_threshold)
+                then thresholded (EditSettings.mask_threshold; with mask_regions, cut to its strongest
+                connected regions)
     release     inside the mask the inverted noise moves away from the inversion under the edit prompt,
                 eps_src - release * (eps_edit - eps_src): what the inverter added to hold the source's words
                 against the edit prompt is taken out (only when the edit replaces or deletes source words)
@@ -343,7 +344,7 @@ class OneStepEditor:
             attention = phrase_attention(store, self.den.pipe.tokenizer, source, target) if store is not None else None
             if attention is not None:
                 soft = normalised(soft * attention.to(soft))
-            mask = binary_mask(soft, s.mask_threshold, s.mask_dilate).to(x0.device, x0.dtype)
+            mask = binary_mask(soft, s.mask_threshold, s.mask_dilate, s.mask_regions).to(x0.device, x0.dtype)
         noise = eps_src
         if s.noise_release and s.mask_from != "none" and changed_token_positions(self.den.pipe.tokenizer, source, target)[0]:
             noise = released(eps_src, eps_edit, mask, s.noise_release)
