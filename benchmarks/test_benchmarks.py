@@ -238,7 +238,8 @@ def test_lora_benchmark_runs_small_and_reuses_finished_runs(tmp_path, capsys):
     import lora
 
     argv = ["--work", str(tmp_path), "--models", "toyworld-turbo", "--concepts", "ring", "--held-out", "2", "--prior", "2",
-            "--steps", "2", "--inversion-steps", "1", "--skip", "ablations,memory", "--threads", "1", "--ablation-model", "toyworld-turbo"]
+            "--steps", "2", "--inversion-steps", "1", "--skip", "composites,ablations,memory", "--threads", "1",
+            "--ablation-model", "toyworld-turbo"]
     lora.CLASS_IMAGES = 2
     try:
         assert lora.main(argv) == 0
@@ -255,8 +256,29 @@ def test_lora_benchmark_runs_small_and_reuses_finished_runs(tmp_path, capsys):
     assert settings["prior_loss_target"] == "base_model" and settings["prior_loss_weight"] == 4
     assert sorted(p.name for p in (tmp_path / "class-toyworld-turbo").glob("*.txt")) == ["class-00000.txt", "class-00001.txt"]
     stamp = (tmp_path / "runs" / runs[2] / "bench.json").stat().st_mtime_ns  # the concept run (the recipe)
-    assert lora.main([*argv, "--skip", "prior,ablations,memory"]) == 0
+    assert lora.main([*argv, "--skip", "composites,prior,ablations,memory"]) == 0
     assert (tmp_path / "runs" / runs[2] / "bench.json").stat().st_mtime_ns == stamp
+
+
+def test_lora_benchmark_composites_part_trains_on_the_pasted_images(tmp_path, capsys):
+    import lora
+
+    argv = ["--work", str(tmp_path), "--concepts", "bar,teal", "--held-out", "2", "--prior", "2", "--steps", "2",
+            "--skip", "concepts,prior,ablations,memory", "--threads", "1"]
+    lora.CLASS_IMAGES = 8
+    try:
+        assert lora.main(argv) == 0
+    finally:
+        lora.CLASS_IMAGES = 100
+    out = capsys.readouterr().out
+    assert "bar      recipe + token warm-up + composites" in out and "teal" not in out
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["toyworld-bar-recipe", "toyworld-bar-recipe-+-composites", "toyworld-bar-recipe-+-token-warm-up-+-composites"]
+    data = tmp_path / "data" / "bar-composites-toyworld" / "instance"
+    assert len(list(data.glob("*.png"))) == 8 + lora.COMPOSITES
+    assert all("sks" in p.read_text() for p in data.glob("composite-*.txt"))
+    settings = json.loads((tmp_path / "runs" / runs[2] / "settings.json").read_text())["options"]
+    assert settings["ti_warmup_steps"] == 1 and settings["instance_data_dir"] == str(data)
 
 
 def test_tryon_memory_step_trains_only_self_attention_or_everything():

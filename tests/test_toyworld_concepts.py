@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from atelier.testing.cli import one_error_line, run
-from atelier.toyworld import render
+from atelier.toyworld import render, render_pil
 from atelier.toyworld.concepts import CONCEPTS, held_out_examples, instance_examples, score_concept
 from atelier.toyworld.scene import Scene, ToyObject
 
@@ -73,3 +73,71 @@ def test_decoder_inversion_gives_back_a_colour_the_toy_encoder_never_learnt():
     assert all(concept_found(inverted))
     assert (inverted - encoded).pow(2).mean().sqrt() < 0.3 * encoded.pow(2).mean().sqrt()
     assert not any(p.requires_grad for p in vae.parameters())
+
+
+@pytest.mark.parametrize("concept", sorted(CONCEPTS))
+def test_composites_paste_the_instance_object_into_a_free_cell_exactly(concept):
+    import random
+
+    from atelier.toyworld.concepts import ConceptExample, composites
+    from atelier.toyworld.scene import sample_scene
+
+    instances = instance_examples(concept, 8, token="sks")
+    rng = random.Random(5)
+    scenes = [sample_scene(rng, rng.randint(1, 3)) for _ in range(40)]
+    backgrounds = [(render(s), s.caption(rng)) for s in scenes] + [(render(scenes[0]), "a photo of a cat")]
+    out = composites(instances, [render(e.scene) for e in instances], backgrounds, 16, seed=3)
+    assert len(out) == 16
+    for k, (picture, caption) in enumerate(out):
+        ex = instances[k % 8]
+        carrier = ex.scene.objects[0]
+        assert caption.split().count("sks") == 1 and ex.carrier_phrase() in caption
+        others = _phrases(caption) - {ex.carrier_phrase()}
+        background = next(s for s in scenes if {o.phrase() for o in s.objects} == others)
+        assert len(background.objects) <= 2 and carrier.cell not in {o.cell for o in background.objects}
+        union = Scene((carrier,) + background.objects)
+        # the renderer's picture of the union scene, up to rounding: the instance's own background is gone
+        assert np.abs(picture.astype(int) - render(union).astype(int)).max() <= 1
+        assert score_concept(picture, ConceptExample(union, caption, caption), concept)["match"]
+
+
+def _phrases(caption):
+    import re
+
+    return set(re.split(r", | and ", caption))
+
+
+def test_composites_refuse_when_no_background_leaves_the_cell_free():
+    from atelier.errors import UserError
+    from atelier.toyworld.concepts import composites
+
+    instances = instance_examples("bar", 1, token="sks")
+    cell = instances[0].scene.objects[0].cell
+    blocked = Scene((ToyObject("circle", "red", "small", cell),))
+    with pytest.raises(UserError, match="no background leaves"):
+        composites(instances, [render(instances[0].scene)], [(render(blocked), blocked.caption())], 1)
+
+
+def test_concept_data_cli_writes_composites(tmp_path, capsys):
+    import random
+
+    from atelier.toyworld.scene import sample_scene
+
+    backgrounds = tmp_path / "class"
+    backgrounds.mkdir()
+    rng = random.Random(0)
+    for k in range(12):
+        scene = sample_scene(rng, rng.randint(1, 2))
+        render_pil(scene).save(backgrounds / f"{k}.png")
+        (backgrounds / f"{k}.txt").write_text(scene.caption(rng) + "\n")
+    code, out, _ = run(["toyworld", "concept-data", "--concept", "bar", "--out", str(tmp_path / "d"), "--n", "4",
+                        "--composites", "6", "--backgrounds", str(backgrounds), "--json"], capsys)
+    assert code == 0 and json.loads(out)["composites"] == 6
+    pasted = sorted((tmp_path / "d" / "instance").glob("composite-*.txt"))
+    assert len(pasted) == 6 and all(p.read_text().count("sks") == 1 for p in pasted)
+    assert all(p.with_suffix(".png").is_file() for p in pasted)
+    for extra, words in ((["--composites", "2"], "needs N >= 0 and --backgrounds"),
+                         (["--composites", "2", "--backgrounds", str(tmp_path / "none")], "not a folder"),
+                         (["--composites", "2", "--backgrounds", str(tmp_path / "d")], "no 64 x 64 image with a caption")):
+        code, _, err = run(["toyworld", "concept-data", "--concept", "bar", "--out", str(tmp_path / "e"), *extra], capsys)
+        assert one_error_line(code, err) and words in err, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 
@@ -60,6 +61,11 @@ def register(subparsers) -> None:
     c.add_argument("--n", type=int, default=8, help="instance images (default 8)")
     c.add_argument("--held-out", type=int, default=50, help="held-out captions (default 50)")
     c.add_argument("--token", default="sks", help="the word that stands for the concept (default sks)")
+    c.add_argument("--composites", type=int, default=0, metavar="N",
+                   help="also write N composites: each instance's concept object pasted into a free cell of a "
+                        "--backgrounds image, captioned with both (default 0)")
+    c.add_argument("--backgrounds", metavar="DIR", help="captioned base-world images for --composites (a .txt beside "
+                                                         "each), e.g. the base model's prior-preservation class images")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.set_defaults(func=run_concept_data)
@@ -199,7 +205,9 @@ def run_concept_data(args) -> int:
     from atelier.core.images import save_png
     from atelier.core.io import atomic_write_bytes
 
-    from .concepts import check_concept, held_out_examples, instance_examples
+    from PIL import Image
+
+    from .concepts import check_concept, composites, held_out_examples, instance_examples
     from .render import render_pil
 
     check_concept(args.concept)
@@ -207,20 +215,50 @@ def run_concept_data(args) -> int:
         raise UserError("--n must be at least 1 and --held-out at least 0")
     if not args.token.strip() or len(args.token.split()) != 1:
         raise UserError(f"--token must be one word, not {args.token!r}")
+    if args.composites < 0 or (args.composites and not args.backgrounds):
+        raise UserError("--composites N needs N >= 0 and --backgrounds DIR (captioned images to paste into)")
+    backgrounds = read_backgrounds(Path(args.backgrounds)) if args.composites else []
     out = check_output_folder(args.out)
     instances = instance_examples(args.concept, args.n, args.seed, args.token)
-    for i, ex in enumerate(instances):
-        save_png(render_pil(ex.scene), out / "instance" / f"{i:03d}.png", ex.caption)
+    pictures = [render_pil(ex.scene) for ex in instances]
+    for i, (ex, picture) in enumerate(zip(instances, pictures)):
+        save_png(picture, out / "instance" / f"{i:03d}.png", ex.caption)
         atomic_write_bytes(out / "instance" / f"{i:03d}.txt", (ex.caption + "\n").encode("utf-8"))
+    pasted = composites(instances, pictures, backgrounds, args.composites, args.seed)
+    for k, (picture, caption) in enumerate(pasted):
+        save_png(Image.fromarray(picture), out / "instance" / f"composite-{k:03d}.png", caption)
+        atomic_write_bytes(out / "instance" / f"composite-{k:03d}.txt", (caption + "\n").encode("utf-8"))
     held_out = held_out_examples(args.concept, args.held_out, args.token, instances=instances)
     atomic_write_bytes(out / "held_out.jsonl", "".join(json.dumps(ex.to_dict()) + "\n" for ex in held_out).encode("utf-8"))
     if args.json:
         from atelier.cli import print_json
 
-        print_json({"out": str(out), "instance": len(instances), "held_out": len(held_out), "token": args.token})
+        print_json({"out": str(out), "instance": len(instances), "composites": len(pasted), "held_out": len(held_out),
+                    "token": args.token})
     else:
-        print(f"wrote {len(instances)} instance images to {out / 'instance'} and {len(held_out)} held-out captions to {out / 'held_out.jsonl'}")
+        more = f" and {len(pasted)} composites" if pasted else ""
+        print(f"wrote {len(instances)} instance images{more} to {out / 'instance'} and {len(held_out)} held-out captions "
+              f"to {out / 'held_out.jsonl'}")
     return 0
+
+
+def read_backgrounds(folder: Path) -> list[tuple]:
+    """(64 x 64 RGB picture, caption) of every image in `folder` with a caption .txt beside it."""
+    from atelier.core.images import open_image
+    from atelier.train.dreambooth_data import list_images, sidecar_caption
+
+    if not folder.is_dir():
+        raise UserError(f"--backgrounds {folder}: not a folder")
+    pairs = []
+    for path in list_images(folder):
+        caption = sidecar_caption(path)
+        if caption:
+            picture = np.asarray(open_image(path).convert("RGB"))
+            if picture.shape[:2] == (64, 64):
+                pairs.append((picture, caption))
+    if not pairs:
+        raise UserError(f"--backgrounds {folder}: no 64 x 64 image with a caption .txt beside it")
+    return pairs
 
 
 def run_tryon_data(args) -> int:

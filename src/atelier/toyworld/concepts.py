@@ -11,6 +11,7 @@ against the scene the token stands for."""
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from .judge import ATTRIBUTES, judge
@@ -26,6 +27,11 @@ class ConceptExample:
     scene: Scene  # what the image shows (the concept object first)
     caption: str  # the caption with the token in place of the concept's word
     true_caption: str  # the same caption with the concept's word
+
+    def carrier_phrase(self) -> str:
+        """The caption's phrase of the object that carries the concept (the token in place)."""
+        phrases, true = re.split(r", | and ", self.caption), re.split(r", | and ", self.true_caption)
+        return phrases[true.index(self.scene.objects[0].phrase())]
 
     def to_dict(self) -> dict:
         return {"caption": self.caption, "true_caption": self.true_caption,
@@ -100,3 +106,47 @@ def score_concept(image, ex: ConceptExample, concept: str) -> dict:
         else:
             rest_right &= all(entry[a] for a in ATTRIBUTES)
     return {"concept_right": concept_right, "rest_right": bool(rest_right), "match": bool(verdict.match)}
+
+
+def composites(instances: list[ConceptExample], images, backgrounds, n: int, seed: int = 0) -> list[tuple]:
+    """n composite training images, the instances in turn: each instance's concept object cut out of its
+    image and pasted into a background whose caption leaves that object's cell free (at most two objects
+    there), captioned with both, phrases in random order. `images`: the instances' pictures, (64, 64, 3)
+    uint8 each; `backgrounds`: (picture, base-world caption) pairs, e.g. the base model's own drawings of
+    base captions (the prior-preservation class images), so that a composite shows nothing the instance
+    images and the base model do not. Returns (picture, caption) pairs.
+
+    The object's pixels are the instance image's own; the renderer supplies only its coverage (where it
+    lies, anti-aliased edges included), which removes the instance's background exactly:
+    composite = instance + (background picture - BACKGROUND) * (1 - coverage) inside the object's box."""
+    import numpy as np
+
+    from atelier.errors import UserError
+
+    from .render import coverage
+    from .scene import BACKGROUND, parse_caption
+
+    parsed = []
+    for picture, caption in backgrounds:
+        try:
+            parsed.append((np.asarray(picture, dtype=np.float64)[..., :3], caption, parse_caption(caption)))
+        except (UserError, ValueError):
+            continue  # a background whose caption is not a base-world scene says nothing of its free cells
+    rng = random.Random(f"composites:{seed}")
+    out = []
+    for k in range(n):
+        index = k % len(instances)
+        ex, picture = instances[index], np.asarray(images[index], dtype=np.float64)[..., :3]
+        carrier = ex.scene.objects[0]
+        free = [p for p in parsed if len(p[2].objects) <= 2 and carrier.cell not in {o.cell for o in p[2].objects}]
+        if not free:
+            raise UserError(f"no background leaves the {carrier.cell} cell free for instance {index}: give more backgrounds")
+        base, caption, scene = rng.choice(free)
+        cov, (x0, y0, x1, y1) = coverage(carrier)
+        result = base.copy()
+        box = (slice(y0, y1 + 1), slice(x0, x1 + 1))
+        result[box] = picture[box] + (base[box] - np.asarray(BACKGROUND, dtype=np.float64)) * (1 - cov[..., None])
+        phrases = [o.phrase() for o in scene.objects] + [ex.carrier_phrase()]
+        rng.shuffle(phrases)
+        out.append((result.round().clip(0, 255).astype(np.uint8), join_phrases(phrases)))
+    return out
