@@ -260,16 +260,12 @@ def test_lora_benchmark_runs_small_and_reuses_finished_runs(tmp_path, capsys):
     assert (tmp_path / "runs" / runs[2] / "bench.json").stat().st_mtime_ns == stamp
 
 
-def test_lora_benchmark_composites_part_trains_on_the_pasted_images(tmp_path, capsys):
+def test_lora_benchmark_composites_part_trains_on_the_pasted_images(tmp_path, capsys, monkeypatch):
     import lora
 
-    argv = ["--work", str(tmp_path), "--concepts", "bar,teal", "--held-out", "2", "--prior", "2", "--steps", "2",
-            "--skip", "concepts,prior,ablations,memory", "--threads", "1"]
-    lora.CLASS_IMAGES = 8
-    try:
-        assert lora.main(argv) == 0
-    finally:
-        lora.CLASS_IMAGES = 100
+    monkeypatch.setattr(lora, "CLASS_IMAGES", 8)
+    assert lora.main(["--work", str(tmp_path), "--concepts", "bar,teal", "--held-out", "2", "--prior", "2", "--steps", "2",
+                      "--skip", "concepts,prior,ablations,memory", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "bar      recipe + token warm-up + composites" in out and "teal" not in out
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())

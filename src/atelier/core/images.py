@@ -120,3 +120,17 @@ def save_image(image, path, parameters: str) -> Path:
     with atomic_open(path, "wb") as f:
         image.save(f, format=fmt, quality=LOSSY_QUALITY, exif=exif)
     return Path(path)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # what folders of training or calibration images may hold
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def sidecar_caption(image: Path, caption_extension: str = ".txt") -> str:
+    """The caption in the file beside `image` (kohya's `.txt`), or "" when there is none."""
+    side = Path(image).with_suffix(caption_extension)
+    return side.read_text(encoding="utf-8-sig").strip() if side.is_file() else ""

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atelier.core.images import IMAGE_SUFFIXES
 from atelier.errors import UserError
 
 QUANTIZE_CHOICES = ("int8",)
@@ -40,7 +41,6 @@ GENERIC_PROMPTS = (
     "a medieval castle on a hill, oil painting", "a close-up of a green parrot",
     "a modern living room with large windows", "a cartoon robot waving",
 )
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def import_nncf():

@@ -244,8 +244,7 @@ def run_concept_data(args) -> int:
 
 def read_backgrounds(folder: Path) -> list[tuple]:
     """(64 x 64 RGB picture, caption) of every image in `folder` with a caption .txt beside it."""
-    from atelier.core.images import open_image
-    from atelier.train.dreambooth_data import list_images, sidecar_caption
+    from atelier.core.images import list_images, open_image, sidecar_caption
 
     if not folder.is_dir():
         raise UserError(f"--backgrounds {folder}: not a folder")

@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atelier.core.images import pixels_from_image
+from atelier.core.images import IMAGE_SUFFIXES, list_images, pixels_from_image, sidecar_caption
 from atelier.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # ---------------------------------------------------------------- captions
@@ -102,16 +101,6 @@ class Item:
     bucket: tuple[int, int] = (0, 0)  # (width, height) trained at
     resized: tuple[int, int] = (0, 0)  # (width, height) before the crop
     crop: tuple[int, int] = (0, 0)  # (top, left) of the crop in the resized image
-
-
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def sidecar_caption(image: Path, caption_extension: str = ".txt") -> str:
-    """The caption in the file beside `image` (kohya's `.txt`), or "" when there is none."""
-    side = image.with_suffix(caption_extension)
-    return side.read_text(encoding="utf-8-sig").strip() if side.is_file() else ""
 
 
 def read_instance_folder(folder, instance_prompt: str | None, caption_extension: str = ".txt") -> list[Item]:

@@ -42,13 +42,13 @@ import torch.nn.functional as F
 
 from atelier.edit.one_step import ADAPTER_FILE, generate, invert, recorded_adapter, with_unet
 from atelier.core import vae as vae_calls
+from atelier.core.images import IMAGE_SUFFIXES
 from atelier.core.io import atomic_open
 from atelier.errors import UserError
 from atelier.speed.cli import training_speed
 from atelier.train.loop import TrainLoop, lr_at, make_accelerator
 from atelier.train.options import check_all, check_number
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
