@@ -129,7 +129,7 @@ def composites(instances: list[ConceptExample], images, backgrounds, n: int, see
     parsed = []
     for picture, caption in backgrounds:
         try:
-            parsed.append((np.asarray(picture, dtype=np.float64)[..., :3], caption, parse_caption(caption)))
+            parsed.append((np.asarray(picture, dtype=np.float64)[..., :3], parse_caption(caption)))
         except (UserError, ValueError):
             continue  # a background whose caption is not a base-world scene says nothing of its free cells
     rng = random.Random(f"composites:{seed}")
@@ -138,10 +138,11 @@ def composites(instances: list[ConceptExample], images, backgrounds, n: int, see
         index = k % len(instances)
         ex, picture = instances[index], np.asarray(images[index], dtype=np.float64)[..., :3]
         carrier = ex.scene.objects[0]
-        free = [p for p in parsed if len(p[2].objects) <= 2 and carrier.cell not in {o.cell for o in p[2].objects}]
+        free = [(base, scene) for base, scene in parsed
+                if len(scene.objects) <= 2 and carrier.cell not in {o.cell for o in scene.objects}]
         if not free:
             raise UserError(f"no background leaves the {carrier.cell} cell free for instance {index}: give more backgrounds")
-        base, caption, scene = rng.choice(free)
+        base, scene = rng.choice(free)
         cov, (x0, y0, x1, y1) = coverage(carrier)
         result = base.copy()
         box = (slice(y0, y1 + 1), slice(x0, x1 + 1))
