@@ -13,6 +13,7 @@ edit call alone (see TIME_NOTE).
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --models toyworld --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --models toyworld-turbo --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --speed 20 --results benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/edits.py --speed 2 --real-size sd-turbo --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --leditspp-check 20 --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --partial 60 --results benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/edits.py --one-step-ablation 250 --partial 60 --results benchmarks/RESULTS.md
@@ -26,9 +27,11 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 import torch
+from PIL import Image
 
 from _results import check_command, command_line, write_section
 from atelier.edit.methods import Editor, EditSettings
@@ -170,6 +173,90 @@ def speed(args) -> int:
     if args.results:
         write_section(args.results, "edit-speed", "Edit speed (atelier.edit)", table, command_line(__file__, args.argv),
                       TIME_NOTE.format(samples=EditSettings().mask_samples))
+    return 0
+
+
+class UnetWork:
+    """Counts what an edit computes while installed: batch items through `unets` (the generator, the
+    inverter), and the seconds spent in the VAE's encode and decode."""
+
+    def __init__(self, unets, vae):
+        self.unets, self.vae = unets, vae
+        self.items, self.vae_seconds = 0, 0.0
+
+    def __enter__(self):
+        def count(module, args, kwargs):
+            self.items += (args[0] if args else kwargs["sample"]).shape[0]
+
+        self.hooks = [unet.register_forward_pre_hook(count, with_kwargs=True) for unet in self.unets]
+        self.saved = {name: getattr(self.vae, name) for name in ("encode", "decode")}
+        for name, call in self.saved.items():
+            def timed(*a, _call=call, **k):
+                started = time.perf_counter()
+                try:
+                    return _call(*a, **k)
+                finally:
+                    self.vae_seconds += time.perf_counter() - started
+            setattr(self.vae, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        for name in self.saved:
+            delattr(self.vae, name)  # the instance's wrapper goes; the class's method is back
+
+
+def real_size_speed(args) -> int:
+    """The speed comparison on a full-size architecture (atelier's bundled config, random weights): the
+    multi-step methods and the one-step method (an inverter of the generator's architecture, saved and
+    loaded as `atelier train inverter` writes one) on one pipeline, interleaved case by case. Only time
+    means anything here: the pictures of random weights are noise."""
+    import tempfile
+
+    from diffusers import UNet2DConditionModel
+
+    from _real_size import random_pipeline
+
+    pipe = random_pipeline(args.real_size)
+    editor = Editor(pipe)
+    cases = edit_cases(args.speed, seed=CASE_SEED)
+    sources = [render_pil(c.source).resize((args.size, args.size), Image.NEAREST) for c in cases]
+    with tempfile.TemporaryDirectory() as inverter:
+        UNet2DConditionModel.from_config(pipe.unet.config).save_pretrained(inverter)  # SwiftEdit: the generator's shape
+        runs = {"ddpm (25 steps x 0.8, CFG 7.5)": EditSettings(method="ddpm", guidance_scale=7.5),
+                "turbo (4 steps, noise mask)": EditSettings(method="turbo"),
+                "one-step (inverter)": EditSettings(method="one-step", image_branch="off", inverter=inverter)}
+        for settings in runs.values():  # warm-up, untimed
+            editor.edit(sources[0], cases[0].source_caption, cases[0].target_caption, settings)
+        unets = [pipe.unet, editor.one_step(inverter).inv.unet]
+        totals = {name: [0.0, 0, 0.0] for name in runs}  # seconds, UNet batch items, VAE seconds
+        for i, (case, image) in enumerate(zip(cases, sources)):
+            names = list(runs)[i % len(runs):] + list(runs)[: i % len(runs)]
+            for name in names:
+                with UnetWork(unets, pipe.vae) as work:
+                    started = time.perf_counter()
+                    editor.edit(image, case.source_caption, case.target_caption, replace(runs[name], seed=i))
+                    seconds = time.perf_counter() - started
+                totals[name][0] += seconds
+                totals[name][1] += work.items
+                totals[name][2] += work.vae_seconds
+                print(f"{name}: {seconds:.1f} s", file=sys.stderr, flush=True)
+    n = len(cases)
+    one = totals["one-step (inverter)"][0]
+    unet = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+    lines = [f"{args.real_size} architecture (atelier's bundled config, random weights, {unet:.0f} M UNet parameters), "
+             f"{args.size}x{args.size} px, fp32; {n} cases, methods interleaved case by case; torch {torch.__version__}, "
+             f"{args.threads} threads", "",
+             f"{'method':<34} {'s/edit':>8} {'x one-step':>11} {'UNet items/edit':>16} {'VAE s/edit':>11}", "-" * 84]
+    lines += [f"{name:<34} {t / n:8.2f} {t / one:11.1f} {items / n:16.0f} {vae / n:11.2f}"
+              for name, (t, items, vae) in totals.items()]
+    lines += ["", "UNet items: samples through a UNet (the generator's or the inverter's) per edit; a batch of 2 counts 2"]
+    table = "\n".join(lines)
+    print(table)
+    if args.results:
+        write_section(args.results, f"edit-speed-{args.real_size}", f"Edit speed at real size ({args.real_size})", table,
+                      command_line(__file__, args.argv), TIME_NOTE.format(samples=EditSettings().mask_samples))
     return 0
 
 
@@ -351,6 +438,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", help="write the table into this markdown file's section of this run (edits, partial edits, ...)")
     parser.add_argument("--speed", type=int, metavar="N", help="only time the multi-step and one-step methods on N cases")
+    parser.add_argument("--real-size", metavar="CONFIG",
+                        help="with --speed: time the methods on this full-size architecture (a bundled config: sd1, sd-turbo, ...; "
+                             "random weights) instead of the toy models")
+    parser.add_argument("--size", type=int, default=256, help="with --real-size: the images' side in pixels (default 256)")
     parser.add_argument("--leditspp-check", type=int, metavar="N",
                         help="only check that LEDITS++ with its edit off reconstructs N sources")
     parser.add_argument("--partial", type=int, metavar="N",
@@ -372,8 +463,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.one_step_ablation:
         return one_step_ablation(args)
+    if args.real_size and not args.speed:
+        parser.error("--real-size goes with --speed N")
+    if args.size < 8 or args.size % 8:
+        parser.error("--size takes a positive multiple of 8")
     if args.speed:
-        return speed(args)
+        return real_size_speed(args) if args.real_size else speed(args)
     if args.leditspp_check:
         return reconstruction_check(args)
     if args.partial:

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _real_size import random_pipeline
 from _results import check_command, command_line, write_section
 from atelier.core.images import save_png
 from atelier.core.io import atomic_write_bytes
@@ -224,37 +225,13 @@ def prior_score(pipe, n: int) -> float:
 # ----------------------------------------------------------------------------- real-size memory
 
 
-def full_size_pipeline(arch: str):
-    """The SD 1.5 or SDXL pipeline with random weights from atelier's bundled configs (fp32, CPU)."""
-    import diffusers
-    from importlib import resources
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from atelier.models.tokenizers import write_clip_tokenizer
-
-    config = json.loads(resources.files("atelier.models.configs").joinpath(f"{arch}.json").read_text())
-    torch.manual_seed(0)
-    tokenizer_dir = write_clip_tokenizer(tempfile.mkdtemp(prefix="clip-tokenizer-"))
-    parts = {"unet": diffusers.UNet2DConditionModel.from_config(config["unet"]),
-             "vae": diffusers.AutoencoderKL.from_config(config["vae"]),
-             "scheduler": getattr(diffusers, config["scheduler"]["_class_name"]).from_config(config["scheduler"]),
-             "text_encoder": CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
-             "tokenizer": CLIPTokenizer.from_pretrained(tokenizer_dir)}
-    if "text_encoder_2" in config:
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"]))
-        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")
-        return diffusers.StableDiffusionXLPipeline(**parts)
-    return diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                            requires_safety_checker=False)
-
-
 def memory_child(arch: str, checkpointing: bool, threads: int) -> dict:
     """One process: build the full-size pipeline, then two steps of `train_lora` on it (rank 4, 128 px)."""
     import atelier.models
     from atelier.train.lora import LoraTrainConfig, train_lora
 
     torch.set_num_threads(threads)
-    pipe = full_size_pipeline(arch)
+    pipe = random_pipeline(arch)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     atelier.models.load_pipeline = lambda *a, **k: pipe  # train_lora loads its base through atelier.models
     with tempfile.TemporaryDirectory() as tmp:

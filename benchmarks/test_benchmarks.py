@@ -122,6 +122,33 @@ def test_partial_run_of_the_one_step_method(monkeypatch):
     assert all(len(line[52:].split()) == 8 for line in rows)
 
 
+def test_real_size_speed_counts_each_methods_unet_work(monkeypatch):
+    """The real-size speed part on a tiny turbo architecture: every method a row, and the UNet work the
+    methods are made of (one-step: the inverter on source and target prompt, then one generator call;
+    turbo: 4 inversion steps, 4 mask samples on a batch of 2, 4 edit steps; ddpm: guided, each step on a batch of 2)."""
+    import _real_size
+    import edits
+    from atelier.models.loader import _record
+    from atelier.testing.tiny import tiny_pipeline
+
+    monkeypatch.setattr(_real_size, "random_pipeline", lambda name: _record(tiny_pipeline("turbo"), name, None))
+    [(path, key, title, table, command, notes)] = run_partial(
+        monkeypatch, ["--speed", "2", "--real-size", "sd-turbo", "--size", "64"])
+    assert key == "edit-speed-sd-turbo" and command.endswith("--speed 2 --real-size sd-turbo --size 64")
+    rows = {line[:34].strip(): line[34:].split() for line in table.splitlines()[4:7]}
+    assert list(rows) == ["ddpm (25 steps x 0.8, CFG 7.5)", "turbo (4 steps, noise mask)", "one-step (inverter)"]
+    assert rows["one-step (inverter)"][1] == "1.0" and float(rows["turbo (4 steps, noise mask)"][1]) > 1
+    assert rows["one-step (inverter)"][2] == "3" and rows["turbo (4 steps, noise mask)"][2] == "16"
+    assert rows["ddpm (25 steps x 0.8, CFG 7.5)"][2] == str(20 * 2 + 4 * 2 + 20 * 2)
+
+
+def test_real_size_needs_the_speed_part():
+    import edits
+
+    with pytest.raises(SystemExit):
+        edits.main(["--real-size", "sd-turbo"])
+
+
 @pytest.mark.slow
 def test_one_step_ablation_runs_every_change_on_both_case_sets(monkeypatch):
     import edits

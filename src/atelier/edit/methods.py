@@ -268,12 +268,14 @@ class Editor:
             return den.x0_eps(x.expand(len(rows), -1, -1, -1), t, h, p)[1]
 
         def source_eps(x, t):
-            if pseudo:
+            if pseudo or g == 1:  # u + 1 * (c - u) is c: no need to compute u
                 return predict(x, t, [1])
             u, c = predict(x, t, [0, 1]).chunk(2)
             return u + g * (c - u)
 
         def target_eps(x, t):
+            if g == 1:
+                return predict(x, t, [2])
             base, c = predict(x, t, [1 if pseudo else 0, 2]).chunk(2)
             return base + g * (c - base)
 
