@@ -3,6 +3,7 @@ command, refused options), the attention-rescaling processor, the shipped toywor
 (reconstruction PSNR, a colour edit the judge accepts) and `atelier edit --method one-step`."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,6 +282,24 @@ def test_one_step_edit_uses_the_adapter_its_inverter_was_trained_with(tmp_path, 
     assert main(edit + ["--out", str(tmp_path / "out2.png")]) == 2
     err = capsys.readouterr().err  # (progress bars of the model loading before it)
     assert "the inverter was trained with the IP-Adapter" in err and err.count("atelier: error:") == 1
+
+
+def test_an_adapter_from_the_built_in_weights_is_recorded_by_its_place_there(tmp_path):
+    """An inverter trained with a built-in adapter names it as "builtin:..." in its atelier.json, so the
+    inverter folder works on another machine or installation; other paths stay as they were."""
+    from atelier.edit.one_step import recordable_path, recorded_adapter
+    from atelier.models.loader import BUILTIN_DIR
+
+    weights, encoder = BUILTIN_DIR / "toyworld-turbo-ip" / "ip-adapter.safetensors", BUILTIN_DIR / "toyworld-turbo-ip" / "image_encoder"
+    record = {"weights": recordable_path(weights), "image_encoder": recordable_path(encoder), "name": "ip-adapter",
+              "trained": False}
+    assert record["weights"] == "builtin:toyworld-turbo-ip/ip-adapter.safetensors"
+    assert record["image_encoder"] == "builtin:toyworld-turbo-ip/image_encoder"
+    assert recordable_path(tmp_path / "elsewhere") == str((tmp_path / "elsewhere").resolve())
+    (tmp_path / "inverter").mkdir()
+    (tmp_path / "inverter" / "atelier.json").write_text(json.dumps({"kind": "inverter", "ip_adapter": record}))
+    back = recorded_adapter(tmp_path / "inverter")
+    assert Path(back["weights"]).samefile(weights) and Path(back["image_encoder"]).samefile(encoder)
 
 
 def test_image_branch_refusals_are_one_line(tmp_path, toy_adapter, capsys):

@@ -156,17 +156,43 @@ IMAGE_BRANCH_MODES = ("auto", "on", "off")
 ADAPTER_FILE = "ip-adapter.safetensors"  # a trained image branch, beside the inverter's weights
 
 
+BUILTIN_PREFIX = "builtin:"  # a recorded path inside atelier's built-in weights, wherever atelier is installed
+
+
+def recordable_path(path) -> str:
+    """How an inverter's atelier.json names a file or folder it was trained with: one under atelier's
+    built-in weights as "builtin:<its place there>" (it moves with the installation), others absolute."""
+    from atelier.models.loader import BUILTIN_DIR
+
+    path = Path(path).resolve()
+    if path.is_relative_to(BUILTIN_DIR.resolve()):
+        return BUILTIN_PREFIX + path.relative_to(BUILTIN_DIR.resolve()).as_posix()
+    return str(path)
+
+
+def recorded_path(value: str, folder) -> str:
+    """A path as recordable_path wrote it, back on this machine: a relative one lies beside the inverter."""
+    from atelier.models.loader import BUILTIN_DIR
+
+    if value.startswith(BUILTIN_PREFIX):
+        return str(BUILTIN_DIR / value[len(BUILTIN_PREFIX):])
+    return value if Path(value).is_absolute() else str(Path(folder) / value)
+
+
 def recorded_adapter(folder) -> dict | None:
     """The IP-Adapter an inverter was trained with (`ip_adapter` in its atelier.json): {"weights": file,
-    "image_encoder": folder, "name", "trained"}, paths made absolute (a trained one lies beside it)."""
+    "image_encoder": folder, "name", "trained"}, paths back on this machine (a trained adapter lies beside
+    the inverter; see recordable_path)."""
     import json
 
     info = Path(folder) / "atelier.json"
     record = json.loads(info.read_text(encoding="utf-8")).get("ip_adapter") if info.is_file() else None
     if not record:
         return None
-    weights = Path(record["weights"])
-    return {**record, "weights": str(weights if weights.is_absolute() else Path(folder) / weights)}
+    record = {**record, "weights": recorded_path(record["weights"], folder)}
+    if record.get("image_encoder"):
+        record["image_encoder"] = recorded_path(record["image_encoder"], folder)
+    return record
 
 
 def ip_adapter_loaded(unet) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atelier.core.images import IMAGE_SUFFIXES
+from atelier.core.images import IMAGE_SUFFIXES, list_images
 from atelier.errors import UserError
 
 QUANTIZE_CHOICES = ("int8",)
@@ -66,7 +66,7 @@ def read_calibration(source) -> tuple[str, list]:
     """("prompts", [str]) from a text file (one prompt a line) or ("images", [Path]) from a folder."""
     path = Path(source)
     if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = list_images(path)
         if not images:
             raise UserError(f"--calibration {path}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
         return "images", images

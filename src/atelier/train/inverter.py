@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from atelier.edit.one_step import ADAPTER_FILE, generate, invert, recorded_adapter, with_unet
+from atelier.edit.one_step import ADAPTER_FILE, generate, invert, recordable_path, recorded_adapter, with_unet
 from atelier.core import vae as vae_calls
 from atelier.core.images import IMAGE_SUFFIXES
 from atelier.core.io import atomic_open
@@ -378,10 +378,10 @@ class ImageBranch:
 
     def record(self) -> dict:
         """What the inverter's atelier.json says about the adapter (see one_step.recorded_adapter)."""
-        encoder = str(Path(self.files.image_encoder).resolve())
+        encoder = recordable_path(self.files.image_encoder)
         if self.trained:
             return {"weights": ADAPTER_FILE, "image_encoder": encoder, "name": Path(ADAPTER_FILE).stem, "trained": True}
-        return {"weights": str(Path(self.files.weights).resolve()), "image_encoder": encoder, "name": self.files.name,
+        return {"weights": recordable_path(self.files.weights), "image_encoder": encoder, "name": self.files.name,
                 "trained": False}
 
     def save(self, folder: Path) -> None:
@@ -565,8 +565,7 @@ def train_inverter(cfg: InverterConfig) -> dict:
     summary = {"stage": cfg.stage, "steps": loop.step, "wall_time_s": round(loop.seconds, 1),
                "inversion_psnr": round(psnr, 2), "final": str(final), "loss_plot": str(loop.dir / "loss.png")}
     if m.branch is not None:
-        record = m.branch.record()
-        summary["ip_adapter"] = str(final / record["weights"]) if record["trained"] else record["weights"]
+        summary["ip_adapter"] = recorded_adapter(final)["weights"]
     return summary
 
 
