@@ -460,13 +460,18 @@ def main(argv=None) -> int:
         parser.error(f"{' and '.join(modes)} are separate runs; give one")
     if min([args.cases, *modes.values(), args.partial or 1]) < 1:
         parser.error("--cases, --speed, --leditspp-check, --one-step-ablation and --partial take a positive number")
+    if args.real_size and not args.speed:
+        parser.error("--real-size goes with --speed N")
+    if args.real_size:
+        from atelier.models.loader import bundled_config_names
+
+        if args.real_size not in bundled_config_names():
+            parser.error(f"--real-size: no bundled config {args.real_size!r}; choose from {', '.join(bundled_config_names())}")
+    if args.size < 8 or args.size % 8:
+        parser.error("--size takes a positive multiple of 8")
     torch.set_num_threads(args.threads)
     if args.one_step_ablation:
         return one_step_ablation(args)
-    if args.real_size and not args.speed:
-        parser.error("--real-size goes with --speed N")
-    if args.size < 8 or args.size % 8:
-        parser.error("--size takes a positive multiple of 8")
     if args.speed:
         return real_size_speed(args) if args.real_size else speed(args)
     if args.leditspp_check:

@@ -142,11 +142,19 @@ def test_real_size_speed_counts_each_methods_unet_work(monkeypatch):
     assert rows["ddpm (25 steps x 0.8, CFG 7.5)"][2] == str(20 * 2 + 4 * 2 + 20 * 2)
 
 
-def test_real_size_needs_the_speed_part():
+@pytest.mark.parametrize("argv, words", [
+    (["--real-size", "sd-turbo"], "--real-size goes with --speed N"),
+    (["--one-step-ablation", "2", "--real-size", "sd-turbo"], "--real-size goes with --speed N"),
+    (["--speed", "2", "--real-size", "sd3"], "no bundled config 'sd3'; choose from"),
+    (["--speed", "2", "--real-size", "sd-turbo", "--size", "100"], "--size takes a positive multiple of 8"),
+])
+def test_real_size_refusals_are_one_line(argv, words, capsys):
     import edits
 
-    with pytest.raises(SystemExit):
-        edits.main(["--real-size", "sd-turbo"])
+    with pytest.raises(SystemExit) as exc:
+        edits.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and words in err and "Traceback" not in err
 
 
 @pytest.mark.slow
